@@ -1,0 +1,9 @@
+"""saetui: a terminal explorer for sparse-autoencoder features."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from saetui.errors import SaetuiInputError
+
+__all__ = ["SaetuiInputError", "__version__"]

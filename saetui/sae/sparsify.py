@@ -122,4 +122,8 @@ def load(directory: Path) -> SparseAutoencoder:
 
 def is_multi_hook_root(directory: Path) -> list[str]:
     """Names of sparsify hookpoint folders directly inside ``directory`` (a whole release)."""
-    return sorted(child.name for child in directory.iterdir() if child.is_dir() and matches(child))
+    names = [child.name for child in directory.iterdir() if child.is_dir() and matches(child)]
+    # natural order: layers.2 before layers.10
+    return sorted(
+        names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]
+    )

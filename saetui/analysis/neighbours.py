@@ -1,0 +1,58 @@
+"""Feature neighbours that need no corpus pass: decoder-cosine nearest features and the
+tokens each feature's decoder direction promotes or suppresses through the unembedding."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def decoder_cosine_neighbours(
+    w_dec: torch.Tensor, top_n: int = 16, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_n`` other features by cosine of decoder rows, for every feature.
+
+    ``w_dec`` is [d_sae, d_in]. Works in chunks of rows so memory is O(chunk * d_sae)
+    whatever d_sae is. Returns (ids int64 [d_sae, n], scores float32 [d_sae, n]).
+    """
+    d_sae = w_dec.shape[0]
+    n = min(top_n, d_sae - 1)
+    unit = torch.nn.functional.normalize(w_dec.float(), dim=-1)
+    ids = torch.empty(d_sae, n, dtype=torch.int64)
+    scores = torch.empty(d_sae, n, dtype=torch.float32)
+    for start in range(0, d_sae, chunk):
+        rows = unit[start : start + chunk]
+        cosine = rows @ unit.T
+        own = torch.arange(start, start + rows.shape[0], device=unit.device)
+        cosine[torch.arange(rows.shape[0]), own] = -float("inf")
+        best = cosine.topk(n, dim=-1)
+        ids[start : start + rows.shape[0]] = best.indices.cpu()
+        scores[start : start + rows.shape[0]] = best.values.cpu()
+    return ids, scores
+
+
+@torch.no_grad()
+def logit_effects(
+    w_dec: torch.Tensor, w_u: torch.Tensor, top_n: int = 10, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens each feature promotes and suppresses: top/bottom of ``w_dec @ w_u``.
+
+    ``w_dec`` [d_sae, d_model], ``w_u`` [d_model, vocab]. Returns promoted ids, promoted
+    values, suppressed ids, suppressed values, each [d_sae, top_n].
+    """
+    d_sae = w_dec.shape[0]
+    outputs = [
+        torch.empty(d_sae, top_n, dtype=dtype)
+        for dtype in (torch.int64, torch.float32, torch.int64, torch.float32)
+    ]
+    w_u = w_u.float()
+    for start in range(0, d_sae, chunk):
+        effects = w_dec[start : start + chunk].float() @ w_u
+        up = effects.topk(top_n, dim=-1)
+        down = effects.topk(top_n, dim=-1, largest=False)
+        stop = start + effects.shape[0]
+        outputs[0][start:stop] = up.indices.cpu()
+        outputs[1][start:stop] = up.values.cpu()
+        outputs[2][start:stop] = down.indices.cpu()
+        outputs[3][start:stop] = down.values.cpu()
+    return outputs[0], outputs[1], outputs[2], outputs[3]

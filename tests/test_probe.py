@@ -1,0 +1,101 @@
+"""The probe on the real embedded model with a small SAE at blocks.9.hook_resid_post."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from saetui.analysis.probe import probe, probe_loader
+from saetui.errors import SaetuiInputError
+
+HOOK = "blocks.9.hook_resid_post"
+SAMPLE_SAE = Path(__file__).resolve().parent.parent / "sample_data" / "sae"
+
+
+def random_sae(d_in: int = 576, d_sae: int = 256, seed: int = 0):
+    """A ReLU SAE whose features fire on a fair share of real residual activations."""
+    from saetui.sae.model import SparseAutoencoder
+
+    gen = torch.Generator().manual_seed(seed)
+    return SparseAutoencoder(
+        architecture="relu",
+        format="saelens",
+        W_enc=torch.randn(d_in, d_sae, generator=gen) * d_in**-0.5,
+        W_dec=torch.randn(d_sae, d_in, generator=gen) * d_sae**-0.5,
+        b_dec=torch.zeros(d_in),
+        b_enc=torch.full((d_sae,), -0.5),
+        hook_name=HOOK,
+    )
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return random_sae()
+
+
+TEXT = "def add(a, b):\n    return a + b  # the sum"
+
+
+def test_probe_matches_direct_encoding(embedded_model, sae):
+    result = probe(embedded_model, sae, HOOK, TEXT, top_per_token=3)
+    ids = embedded_model.tokenizer.encode(TEXT, add_special_tokens=False)
+    assert result.token_ids == ids
+    assert "".join(result.tokens) == TEXT
+    full = [embedded_model.bos_token_id, *ids]
+    x = embedded_model.activations(torch.tensor([full]), HOOK)[0, 1:]
+    acts = sae.encode(x).float()
+    assert len(result.per_token) == len(ids)
+    for pos, top in enumerate(result.per_token):
+        assert len(top) <= 3
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        for feature, value in top:
+            assert value == pytest.approx(float(acts[pos, feature]), rel=1e-5)
+        # nothing outside the reported top is stronger than the weakest reported one
+        if len(top) == 3:
+            assert float(acts[pos].topk(3).values[-1]) == pytest.approx(values[-1], rel=1e-5)
+    maxima = acts.max(dim=0).values
+    fired = int((maxima > 0).sum())
+    assert fired > 0
+    assert len(result.ranked) == fired
+    ranked_values = [f.max_value for f in result.ranked]
+    assert ranked_values == sorted(ranked_values, reverse=True)
+    best = result.ranked[0]
+    assert best.feature == int(maxima.argmax())
+    assert best.max_value == pytest.approx(float(maxima.max()), rel=1e-5)
+    assert float(acts[best.position, best.feature]) == pytest.approx(best.max_value, rel=1e-5)
+    assert best.n_tokens == int((acts[:, best.feature] > 0).sum())
+    column = result.activations_of(result.per_token[0][0][0])
+    assert column[0] == result.per_token[0][0][1]
+
+
+def test_probe_rejects_empty_text(embedded_model, sae):
+    with pytest.raises(SaetuiInputError, match="empty"):
+        probe(embedded_model, sae, HOOK, "   \n")
+
+
+def test_probe_loader_reports_missing_sae(tmp_path):
+    load = probe_loader(model="smollm2-135m", sae=tmp_path / "nowhere", device="cpu")
+    with pytest.raises(SaetuiInputError):
+        load()
+
+
+@pytest.mark.skipif(not (SAMPLE_SAE / "config.json").exists(), reason="sample SAE not built yet")
+def test_probe_with_sample_sae(embedded_model):
+    from saetui.sae import load_sae
+
+    sample = load_sae(SAMPLE_SAE, device="cpu")
+    result = probe(embedded_model, sample, sample.hook_name or HOOK, "import os\nprint(os.sep)")
+    assert result.ranked
+    # BatchTopK per token: at most k features per token
+    assert all(len(top) <= 5 for top in result.per_token)
+
+
+def test_probe_module_imports_no_textual():
+    code = "import sys, saetui.analysis.probe; print('textual' in sys.modules, 'rich' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"

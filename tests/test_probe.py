@@ -96,6 +96,8 @@ def test_probe_with_sample_sae(embedded_model):
 
 
 def test_probe_module_imports_no_textual():
-    code = "import sys, saetui.analysis.probe; print('textual' in sys.modules, 'rich' in sys.modules)"
+    code = (
+        "import sys, saetui.analysis.probe; print('textual' in sys.modules, 'rich' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"

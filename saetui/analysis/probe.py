@@ -108,9 +108,7 @@ def probe(model: Any, sae: Any, hook: str, text: str, top_per_token: int = 5) ->
             value = float(max_values[feature])
             if value <= 0:
                 break
-            ranked.append(
-                ProbeFeature(feature, value, int(argmax[feature]), int(fired[feature]))
-            )
+            ranked.append(ProbeFeature(feature, value, int(argmax[feature]), int(fired[feature])))
     decoded = [model.tokenizer.decode([i]) for i in ids]
     return ProbeResult(
         text=text,

@@ -1,0 +1,264 @@
+"""On-disk constants of the saetui index: names, keys, engine pin, environment opening.
+
+See README.md next to this file for the layout table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from saetui.errors import SaetuiInputError
+
+FORMAT_NAME = "saetui-index"
+FORMAT_VERSION = 1
+MARKER_FILE = "saetui-index.json"
+SHARD_PREFIX = "shard-"
+USER_ENV = "user"
+
+# py-lmdb 3.x bundles LMDB 0.9.x (data format v1) and 1.0.x (data format v3), which
+# cannot read each other's files. We pin 0.9: py-lmdb < 3 and the `mdb_*` tools
+# everywhere read it, and it is what py-lmdb 3.0 creates by default anyway.
+LMDB_LIB_VERSION = 0
+
+DEFAULT_MAP_SIZE = 1 << 40  # virtual; the file grows with the data only
+MAX_DBS = 16
+MAX_READERS = 512
+
+# sub-databases of a shard environment
+DB_META = b"meta"
+DB_TOK = b"tok"
+DB_FWD = b"fwd"
+DB_FSUM = b"fsum"
+DB_FHIST = b"fhist"
+DB_FTOPK = b"ftopk"
+DB_FSAMP = b"fsamp"
+DB_TTOK = b"ttok"
+DB_FNBR = b"fnbr"
+SHARD_DBS = (DB_META, DB_TOK, DB_FWD, DB_FSUM, DB_FHIST, DB_FTOPK, DB_FSAMP, DB_TTOK, DB_FNBR)
+
+# sub-databases of the user environment (labels, notes, bookmarks)
+DB_LABELS = b"labels"
+DB_BOOKMARKS = b"bookmarks"
+
+# meta keys
+META_FORMAT = b"format"
+META_CONFIG = b"run_config"
+META_SHAPE = b"shape"
+META_VOCAB = b"vocab"
+META_PROGRESS = b"progress"
+META_METRICS = b"metrics"
+META_NBR_METRICS = b"neighbour_metrics"
+USER_META_PREFIX = b"user:"
+
+HIST_CHUNK = 1024  # features per `fhist` record
+
+# Global token index layout inside top-K keys: value bits << GIDX_BITS | (GIDX_MASK - gidx),
+# so a larger key means a larger value, ties broken by the smaller global index.
+GIDX_BITS = 40
+GIDX_MASK = (1 << GIDX_BITS) - 1
+
+# Histogram bins follow the fp16 bit pattern: 4 bins per octave from 2**-8 to 2**16,
+# computed exactly from the stored fp16 bits, so every device bins alike.
+HIST_MIN_OCTAVE = -8
+HIST_OCTAVES = 24
+HIST_BINS_PER_OCTAVE = 4
+N_HIST_BINS = HIST_OCTAVES * HIST_BINS_PER_OCTAVE
+# Interval samples are kept per octave (groups of HIST_BINS_PER_OCTAVE histogram bins).
+N_SAMPLE_BINS = HIST_OCTAVES
+
+
+def hist_bin_edges() -> list[float]:
+    """Lower edge of every histogram bin, plus the upper edge of the last one."""
+    edges = []
+    for b in range(N_HIST_BINS):
+        octave, quarter = divmod(b, HIST_BINS_PER_OCTAVE)
+        edges.append(2.0 ** (octave + HIST_MIN_OCTAVE) * (1 + quarter / HIST_BINS_PER_OCTAVE))
+    edges.append(2.0 ** (HIST_OCTAVES + HIST_MIN_OCTAVE))
+    return edges
+
+
+def u32_key(i: int) -> bytes:
+    return struct.pack(">I", i)
+
+
+def u64_key(i: int) -> bytes:
+    return struct.pack(">Q", i)
+
+
+def nbr_key(feature: int, metric_id: int) -> bytes:
+    return struct.pack(">IB", feature, metric_id)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def shard_dir(index_path: Path, shard: int) -> Path:
+    return index_path / f"{SHARD_PREFIX}{shard:05d}"
+
+
+def marker_content() -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "lmdb_lib_version": LMDB_LIB_VERSION,
+        "layout": "one LMDB environment per shard in shard-NNNNN/, user data in user/",
+    }
+
+
+def read_marker(index_path: Path) -> dict[str, Any]:
+    """Read and check the marker file; raise SaetuiInputError when `index_path` is no index."""
+    if not index_path.exists():
+        raise SaetuiInputError(
+            f"{index_path} does not exist: pass the directory of a saetui index "
+            "(made by `saetui collect`)."
+        )
+    marker = index_path / MARKER_FILE
+    if not index_path.is_dir() or not marker.is_file():
+        raise SaetuiInputError(
+            f"{index_path} is not a saetui index (no {MARKER_FILE} inside): pass the "
+            "directory made by `saetui collect`."
+        )
+    try:
+        content = json.loads(marker.read_text())
+        if not isinstance(content, dict) or content.get("format") != FORMAT_NAME:
+            raise ValueError
+        version = int(content["format_version"])
+    except (ValueError, KeyError, TypeError, OSError):
+        raise SaetuiInputError(
+            f"{marker} is damaged or not a saetui index marker: rebuild the index with "
+            "`saetui collect`."
+        ) from None
+    if version != FORMAT_VERSION:
+        raise SaetuiInputError(
+            f"{index_path} uses index format version {version} but this saetui reads version "
+            f"{FORMAT_VERSION}: open it with a matching saetui release or rebuild it."
+        )
+    return content
+
+
+def write_marker(index_path: Path) -> None:
+    """Write the marker atomically (all shard writers write the same content)."""
+    tmp = index_path / f".{MARKER_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_text(json.dumps(marker_content(), indent=1) + "\n")
+    os.replace(tmp, index_path / MARKER_FILE)
+
+
+# LMDB refuses to open one environment twice in a process (its fcntl locks belong to the
+# process), so writers and readers in one process share one Environment, reference-counted.
+_ENV_LOCK = threading.Lock()
+_ENVS: dict[str, list[Any]] = {}
+
+
+def acquire_env(
+    path: Path,
+    *,
+    create: bool,
+    readonly: bool = False,
+    map_size: int = DEFAULT_MAP_SIZE,
+    max_dbs: int = MAX_DBS,
+) -> lmdb.Environment:
+    """Open (or share) the LMDB environment in directory `path` with the pinned engine."""
+    key = str(path.resolve())
+    with _ENV_LOCK:
+        entry = _ENVS.get(key)
+        if entry is not None:
+            if entry[2] and not readonly:
+                raise SaetuiInputError(
+                    f"{path} is open read-only in this process (an open_index reader): close "
+                    "it before writing to the index from the same process."
+                )
+            entry[1] += 1
+            return entry[0]
+        check_data_file(path)
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                subdir=True,
+                readonly=readonly,
+                create=create,
+                max_dbs=max_dbs,
+                max_readers=MAX_READERS,
+                metasync=False,
+                sync=True,
+                readahead=False,
+                lock=True,
+                lib_version=LMDB_LIB_VERSION,
+            )
+        except lmdb.InvalidError:
+            raise SaetuiInputError(
+                f"{path} is not an LMDB 0.9 environment written by saetui (damaged, or made by "
+                "another tool): rebuild the index."
+            ) from None
+        except lmdb.Error as exc:
+            raise SaetuiInputError(
+                f"cannot open the index environment {path}: {exc}; check the path and its "
+                "permissions."
+            ) from None
+        _ENVS[key] = [env, 1, readonly]
+        try:
+            check_data_file(path, env)
+        except SaetuiInputError:
+            release_env(env)
+            raise
+        return env
+
+
+def release_env(env: lmdb.Environment) -> None:
+    with _ENV_LOCK:
+        for key, entry in list(_ENVS.items()):
+            if entry[0] is env:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _ENVS[key]
+                    env.close()
+                return
+
+
+def check_data_file(path: Path, env: lmdb.Environment | None = None) -> None:
+    """Refuse a truncated data file: LMDB would map pages past its end and crash on access."""
+    data = path / "data.mdb"
+    if not data.exists():
+        return
+    size = data.stat().st_size
+    if env is None:
+        if 0 < size < 2 * 4096:
+            raise _truncated(path)
+        return
+    info = env.info()
+    psize = env.stat()["psize"]
+    if size < (info["last_pgno"] + 1) * psize:
+        raise _truncated(path)
+
+
+def _truncated(path: Path) -> SaetuiInputError:
+    return SaetuiInputError(
+        f"{path / 'data.mdb'} is truncated (shorter than its own page table says): the file is "
+        "damaged; restore it from a copy or rebuild the index."
+    )
+
+
+def translate_lmdb_error(exc: BaseException, path: Path) -> BaseException:
+    """Turn map-full / disk-full errors into one clear sentence; others pass through."""
+    if isinstance(exc, lmdb.MapFullError):
+        return SaetuiInputError(
+            f"the index {path} reached its map size: everything committed so far is kept; "
+            "resume with a larger map_size."
+        )
+    if isinstance(exc, (lmdb.DiskError, lmdb.Error, OSError)) and (
+        getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+    ):
+        return SaetuiInputError(
+            f"the disk holding the index {path} is full: everything committed so far is kept; "
+            "free space and run the same command again to resume."
+        )
+    return exc

@@ -1,0 +1,950 @@
+"""IndexReader: the Python API over an index (and the TUI's only door to the data).
+
+Every call runs its own short read transaction, so a reader never pins old pages while a
+collector writes and always sees committed, consistent data. Thread-safe: LMDB read
+transactions are per call and the caches are guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from saetui.errors import SaetuiInputError
+from saetui.index import codec
+from saetui.index import format as fmt
+from saetui.index.summary import (
+    SUM_UNIT_LOG2,
+    SUMSQ_UNIT_LOG2,
+    decode_columns,
+    decode_samples,
+    decode_topk,
+    decode_ttok,
+)
+
+SORT_KEYS = ("id", "count", "density", "mean", "std", "max", "label")
+
+
+# ------------------------------------------------------------------ result types
+
+
+@dataclass(frozen=True)
+class IndexMeta:
+    path: Path
+    format_version: int
+    run_config: dict[str, Any]
+    d_sae: int
+    ctx_len: int
+    top_k: int
+    samples_per_bin: int
+    n_shards: int
+    lmdb_engine: str
+    hist_bin_edges: np.ndarray
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    windows: int
+    tokens: int
+    counted_tokens: int
+    nonzeros: int
+    summary_windows: int
+    finished: bool
+    updated: float
+    shards: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    feature: int
+    count: int
+    density: float  # fraction of counted (non-BOS/pad) tokens on which it fires
+    mean: float
+    std: float
+    max: float
+    histogram: np.ndarray  # int64 [n_bins]
+    bin_edges: np.ndarray  # float [n_bins + 1]
+    counted_tokens: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    doc_id: int
+    doc_offset: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class WindowView:
+    shard: int
+    window: int
+    token_ids: np.ndarray
+    tokens: list[str]
+    mask: np.ndarray
+    segments: list[Segment]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One activation in context: the window around it and the feature on every token."""
+
+    feature: int
+    value: float
+    shard: int
+    window: int
+    position: int  # the firing token inside the window
+    global_index: int  # window * ctx_len + position
+    doc_id: int
+    doc_offset: int  # the firing token's offset inside its document
+    token_ids: np.ndarray
+    tokens: list[str]
+    activations: np.ndarray  # float32, this feature on each token of the window
+
+
+@dataclass(frozen=True)
+class IntervalSamples:
+    low: float
+    high: float
+    examples: list[Example]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    metric: str
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class Label:
+    feature: int
+    label: str
+    notes: str
+    updated: float
+
+
+@dataclass(frozen=True)
+class Bookmark:
+    feature: int
+    note: str
+    created: float
+
+
+@dataclass(frozen=True)
+class FeatureDetail:
+    stats: FeatureStats
+    examples: list[Example]
+    samples: list[IntervalSamples]
+    top_tokens: list[tuple[str, int]]
+    neighbours: dict[str, Neighbours]
+    label: Label | None
+
+
+@dataclass(frozen=True)
+class TokenFeatures:
+    shard: int
+    window: int
+    position: int
+    token_id: int
+    token: str
+    counted: bool  # False for BOS/pad positions, which carry no features
+    feature_ids: np.ndarray  # sorted by value, largest first
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class DocumentContext:
+    shard: int
+    doc_id: int
+    doc_offset: int  # offset of token_ids[0] inside the document
+    token_ids: np.ndarray
+    tokens: list[str]
+    focus: int  # index of the requested token in token_ids
+
+
+@dataclass(frozen=True)
+class FeatureFilter:
+    """Row filter for `features()`; None fields do not filter."""
+
+    min_density: float | None = None
+    max_density: float | None = None
+    min_max: float | None = None
+    alive: bool | None = None  # True: fired at least once; False: dead only
+    labelled: bool | None = None
+    label_contains: str | None = None
+
+
+@dataclass(frozen=True)
+class FeaturePage:
+    total: int  # rows passing the filter
+    page: int
+    page_size: int
+    sort: str
+    descending: bool
+    feature: np.ndarray
+    count: np.ndarray
+    density: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    max: np.ndarray
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    feature: int
+    count: int  # top examples of the feature that fire on a matching token
+    tokens: list[str]
+
+
+@dataclass
+class _Columns:
+    serial: tuple[int, ...]
+    count: np.ndarray
+    density: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    max: np.ndarray
+    counted_tokens: int
+    orders: dict[tuple[str, bool], np.ndarray] = field(default_factory=dict)
+
+
+class _Shard:
+    def __init__(self, index: int, path: Path, env: lmdb.Environment, dbs: dict[bytes, Any]):
+        self.index, self.path, self.env, self.dbs = index, path, env, dbs
+
+
+# ------------------------------------------------------------------ reader
+
+
+def open_index(path: str | Path) -> IndexReader:
+    """Open the index at `path` for reading (and for user labels/bookmarks)."""
+    return IndexReader(path)
+
+
+class IndexReader:
+    """Read access to every shard of an index, merged; see the module docstring."""
+
+    def __init__(self, path: str | Path, block_cache: int = 512) -> None:
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        content = fmt.read_marker(self.path)
+        self._lock = threading.Lock()
+        self._blocks: OrderedDict[tuple[int, int], tuple[codec.WindowRecord, codec.ForwardBlock]]
+        self._blocks = OrderedDict()
+        self._block_cache = block_cache
+        self._columns: _Columns | None = None
+        self._hist_cache: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._vocab: list[str] | None = None
+        self._vocab_lower: list[str] | None = None
+        self._user_env: lmdb.Environment | None = None
+        self._shards: list[_Shard] = []
+        self._closed = False
+        shape = None
+        try:
+            dirs = sorted(
+                p for p in self.path.iterdir() if p.name.startswith(fmt.SHARD_PREFIX) and p.is_dir()
+            )
+            for d in dirs:
+                if not (d / "data.mdb").exists():
+                    continue
+                shard_id = int(d.name[len(fmt.SHARD_PREFIX) :])
+                # read-only: DB handles opened in a read-only env outlive their transaction
+                env = fmt.acquire_env(d, create=False, readonly=True)
+                try:
+                    with self._guard(d):
+                        dbs = {n: env.open_db(n, create=False) for n in fmt.SHARD_DBS}
+                        with env.begin() as txn:
+                            raw = txn.get(fmt.META_SHAPE, db=dbs[fmt.DB_META])
+                        if raw is None:  # a writer created it but has not committed yet
+                            raise _NotReady
+                except _NotReady:
+                    fmt.release_env(env)
+                    continue
+                except lmdb.NotFoundError:
+                    fmt.release_env(env)
+                    continue
+                except BaseException:
+                    fmt.release_env(env)
+                    raise
+                self._shards.append(_Shard(shard_id, d, env, dbs))
+                s = json.loads(raw)
+                if shape is None:
+                    shape = s
+                elif s["identity"] != shape["identity"]:
+                    raise SaetuiInputError(
+                        f"shard {d.name} of {self.path} was built with different settings than "
+                        "the other shards: rebuild it."
+                    )
+            if shape is None:
+                raise SaetuiInputError(
+                    f"the index {self.path} has no committed data yet: wait for the collector's "
+                    "first commit (about a second) and open it again."
+                )
+        except BaseException:
+            self.close()
+            raise
+        ident = shape["identity"]
+        self.meta = IndexMeta(
+            path=self.path,
+            format_version=int(content["format_version"]),
+            run_config=ident["run_config"],
+            d_sae=int(ident["d_sae"]),
+            ctx_len=int(ident["ctx_len"]),
+            top_k=int(ident["top_k"]),
+            samples_per_bin=int(ident["samples_per_bin"]),
+            n_shards=len(self._shards),
+            lmdb_engine=shape.get("lmdb_engine", ""),
+            hist_bin_edges=np.asarray(shape["hist_bin_edges"]),
+            vocab_size=-1,
+        )
+        self.open_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in self._shards:
+            fmt.release_env(s.env)
+        self._shards = []
+        if self._user_env is not None:
+            fmt.release_env(self._user_env)
+            self._user_env = None
+
+    def __enter__(self) -> IndexReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _guard(self, where: Path | str) -> Iterator[None]:
+        try:
+            yield
+        except codec.CorruptBlockError as exc:
+            raise SaetuiInputError(
+                f"the index {where} holds a damaged record ({exc}): restore it from a copy or "
+                "rebuild the index."
+            ) from None
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
+            raise SaetuiInputError(
+                f"the index {where} is damaged ({type(exc).__name__}): restore it from a copy or "
+                "rebuild the index."
+            ) from None
+
+    def _shard(self, shard: int) -> _Shard:
+        for s in self._shards:
+            if s.index == shard:
+                return s
+        raise SaetuiInputError(
+            f"shard {shard} is not in the index {self.path}: it has shards "
+            f"{[s.index for s in self._shards]}."
+        )
+
+    def _check_feature(self, feature: int) -> int:
+        d = self.meta.d_sae
+        if not isinstance(feature, (int, np.integer)) or not 0 <= int(feature) < d:
+            raise SaetuiInputError(
+                f"feature {feature} is out of range: this index has d_sae={d} features (0-{d - 1})."
+            )
+        return int(feature)
+
+    @property
+    def vocab(self) -> list[str]:
+        if self._vocab is None:
+            s = self._shards[0]
+            with self._guard(s.path), s.env.begin() as txn:
+                raw = txn.get(fmt.META_VOCAB, db=s.dbs[fmt.DB_META])
+                vocab = json.loads(codec.decompress(raw))
+            self._vocab = vocab
+        return self._vocab
+
+    def token_strings(self, token_ids: np.ndarray | list[int]) -> list[str]:
+        vocab = self.vocab
+        n = len(vocab)
+        return [vocab[t] if 0 <= t < n else f"<{t}>" for t in np.asarray(token_ids).tolist()]
+
+    def progress(self) -> Progress:
+        """Committed progress summed over shards (a fresh read each call)."""
+        shards = []
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                shards.append(json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META])))
+        return Progress(
+            windows=sum(p["windows"] for p in shards),
+            tokens=sum(p["tokens"] for p in shards),
+            counted_tokens=sum(p["counted_tokens"] for p in shards),
+            nonzeros=sum(p["nonzeros"] for p in shards),
+            summary_windows=sum(p["summary_windows"] for p in shards),
+            finished=all(p["finished"] for p in shards),
+            updated=max(p.get("updated", 0.0) for p in shards),
+            shards=tuple(shards),
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        """Run metrics stored by the collector (first shard that has them)."""
+        for s in self._shards:
+            with s.env.begin() as txn:
+                raw = txn.get(fmt.META_METRICS, db=s.dbs[fmt.DB_META])
+            if raw is not None:
+                return json.loads(raw)
+        return {}
+
+    def get_meta(self, name: str) -> Any:
+        """A JSON value stored with `IndexWriter.put_meta(name, ...)`, or None."""
+        for s in self._shards:
+            with s.env.begin() as txn:
+                raw = txn.get(fmt.USER_META_PREFIX + name.encode(), db=s.dbs[fmt.DB_META])
+            if raw is not None:
+                return json.loads(raw)
+        return None
+
+    # ------------------------------------------------------------ windows & tokens
+
+    def _window_count(self, s: _Shard) -> int:
+        with s.env.begin() as txn:
+            return int(json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META]))["windows"])
+
+    def _block(self, shard: int, window: int) -> tuple[codec.WindowRecord, codec.ForwardBlock]:
+        key = (shard, window)
+        with self._lock:
+            hit = self._blocks.get(key)
+            if hit is not None:
+                self._blocks.move_to_end(key)
+                return hit
+        s = self._shard(shard)
+        with self._guard(s.path):
+            with s.env.begin() as txn:
+                tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
+                fwd = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_FWD])
+            if tok is None or fwd is None:
+                n = self._window_count(s)
+                raise SaetuiInputError(
+                    f"window {window} is not in the index: shard {shard} has {n} committed "
+                    f"windows (0-{n - 1})."
+                )
+            value = (codec.decode_window(tok), codec.decode_forward(fwd))
+        with self._lock:
+            self._blocks[key] = value
+            while len(self._blocks) > self._block_cache:
+                self._blocks.popitem(last=False)
+        return value
+
+    def _check_window(self, window: int) -> int:
+        if not isinstance(window, (int, np.integer)) or window < 0:
+            raise SaetuiInputError(f"window {window} is not a window id: expected an integer >= 0.")
+        return int(window)
+
+    def window(self, window: int, shard: int = 0) -> WindowView:
+        """Tokens, mask and document segments of one window."""
+        rec, _ = self._block(shard, self._check_window(window))
+        return WindowView(
+            shard=shard,
+            window=int(window),
+            token_ids=rec.token_ids,
+            tokens=self.token_strings(rec.token_ids),
+            mask=rec.mask,
+            segments=[Segment(*map(int, row)) for row in rec.segments],
+        )
+
+    def token(self, window: int, position: int, shard: int = 0) -> TokenFeatures:
+        """All active features at one token, strongest first."""
+        rec, blk = self._block(shard, self._check_window(window))
+        n = len(rec.token_ids)
+        if not isinstance(position, (int, np.integer)) or not 0 <= position < n:
+            raise SaetuiInputError(
+                f"position {position} is outside window {window}, which has {n} tokens (0-{n - 1})."
+            )
+        a, b = blk.offsets[position], blk.offsets[position + 1]
+        vals = blk.values16[a:b].astype(np.float32)
+        order = np.argsort(-vals, kind="stable")
+        return TokenFeatures(
+            shard=shard,
+            window=int(window),
+            position=int(position),
+            token_id=int(rec.token_ids[position]),
+            token=self.token_strings([rec.token_ids[position]])[0],
+            counted=bool(rec.mask[position]),
+            feature_ids=blk.feature_ids[a:b][order],
+            values=vals[order],
+        )
+
+    def document_context(
+        self, global_index: int, radius: int = 64, shard: int = 0
+    ) -> DocumentContext:
+        """Up to `radius` tokens either side of a token, within its document, across windows."""
+        ctx = self.meta.ctx_len
+        window, pos = divmod(int(global_index), ctx)
+        rec, _ = self._block(shard, self._check_window(window))
+        if pos >= len(rec.token_ids):
+            raise SaetuiInputError(
+                f"global index {global_index} points past the end of window {window}."
+            )
+        seg = _segment_at(rec.segments, pos)
+        if seg is None:
+            ids = rec.token_ids[max(0, pos - radius) : pos + radius + 1]
+            start = max(0, pos - radius)
+            return DocumentContext(shard, -1, start, ids, self.token_strings(ids), pos - start)
+        doc_id, doc_off, s_start, s_len = (int(x) for x in seg)
+        focus_doc = doc_off + pos - s_start
+        pieces: list[tuple[int, np.ndarray]] = [(doc_off, rec.token_ids[s_start : s_start + s_len])]
+        # walk back/forward while the document continues into neighbouring windows
+        w, cur = window, (doc_off, s_start)
+        while cur[0] > focus_doc - radius and cur[0] > 0 and w > 0:
+            w -= 1
+            prev, _ = self._block(shard, w)
+            if not len(prev.segments):
+                break
+            last = prev.segments[-1]
+            if int(last[0]) != doc_id or int(last[1] + last[3]) != cur[0]:
+                break
+            pieces.insert(0, (int(last[1]), prev.token_ids[int(last[2]) : int(last[2] + last[3])]))
+            cur = (int(last[1]), int(last[2]))
+        end = doc_off + s_len
+        w = window
+        n_windows = self._window_count(self._shard(shard))
+        if s_start + s_len == len(rec.token_ids):
+            while end <= focus_doc + radius and w + 1 < n_windows:
+                w += 1
+                nxt, _ = self._block(shard, w)
+                if not len(nxt.segments):
+                    break
+                first = nxt.segments[0]
+                if int(first[0]) != doc_id or int(first[1]) != end or int(first[2]) != 0:
+                    break
+                pieces.append((end, nxt.token_ids[: int(first[3])]))
+                end += int(first[3])
+                if int(first[3]) != len(nxt.token_ids):
+                    break
+        base = pieces[0][0]
+        ids = np.concatenate([p for _, p in pieces])
+        lo = max(0, focus_doc - radius - base)
+        hi = min(len(ids), focus_doc + radius + 1 - base)
+        ids = ids[lo:hi]
+        return DocumentContext(
+            shard, doc_id, base + lo, ids, self.token_strings(ids), focus_doc - base - lo
+        )
+
+    # ------------------------------------------------------------ per-feature summaries
+
+    def _load_columns(self) -> _Columns:
+        serial = []
+        for s in self._shards:
+            with s.env.begin() as txn:
+                p = json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META]))
+            serial.append(int(p["summary_serial"]))
+        key = tuple(serial)
+        with self._lock:
+            if self._columns is not None and self._columns.serial == key:
+                return self._columns
+        d = self.meta.d_sae
+        count = np.zeros(d, np.int64)
+        sum_fx = np.zeros(d, np.int64)
+        sumsq_fx = np.zeros(d, np.int64)
+        max_bits = np.zeros(d, np.int64)
+        counted = 0
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                blob = txn.get(b"columns", db=s.dbs[fmt.DB_FSUM])
+                info = txn.get(b"info", db=s.dbs[fmt.DB_FSUM])
+                if blob is None or info is None:
+                    continue
+                cols = decode_columns(blob)
+            count += cols[0]
+            sum_fx += cols[1]
+            sumsq_fx += cols[2]
+            np.maximum(max_bits, cols[3], out=max_bits)
+            counted += int(json.loads(info)["n_counted"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = count.astype(np.float64)
+            mean = np.where(count > 0, sum_fx / 2.0**SUM_UNIT_LOG2 / np.maximum(c, 1), 0.0)
+            ex2 = np.where(count > 0, sumsq_fx / 2.0**SUMSQ_UNIT_LOG2 / np.maximum(c, 1), 0.0)
+            std = np.sqrt(np.maximum(ex2 - mean * mean, 0.0))
+        cols_obj = _Columns(
+            serial=key,
+            count=count,
+            density=count / max(counted, 1),
+            mean=mean,
+            std=std,
+            max=max_bits.astype(np.uint16).view(np.float16).astype(np.float64),
+            counted_tokens=counted,
+        )
+        with self._lock:
+            self._columns = cols_obj
+        return cols_obj
+
+    def stats(self, feature: int) -> FeatureStats:
+        """Count, density, mean, std, max and the log-spaced histogram of one feature."""
+        f = self._check_feature(feature)
+        cols = self._load_columns()
+        chunk, row = divmod(f, fmt.HIST_CHUNK)
+        hist = np.zeros(fmt.N_HIST_BINS, np.int64)
+        for s in self._shards:
+            hkey = (cols.serial, s.index, chunk)
+            with self._lock:
+                arr = self._hist_cache.get(hkey)
+            if arr is None:
+                with self._guard(s.path), s.env.begin() as txn:
+                    blob = txn.get(fmt.u32_key(chunk), db=s.dbs[fmt.DB_FHIST])
+                    arr = (
+                        np.frombuffer(codec.decompress(blob), "<i8").reshape(-1, fmt.N_HIST_BINS)
+                        if blob is not None
+                        else np.zeros((0, fmt.N_HIST_BINS), np.int64)
+                    )
+                with self._lock:
+                    self._hist_cache[hkey] = arr
+                    while len(self._hist_cache) > 64:
+                        self._hist_cache.popitem(last=False)
+            if row < len(arr):
+                hist += arr[row]
+        return FeatureStats(
+            feature=f,
+            count=int(cols.count[f]),
+            density=float(cols.density[f]),
+            mean=float(cols.mean[f]),
+            std=float(cols.std[f]),
+            max=float(cols.max[f]),
+            histogram=hist,
+            bin_edges=self.meta.hist_bin_edges,
+            counted_tokens=cols.counted_tokens,
+        )
+
+    def _topk_entries(self, f: int) -> list[tuple[int, int, int, int]]:
+        """(value bits, shard, global index, token) of the feature's top-K, best first."""
+        out = []
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                blob = txn.get(fmt.u32_key(f), db=s.dbs[fmt.DB_FTOPK])
+            if blob is None:
+                continue
+            rec = decode_topk(blob)
+            keys = rec["key"].astype(np.int64)
+            bits = keys >> fmt.GIDX_BITS
+            gidx = fmt.GIDX_MASK - (keys & fmt.GIDX_MASK)
+            out += list(
+                zip(
+                    bits.tolist(),
+                    [s.index] * len(rec),
+                    gidx.tolist(),
+                    rec["tok"].tolist(),
+                    strict=False,
+                )
+            )
+        out.sort(key=lambda e: (-e[0], e[1], e[2]))
+        return out[: self.meta.top_k]
+
+    def _example(self, f: int, shard: int, gidx: int, bits: int) -> Example:
+        window, pos = divmod(gidx, self.meta.ctx_len)
+        rec, blk = self._block(shard, window)
+        seg = _segment_at(rec.segments, pos)
+        doc_id, doc_off = (-1, pos) if seg is None else (int(seg[0]), int(seg[1] + pos - seg[2]))
+        return Example(
+            feature=f,
+            value=float(np.uint16(bits).view(np.float16)),
+            shard=shard,
+            window=window,
+            position=pos,
+            global_index=gidx,
+            doc_id=doc_id,
+            doc_offset=doc_off,
+            token_ids=rec.token_ids,
+            tokens=self.token_strings(rec.token_ids),
+            activations=blk.feature_activations(f),
+        )
+
+    def top_examples(self, feature: int, n: int = 50) -> list[Example]:
+        """The feature's strongest activations with their windows (ties: earliest token)."""
+        f = self._check_feature(feature)
+        return [self._example(f, sh, g, b) for b, sh, g, _ in self._topk_entries(f)[:n]]
+
+    def top_tokens(self, feature: int) -> list[tuple[str, int]]:
+        """Token strings the feature's top-K examples fire on, with counts, commonest first."""
+        f = self._check_feature(feature)
+        counts = Counter(t for _, _, _, t in self._topk_entries(f))
+        strings = self.token_strings(list(counts))
+        return sorted(zip(strings, counts.values(), strict=False), key=lambda x: (-x[1], x[0]))
+
+    def interval_samples(self, feature: int, with_context: bool = True) -> list[IntervalSamples]:
+        """A few deterministic random activations per octave of activation value."""
+        f = self._check_feature(feature)
+        per_bin: dict[int, list[tuple[int, int, int]]] = {}
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                blob = txn.get(fmt.u32_key(f), db=s.dbs[fmt.DB_FSAMP])
+            if blob is None:
+                continue
+            for b, g, bits in zip(
+                *(decode_samples(blob)[k].tolist() for k in ("bin", "gidx", "bits")), strict=False
+            ):
+                per_bin.setdefault(b, []).append((s.index, g, bits))
+        out = []
+        for b in sorted(per_bin, reverse=True):
+            entries = per_bin[b][: self.meta.samples_per_bin]
+            low = 2.0 ** (b + fmt.HIST_MIN_OCTAVE)
+            examples = (
+                [self._example(f, sh, g, bits) for sh, g, bits in entries] if with_context else []
+            )
+            out.append(IntervalSamples(low=low, high=2 * low, examples=examples))
+        return out
+
+    def neighbours(self, feature: int, metric: str | None = None) -> dict[str, Neighbours]:
+        """Stored neighbour lists of a feature, by metric (all metrics when None)."""
+        f = self._check_feature(feature)
+        out: dict[str, Neighbours] = {}
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                raw = txn.get(fmt.META_NBR_METRICS, db=s.dbs[fmt.DB_META])
+                names = json.loads(raw) if raw else []
+                for mid, name in enumerate(names):
+                    if name in out or (metric is not None and name != metric):
+                        continue
+                    blob = txn.get(fmt.nbr_key(f, mid), db=s.dbs[fmt.DB_FNBR])
+                    if blob is None:
+                        continue
+                    n = len(blob) // 8
+                    out[name] = Neighbours(
+                        name,
+                        np.frombuffer(blob, "<u4", n).astype(np.int64),
+                        np.frombuffer(blob, "<f4", n, 4 * n),
+                    )
+        return out
+
+    def feature(self, feature: int, n_examples: int = 50) -> FeatureDetail:
+        """Everything the feature screen shows."""
+        f = self._check_feature(feature)
+        return FeatureDetail(
+            stats=self.stats(f),
+            examples=self.top_examples(f, n_examples),
+            samples=self.interval_samples(f),
+            top_tokens=self.top_tokens(f),
+            neighbours=self.neighbours(f),
+            label=self.label(f),
+        )
+
+    def features(
+        self,
+        sort: str = "density",
+        descending: bool = True,
+        filter: FeatureFilter | None = None,  # noqa: A002 - the API name the issue asks for
+        page: int = 0,
+        page_size: int = 100,
+    ) -> FeaturePage:
+        """One page of the table of all features, sorted and filtered (ties by feature id)."""
+        if sort not in SORT_KEYS:
+            raise SaetuiInputError(f"cannot sort features by {sort!r}: use one of {SORT_KEYS}.")
+        if page < 0 or page_size < 1:
+            raise SaetuiInputError("page must be >= 0 and page_size >= 1.")
+        cols = self._load_columns()
+        labels = self.labels() if (sort == "label" or filter is not None) else None
+        order = self._order(cols, sort, descending, labels)
+        if filter is not None:
+            keep = np.ones(self.meta.d_sae, bool)
+            if filter.min_density is not None:
+                keep &= cols.density >= filter.min_density
+            if filter.max_density is not None:
+                keep &= cols.density <= filter.max_density
+            if filter.min_max is not None:
+                keep &= cols.max >= filter.min_max
+            if filter.alive is not None:
+                keep &= (cols.count > 0) == filter.alive
+            if filter.labelled is not None or filter.label_contains:
+                has = np.zeros(self.meta.d_sae, bool)
+                needle = (filter.label_contains or "").lower()
+                for f, lab in (labels or {}).items():
+                    if f < self.meta.d_sae and needle in (lab.label + " " + lab.notes).lower():
+                        has[f] = True
+                if filter.labelled is False:
+                    keep &= ~has
+                else:
+                    keep &= has
+            order = order[keep[order]]
+        rows = order[page * page_size : (page + 1) * page_size]
+        if labels is None:
+            labels = self.labels() if len(rows) else {}
+        return FeaturePage(
+            total=len(order),
+            page=page,
+            page_size=page_size,
+            sort=sort,
+            descending=descending,
+            feature=rows,
+            count=cols.count[rows],
+            density=cols.density[rows],
+            mean=cols.mean[rows],
+            std=cols.std[rows],
+            max=cols.max[rows],
+            labels=[labels[f].label if f in labels else "" for f in rows.tolist()],
+        )
+
+    def _order(
+        self, cols: _Columns, sort: str, descending: bool, labels: dict[int, Label] | None
+    ) -> np.ndarray:
+        if sort == "label":
+            keys = [(labels or {}).get(f) for f in range(self.meta.d_sae)]
+            order = np.array(
+                sorted(
+                    range(self.meta.d_sae),
+                    key=lambda f: (keys[f] is None, keys[f].label if keys[f] else "", f),
+                ),
+                dtype=np.int64,
+            )
+            return order[::-1].copy() if descending else order
+        with self._lock:
+            hit = cols.orders.get((sort, descending))
+        if hit is not None:
+            return hit
+        ids = np.arange(self.meta.d_sae)
+        if sort == "id":
+            order = ids[::-1].copy() if descending else ids
+        else:
+            values = getattr(cols, sort)
+            # lexsort: last key is primary; ties resolved by ascending feature id
+            order = np.lexsort((ids, -values if descending else values))
+        with self._lock:
+            cols.orders[(sort, descending)] = order
+        return order
+
+    def search_tokens(self, text: str, exact: bool = False, limit: int = 100) -> list[TokenMatch]:
+        """Features whose top examples fire on tokens matching `text` (case-insensitive)."""
+        if not text:
+            raise SaetuiInputError("search text is empty: type part of a token, e.g. 'photo'.")
+        if self._vocab_lower is None:
+            self._vocab_lower = [t.lower() for t in self.vocab]
+        needle = text.lower()
+        if exact:
+            matches = [i for i, t in enumerate(self._vocab_lower) if t.strip(" Ġ▁") == needle]
+        else:
+            matches = [i for i, t in enumerate(self._vocab_lower) if needle in t]
+        counts: Counter[int] = Counter()
+        tokens_of: dict[int, set[int]] = {}
+        for s in self._shards:
+            with self._guard(s.path), s.env.begin() as txn:
+                db = s.dbs[fmt.DB_TTOK]
+                for t in matches:
+                    blob = txn.get(fmt.u32_key(t), db=db)
+                    if blob is None:
+                        continue
+                    rec = decode_ttok(blob)
+                    for f, c in zip(rec["feature"].tolist(), rec["count"].tolist(), strict=False):
+                        counts[f] += c
+                        tokens_of.setdefault(f, set()).add(t)
+        best = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:limit]
+        return [TokenMatch(f, c, self.token_strings(sorted(tokens_of[f]))) for f, c in best]
+
+    # ------------------------------------------------------------ user data
+
+    def _user(self, create: bool) -> lmdb.Environment | None:
+        if self._user_env is None:
+            udir = self.path / fmt.USER_ENV
+            if not (udir / "data.mdb").exists():
+                if not create:
+                    return None
+                udir.mkdir(exist_ok=True)
+            env = fmt.acquire_env(udir, create=True, map_size=1 << 30, max_dbs=4)
+            self._user_dbs = {n: env.open_db(n) for n in (fmt.DB_LABELS, fmt.DB_BOOKMARKS)}
+            self._user_env = env
+        return self._user_env
+
+    def set_label(self, feature: int, label: str, notes: str = "") -> None:
+        """Store (or replace) the user's label and notes for a feature."""
+        self.set_labels({self._check_feature(feature): (label, notes)})
+
+    def set_labels(self, labels: dict[int, str | tuple[str, str]]) -> None:
+        """Store many labels in one short write transaction (e.g. `saetui labels import`)."""
+        rows = []
+        now = time.time()
+        for f, v in sorted(labels.items()):
+            f = self._check_feature(f)
+            label, notes = (v, "") if isinstance(v, str) else v
+            rows.append(
+                (struct.pack(">I", f), fmt.dumps({"label": label, "notes": notes, "t": now}))
+            )
+        env = self._user(create=True)
+        assert env is not None
+        with env.begin(write=True) as txn:
+            db = self._user_dbs[fmt.DB_LABELS]
+            for k, v in rows:
+                txn.put(k, v, db=db)
+
+    def delete_label(self, feature: int) -> None:
+        f = self._check_feature(feature)
+        env = self._user(create=False)
+        if env is not None:
+            with env.begin(write=True) as txn:
+                txn.delete(struct.pack(">I", f), db=self._user_dbs[fmt.DB_LABELS])
+
+    def label(self, feature: int) -> Label | None:
+        f = self._check_feature(feature)
+        env = self._user(create=False)
+        if env is None:
+            return None
+        with env.begin() as txn:
+            raw = txn.get(struct.pack(">I", f), db=self._user_dbs[fmt.DB_LABELS])
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        return Label(f, d["label"], d["notes"], d["t"])
+
+    def labels(self) -> dict[int, Label]:
+        env = self._user(create=False)
+        if env is None:
+            return {}
+        out = {}
+        with env.begin() as txn:
+            for k, raw in txn.cursor(db=self._user_dbs[fmt.DB_LABELS]):
+                f = struct.unpack(">I", k)[0]
+                d = json.loads(raw)
+                out[f] = Label(f, d["label"], d["notes"], d["t"])
+        return out
+
+    def add_bookmark(self, feature: int, note: str = "") -> None:
+        f = self._check_feature(feature)
+        env = self._user(create=True)
+        assert env is not None
+        with env.begin(write=True) as txn:
+            db = self._user_dbs[fmt.DB_BOOKMARKS]
+            txn.put(struct.pack(">I", f), fmt.dumps({"note": note, "t": time.time()}), db=db)
+
+    def remove_bookmark(self, feature: int) -> None:
+        f = self._check_feature(feature)
+        env = self._user(create=False)
+        if env is not None:
+            with env.begin(write=True) as txn:
+                txn.delete(struct.pack(">I", f), db=self._user_dbs[fmt.DB_BOOKMARKS])
+
+    def bookmarks(self) -> list[Bookmark]:
+        env = self._user(create=False)
+        if env is None:
+            return []
+        with env.begin() as txn:
+            rows = list(txn.cursor(db=self._user_dbs[fmt.DB_BOOKMARKS]))
+        return [
+            Bookmark(struct.unpack(">I", k)[0], json.loads(v)["note"], json.loads(v)["t"])
+            for k, v in rows
+        ]
+
+
+class _NotReady(Exception):
+    pass
+
+
+def _segment_at(segments: np.ndarray, pos: int) -> np.ndarray | None:
+    for row in segments:
+        if row[2] <= pos < row[2] + row[3]:
+            return row
+    return None

@@ -1,0 +1,481 @@
+"""Per-feature summaries merged incrementally with torch ops (cpu, cuda or mps).
+
+Every quantity is independent of how the corpus is cut into batches, so a run resumed
+after a crash ends with exactly the summaries of an uninterrupted run:
+
+- values are rounded to fp16 first (what the forward index stores);
+- count, histogram: integer counts; sum and sum of squares: int64 fixed point
+  (sum in units of 2**-24, exact for fp16; squares rounded to units of 2**-16);
+- max: of the fp16 bit patterns, which order like the values for positive numbers;
+- top-K: key = fp16 bits << 40 | (2**40 - 1 - global index): larger value wins, ties go
+  to the smaller global token index; keys are unique per feature;
+- interval samples: per feature and octave of the value, the `samples_per_bin`
+  activations with the smallest hash(feature, global index) (a fixed hash).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from saetui.index import codec
+from saetui.index.format import (
+    GIDX_BITS,
+    GIDX_MASK,
+    HIST_BINS_PER_OCTAVE,
+    HIST_CHUNK,
+    HIST_MIN_OCTAVE,
+    N_HIST_BINS,
+    N_SAMPLE_BINS,
+    u32_key,
+)
+
+SUM_UNIT_LOG2 = 24
+SUMSQ_UNIT_LOG2 = 16
+_HASH_MASK = (1 << 62) - 1
+_M31 = (1 << 31) - 1
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLD = _signed(0x9E3779B97F4A7C15)
+_C1 = _signed(0xFF51AFD7ED558CCD)
+_C2 = _signed(0xC4CEB9FE1A85EC53)
+
+
+def sample_hash(feature: torch.Tensor, global_index: torch.Tensor) -> torch.Tensor:
+    """62-bit hash of (feature, global index): murmur3's finaliser on wrapping int64."""
+    x = global_index * _GOLD + feature
+    x = x ^ ((x >> 33) & _M31)
+    x = x * _C1
+    x = x ^ ((x >> 33) & _M31)
+    x = x * _C2
+    x = x ^ ((x >> 33) & _M31)
+    return x & _HASH_MASK
+
+
+def fp16_bits(values: torch.Tensor) -> torch.Tensor:
+    """fp16 bit patterns (int64) of activations rounded as the forward index stores them."""
+    v = values.float()
+    v16 = v.clamp(max=codec.FP16_MAX).half()
+    tiny = (v16 == 0) & (v > 0)
+    v16 = torch.where(tiny, torch.full_like(v16, codec.FP16_TINY), v16)
+    return v16.view(torch.int16).long() & 0xFFFF
+
+
+def _octave(bits: torch.Tensor) -> torch.Tensor:
+    return ((bits >> 10) - 15 - HIST_MIN_OCTAVE).clamp(0, N_SAMPLE_BINS - 1)
+
+
+def _hist_bin(bits: torch.Tensor) -> torch.Tensor:
+    raw = ((bits >> 10) - 15 - HIST_MIN_OCTAVE) * HIST_BINS_PER_OCTAVE + ((bits >> 8) & 3)
+    return raw.clamp(0, N_HIST_BINS - 1)
+
+
+class _TopTable:
+    """Per group (row), the K largest int64 keys with payloads; rows sorted descending.
+
+    Candidates above a row's current K-th key are buffered and merged in bulk (merging is
+    order-independent, so when it happens does not change the result); after warm-up few
+    candidates pass the threshold and merges become rare.
+    """
+
+    def __init__(self, n_groups: int, k: int, n_payload: int, device: torch.device) -> None:
+        self.key = torch.full((n_groups, k), -1, dtype=torch.int64, device=device)
+        self.payload = [
+            torch.full((n_groups, k), -1, dtype=torch.int64, device=device)
+            for _ in range(n_payload)
+        ]
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+        self._n_pending = 0
+        self.flush_at = max(1 << 21, n_groups * k // 4)
+
+    def add(self, group: torch.Tensor, key: torch.Tensor, payload: list[torch.Tensor]) -> None:
+        sel = key > self.key[:, -1][group]
+        n = int(sel.sum())
+        if n == 0:
+            return
+        self._pending.append((group[sel], key[sel], [p[sel] for p in payload]))
+        self._n_pending += n
+        if self._n_pending >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        group = torch.cat([p[0] for p in self._pending])
+        key = torch.cat([p[1] for p in self._pending])
+        payload = [torch.cat([p[2][i] for p in self._pending]) for i in range(len(self.payload))]
+        self._pending, self._n_pending = [], 0
+        state_key = self.key
+        # order candidates by (group ascending, key descending), then rank them per group
+        order = torch.argsort(key, descending=True, stable=True)
+        order = order[torch.argsort(group[order], stable=True)]
+        group, key = group[order], key[order]
+        payload = [p[order] for p in payload]
+        ug, cnt = torch.unique_consecutive(group, return_counts=True)
+        n_groups, k = len(ug), state_key.shape[1]
+        dev = state_key.device
+        row = torch.repeat_interleave(torch.arange(n_groups, device=dev), cnt)
+        rank = torch.arange(len(group), device=dev) - torch.repeat_interleave(
+            torch.cumsum(cnt, 0) - cnt, cnt
+        )
+        keep = rank < k
+        row, rank, key = row[keep], rank[keep], key[keep]
+        cand_key = torch.full((n_groups, k), -1, dtype=torch.int64, device=dev)
+        cand_key[row, rank] = key
+        merged = torch.cat([state_key[ug], cand_key], dim=1)
+        # keys are unique within a row (except the -1 of empty slots): deterministic
+        top, idx = torch.sort(merged, dim=1, descending=True, stable=True)
+        state_key[ug] = top[:, :k]
+        idx = idx[:, :k]
+        for s, p in zip(self.payload, payload, strict=False):
+            cand = torch.full((n_groups, k), -1, dtype=torch.int64, device=dev)
+            cand[row, rank] = p[keep]
+            s[ug] = torch.gather(torch.cat([s[ug], cand], dim=1), 1, idx)
+
+
+class FeatureSummaries:
+    """Running per-feature statistics, top-K examples and interval samples.
+
+    Memory is fixed: about d_sae * (K * 12 + 24 * S * 24 + 24 * 8 * 4) bytes.
+    """
+
+    def __init__(
+        self,
+        d_sae: int,
+        ctx_len: int,
+        top_k: int = 64,
+        samples_per_bin: int = 3,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.d_sae, self.ctx_len = d_sae, ctx_len
+        self.top_k, self.samples_per_bin = top_k, samples_per_bin
+        self.device = torch.device(device)
+        dev = self.device
+        self.count = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.sum_fx = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.sumsq_fx = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.max_bits = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.hist = torch.zeros(d_sae * N_HIST_BINS, dtype=torch.int64, device=dev)
+        # top-K payload: token id; samples payload: global index, fp16 bits, token id
+        self.topk = _TopTable(d_sae, top_k, 1, dev)
+        self.samples = _TopTable(d_sae * N_SAMPLE_BINS, samples_per_bin, 3, dev)
+        self.n_counted = 0  # unmasked tokens seen (the density denominator)
+        self.n_tokens = 0
+        self.next_window = 0  # summaries cover windows [0, next_window)
+
+    def update_windows(
+        self,
+        first_window: int,
+        lengths: Any,
+        token_ids: Any,
+        feature_ids: Any,
+        values: Any,
+        mask: Any = None,
+    ) -> None:
+        """Merge consecutive windows starting at `first_window` (must equal next_window).
+
+        lengths [n_windows]; token_ids [n_tokens] (windows concatenated); feature_ids and
+        values [n_tokens, K] (value 0 = inactive slot); mask bool [n_tokens] or None.
+        Tensors may live on any device; they are moved to this accumulator's device.
+        """
+        if first_window != self.next_window:
+            raise ValueError(
+                f"summaries cover windows up to {self.next_window}, got window {first_window}"
+            )
+        dev = self.device
+        lengths_t = torch.as_tensor(np.asarray(lengths), dtype=torch.int64, device=dev)
+        n_tokens = int(lengths_t.sum())
+        ids = torch.as_tensor(feature_ids, device=dev)
+        vals = torch.as_tensor(values, device=dev)
+        toks = torch.as_tensor(token_ids, device=dev).long()
+        wid = torch.repeat_interleave(
+            torch.arange(first_window, first_window + len(lengths_t), device=dev), lengths_t
+        )
+        starts = torch.cumsum(lengths_t, 0) - lengths_t
+        pos = torch.arange(n_tokens, device=dev) - torch.repeat_interleave(starts, lengths_t)
+        gidx = wid * self.ctx_len + pos
+        bits = fp16_bits(vals)
+        active = bits != 0
+        if mask is not None:
+            m = torch.as_tensor(mask, device=dev).bool()
+            active &= m[:, None]
+            n_counted = int(m.sum())
+        else:
+            n_counted = n_tokens
+        rows, cols = active.nonzero(as_tuple=True)
+        f = ids[rows, cols].long()
+        b = bits[rows, cols]
+        g = gidx[rows]
+        tok = toks[rows]
+        self._merge(f, b, g, tok)
+        self.n_counted += n_counted
+        self.n_tokens += n_tokens
+        self.next_window = first_window + len(lengths_t)
+
+    def _merge(self, f: torch.Tensor, b: torch.Tensor, g: torch.Tensor, tok: torch.Tensor) -> None:
+        if len(f) == 0:
+            return
+        if int(f.min()) < 0 or int(f.max()) >= self.d_sae:
+            raise ValueError(f"feature ids must lie in [0, {self.d_sae})")
+        d = self.d_sae
+        self.count += torch.bincount(f, minlength=d)
+        v = (b.to(torch.int16)).view(torch.float16).double()
+        self._add_exact(self.sum_fx, f, (v * float(1 << SUM_UNIT_LOG2)).long())
+        self._add_exact(self.sumsq_fx, f, torch.round(v * v * float(1 << SUMSQ_UNIT_LOG2)).long())
+        self.max_bits.scatter_reduce_(0, f, b, reduce="amax")
+        self.hist.index_add_(0, f * N_HIST_BINS + _hist_bin(b), torch.ones_like(f))
+        self.topk.add(f, (b << GIDX_BITS) | (GIDX_MASK - g), [tok])
+        self.samples.add(
+            f * N_SAMPLE_BINS + _octave(b), _HASH_MASK - sample_hash(f, g), [g, b, tok]
+        )
+
+    def _add_exact(self, total: torch.Tensor, f: torch.Tensor, fx: torch.Tensor) -> None:
+        """total[f] += fx exactly: float64 bincount of 20-bit halves stays below 2**53."""
+        lo = (fx & ((1 << 20) - 1)).double()
+        hi = (fx >> 20).double()
+        d = self.d_sae
+        total += torch.bincount(f, weights=lo, minlength=d).long()
+        total += torch.bincount(f, weights=hi, minlength=d).long() << 20
+
+    # --- snapshots -------------------------------------------------------------------
+
+    def snapshot(self) -> SummarySnapshot:
+        """Copy the state to CPU numpy (for a checkpoint written by the writer thread)."""
+
+        self.topk.flush()
+        self.samples.flush()
+
+        def n(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu").numpy().copy()
+
+        return SummarySnapshot(
+            d_sae=self.d_sae,
+            top_k=self.top_k,
+            samples_per_bin=self.samples_per_bin,
+            n_counted=self.n_counted,
+            n_tokens=self.n_tokens,
+            next_window=self.next_window,
+            count=n(self.count),
+            sum_fx=n(self.sum_fx),
+            sumsq_fx=n(self.sumsq_fx),
+            max_bits=n(self.max_bits),
+            hist=n(self.hist).reshape(self.d_sae, N_HIST_BINS),
+            topk_key=n(self.topk.key),
+            topk_tok=n(self.topk.payload[0]),
+            samp_gidx=n(self.samples.payload[0]).reshape(self.d_sae, -1),
+            samp_bits=n(self.samples.payload[1]).reshape(self.d_sae, -1),
+            samp_tok=n(self.samples.payload[2]).reshape(self.d_sae, -1),
+        )
+
+    def load_snapshot(self, snap: SummarySnapshot) -> None:
+        """Restore a snapshot (shapes must match this accumulator's)."""
+        dev = self.device
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64, device=dev)
+
+        self.count, self.sum_fx, self.sumsq_fx = t(snap.count), t(snap.sum_fx), t(snap.sumsq_fx)
+        self.max_bits = t(snap.max_bits)
+        self.hist = t(snap.hist).reshape(-1)
+        self.topk = _TopTable(self.d_sae, self.top_k, 1, dev)
+        self.topk.key, self.topk.payload = t(snap.topk_key), [t(snap.topk_tok)]
+        shape = (self.d_sae * N_SAMPLE_BINS, self.samples_per_bin)
+        self.samples = _TopTable(shape[0], shape[1], 3, dev)
+        gidx = t(snap.samp_gidx).reshape(shape)
+        self.samples.payload = [
+            gidx,
+            t(snap.samp_bits).reshape(shape),
+            t(snap.samp_tok).reshape(shape),
+        ]
+        feat = torch.arange(self.d_sae, device=dev).repeat_interleave(N_SAMPLE_BINS)[:, None]
+        h = sample_hash(feat.expand(shape), gidx.clamp(min=0))
+        self.samples.key = torch.where(gidx >= 0, _HASH_MASK - h, torch.full_like(h, -1))
+        self.n_counted, self.n_tokens = snap.n_counted, snap.n_tokens
+        self.next_window = snap.next_window
+
+
+@dataclass
+class SummarySnapshot:
+    """Summary state on CPU; samp_* are [d_sae, N_SAMPLE_BINS * S] (octave-major)."""
+
+    d_sae: int
+    top_k: int
+    samples_per_bin: int
+    n_counted: int
+    n_tokens: int
+    next_window: int
+    count: np.ndarray
+    sum_fx: np.ndarray
+    sumsq_fx: np.ndarray
+    max_bits: np.ndarray
+    hist: np.ndarray
+    topk_key: np.ndarray
+    topk_tok: np.ndarray
+    samp_gidx: np.ndarray
+    samp_bits: np.ndarray
+    samp_tok: np.ndarray
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "d_sae": self.d_sae,
+            "top_k": self.top_k,
+            "samples_per_bin": self.samples_per_bin,
+            "n_counted": self.n_counted,
+            "n_tokens": self.n_tokens,
+            "next_window": self.next_window,
+            "sum_unit_log2": SUM_UNIT_LOG2,
+            "sumsq_unit_log2": SUMSQ_UNIT_LOG2,
+        }
+
+
+# --- records -------------------------------------------------------------------------
+
+TOPK_DTYPE = np.dtype([("key", "<i8"), ("tok", "<i4")])
+SAMP_DTYPE = np.dtype([("bin", "u1"), ("gidx", "<i8"), ("bits", "<u2"), ("tok", "<i4")])
+TTOK_DTYPE = np.dtype([("feature", "<u4"), ("count", "<u2")])
+_COL_HEAD = struct.Struct("<I")
+
+
+def encode_columns(snap: SummarySnapshot) -> bytes:
+    cols = np.stack([snap.count, snap.sum_fx, snap.sumsq_fx, snap.max_bits]).astype("<i8")
+    return codec.compress(_COL_HEAD.pack(snap.d_sae) + cols.tobytes())
+
+
+def decode_columns(blob: bytes) -> np.ndarray:
+    """[4, d_sae] int64: count, sum (2**-24 units), sumsq (2**-16 units), max fp16 bits."""
+    raw = codec.decompress(blob)
+    (d,) = _COL_HEAD.unpack_from(raw)
+    if len(raw) != _COL_HEAD.size + 32 * d:
+        raise codec.CorruptBlockError("summary columns have the wrong size")
+    return np.frombuffer(raw, "<i8", 4 * d, _COL_HEAD.size).reshape(4, d)
+
+
+def _ragged(rows: np.ndarray, counts: np.ndarray) -> list[tuple[int, bytes]]:
+    """Slice a [d, W] structured array into per-row byte strings of the first counts[i] items."""
+    buf = rows.tobytes()
+    width = rows.shape[1] * rows.dtype.itemsize
+    isz = rows.dtype.itemsize
+    return [
+        (int(i), buf[int(i) * width : int(i) * width + int(counts[i]) * isz])
+        for i in np.flatnonzero(counts)
+    ]
+
+
+def summary_records(snap: SummarySnapshot) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Records of every summary sub-db (keys ascending, ready for append)."""
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    from saetui.index.format import dumps
+
+    out["fsum"] = [(b"columns", encode_columns(snap)), (b"info", dumps(snap.info()))]
+    hist = snap.hist.astype("<i8")
+    out["fhist"] = [
+        (u32_key(c), codec.compress(hist[c * HIST_CHUNK : (c + 1) * HIST_CHUNK].tobytes()))
+        for c in range((snap.d_sae + HIST_CHUNK - 1) // HIST_CHUNK)
+    ]
+    topk = np.empty(snap.topk_key.shape, TOPK_DTYPE)
+    topk["key"], topk["tok"] = snap.topk_key, snap.topk_tok
+    n_top = (snap.topk_key >= 0).sum(1)
+    out["ftopk"] = [(u32_key(i), b) for i, b in _ragged(topk, n_top)]
+    valid = snap.samp_gidx >= 0
+    order = np.argsort(~valid, axis=1, kind="stable")
+    s = snap.samples_per_bin
+    samp = np.empty(snap.samp_gidx.shape, SAMP_DTYPE)
+    samp["bin"] = np.broadcast_to(np.arange(samp.shape[1]) // s, samp.shape)
+    samp["gidx"], samp["bits"], samp["tok"] = snap.samp_gidx, snap.samp_bits, snap.samp_tok
+    samp = np.take_along_axis(samp, order, axis=1)
+    out["fsamp"] = [(u32_key(i), b) for i, b in _ragged(samp, valid.sum(1))]
+    # inverted index token -> features whose top-K examples fire on it
+    feat = np.broadcast_to(np.arange(snap.d_sae)[:, None], snap.topk_tok.shape)
+    ok = snap.topk_key >= 0
+    pairs = (snap.topk_tok[ok].astype(np.int64) << 32) | feat[ok].astype(np.int64)
+    uniq, cnt = np.unique(pairs, return_counts=True)
+    toks = uniq >> 32
+    rec = np.empty(len(uniq), TTOK_DTYPE)
+    rec["feature"], rec["count"] = uniq & 0xFFFFFFFF, np.minimum(cnt, 65535)
+    bounds = np.flatnonzero(np.diff(toks)) + 1
+    starts = np.concatenate([[0], bounds]) if len(uniq) else np.array([], dtype=np.int64)
+    ends = np.concatenate([bounds, [len(uniq)]]) if len(uniq) else starts
+    buf, isz = rec.tobytes(), TTOK_DTYPE.itemsize
+    out["ttok"] = [
+        (u32_key(int(toks[a])), buf[a * isz : b * isz]) for a, b in zip(starts, ends, strict=False)
+    ]
+    return out
+
+
+def decode_topk(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, TOPK_DTYPE)
+
+
+def decode_samples(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, SAMP_DTYPE)
+
+
+def decode_ttok(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, TTOK_DTYPE)
+
+
+def load_snapshot_records(txn: Any, dbs: dict[bytes, Any], d_sae: int) -> SummarySnapshot | None:
+    """Rebuild a snapshot from the summary sub-dbs; None if no checkpoint was written."""
+    import json
+
+    info_raw = txn.get(b"info", db=dbs[b"fsum"])
+    if info_raw is None:
+        return None
+    info = json.loads(info_raw)
+    k, s = info["top_k"], info["samples_per_bin"]
+    cols = decode_columns(txn.get(b"columns", db=dbs[b"fsum"]))
+    hist = np.zeros((d_sae, N_HIST_BINS), dtype=np.int64)
+    for key, blob in txn.cursor(db=dbs[b"fhist"]):
+        c = struct.unpack(">I", key)[0]
+        chunk = np.frombuffer(codec.decompress(blob), "<i8").reshape(-1, N_HIST_BINS)
+        hist[c * HIST_CHUNK : c * HIST_CHUNK + len(chunk)] = chunk
+    topk_key = np.full((d_sae, k), -1, dtype=np.int64)
+    topk_tok = np.full((d_sae, k), -1, dtype=np.int64)
+    for key, blob in txn.cursor(db=dbs[b"ftopk"]):
+        i = struct.unpack(">I", key)[0]
+        rec = decode_topk(blob)
+        topk_key[i, : len(rec)], topk_tok[i, : len(rec)] = rec["key"], rec["tok"]
+    width = N_SAMPLE_BINS * s
+    samp_gidx = np.full((d_sae, width), -1, dtype=np.int64)
+    samp_bits = np.zeros((d_sae, width), dtype=np.int64)
+    samp_tok = np.full((d_sae, width), -1, dtype=np.int64)
+    for key, blob in txn.cursor(db=dbs[b"fsamp"]):
+        i = struct.unpack(">I", key)[0]
+        rec = decode_samples(blob)
+        # entries of one bin were stored in rank order: rebuild their slot within the bin
+        run_start = np.ones(len(rec), dtype=bool)
+        run_start[1:] = rec["bin"][1:] != rec["bin"][:-1]
+        idx = np.arange(len(rec))
+        slot = idx - np.maximum.accumulate(np.where(run_start, idx, 0))
+        col = rec["bin"].astype(np.int64) * s + slot
+        samp_gidx[i, col], samp_bits[i, col], samp_tok[i, col] = (
+            rec["gidx"],
+            rec["bits"],
+            rec["tok"],
+        )
+    return SummarySnapshot(
+        d_sae=d_sae,
+        top_k=k,
+        samples_per_bin=s,
+        n_counted=info["n_counted"],
+        n_tokens=info["n_tokens"],
+        next_window=info["next_window"],
+        count=cols[0].copy(),
+        sum_fx=cols[1].copy(),
+        sumsq_fx=cols[2].copy(),
+        max_bits=cols[3].copy(),
+        hist=hist,
+        topk_key=topk_key,
+        topk_tok=topk_tok,
+        samp_gidx=samp_gidx,
+        samp_bits=samp_bits,
+        samp_tok=samp_tok,
+    )

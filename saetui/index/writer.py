@@ -1,0 +1,616 @@
+"""IndexWriter: one thread owns the LMDB write transaction, fed by a bounded queue.
+
+Crash safety: window records, forward blocks and the progress record are written in the
+same transaction, so after a crash the index holds exactly the windows up to the last
+commit. Per-feature summaries are checkpointed every `checkpoint_interval` seconds (and on
+close) in the same way; on resume the writer loads the last checkpoint and replays the
+committed windows after it from the forward index. Summaries are batch-order independent
+(see summary.py), so the resumed index ends identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+import torch
+
+from saetui.errors import SaetuiInputError
+from saetui.index import codec
+from saetui.index import format as fmt
+from saetui.index.summary import (
+    FeatureSummaries,
+    SummarySnapshot,
+    load_snapshot_records,
+    summary_records,
+)
+
+_SUMMARY_DBS = (fmt.DB_FSUM, fmt.DB_FHIST, fmt.DB_FTOPK, fmt.DB_FSAMP, fmt.DB_TTOK)
+
+
+def vocab_digest(vocab_json: bytes) -> str:
+    return hashlib.sha256(vocab_json).hexdigest()
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu").numpy()
+    return np.asarray(x)
+
+
+class IndexWriter:
+    """Appends windows to one shard of an index; use `create_or_resume` to get one."""
+
+    def __init__(self) -> None:  # pragma: no cover - use create_or_resume
+        raise TypeError("use IndexWriter.create_or_resume(...)")
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | Path,
+        run_config: dict[str, Any],
+        d_sae: int,
+        ctx_len: int,
+        vocab: Sequence[str],
+        overwrite: bool = False,
+        *,
+        shard: int = 0,
+        top_k: int = 64,
+        samples_per_bin: int = 3,
+        summary_device: str | torch.device = "cpu",
+        commit_interval: float = 0.5,
+        checkpoint_interval: float = 30.0,
+        map_size: int = fmt.DEFAULT_MAP_SIZE,
+        queue_size: int = 4,
+    ) -> IndexWriter:
+        """Open shard `shard` of the index at `path` for appending.
+
+        A new index is created; an existing one whose run config, d_sae, ctx_len, vocabulary
+        and summary sizes match resumes after its last commit (see `next_window`); a
+        mismatch raises SaetuiInputError naming the differing fields unless `overwrite`,
+        which deletes this shard's data first (user labels are kept).
+        """
+        path = Path(path)
+        if not isinstance(run_config, dict):
+            raise SaetuiInputError("run_config must be a dict of JSON values.")
+        try:
+            config_json = fmt.dumps(run_config)
+        except (TypeError, ValueError):
+            raise SaetuiInputError(
+                "run_config holds values that are not JSON (numbers, strings, lists, dicts): "
+                "convert them before creating the index."
+            ) from None
+        if d_sae <= 0 or d_sae >= 1 << 32:
+            raise SaetuiInputError(f"d_sae {d_sae} is out of range: expected 1 to 2**32 - 1.")
+        if not 0 < ctx_len <= 65535:
+            raise SaetuiInputError(f"ctx_len {ctx_len} is out of range: expected 1 to 65535.")
+        if not 0 < top_k <= 65535 or not 0 < samples_per_bin <= 255:
+            raise SaetuiInputError("top_k must be 1-65535 and samples_per_bin 1-255.")
+        if not 0 <= shard < 100000:
+            raise SaetuiInputError(f"shard {shard} is out of range: expected 0 to 99999.")
+        vocab_list = list(vocab)
+        if not all(isinstance(t, str) for t in vocab_list):
+            raise SaetuiInputError("vocab must be a list of token strings, one per token id.")
+        vocab_json = json.dumps(vocab_list).encode()
+        identity = {
+            "run_config": json.loads(config_json),
+            "d_sae": d_sae,
+            "ctx_len": ctx_len,
+            "vocab_sha256": vocab_digest(vocab_json),
+            "top_k": top_k,
+            "samples_per_bin": samples_per_bin,
+        }
+
+        created_dir = not path.exists()
+        if path.exists():
+            if not path.is_dir():
+                raise SaetuiInputError(f"{path} is a file: pass a directory for the index.")
+            if (path / fmt.MARKER_FILE).exists():
+                fmt.read_marker(path)
+            elif any(path.iterdir()):
+                raise SaetuiInputError(
+                    f"{path} is a non-empty directory that is not a saetui index: pass a new "
+                    "or empty directory."
+                )
+        sdir = fmt.shard_dir(path, shard)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if overwrite and sdir.exists():
+                shutil.rmtree(sdir)
+            sdir.mkdir(exist_ok=True)
+            if not (path / fmt.MARKER_FILE).exists():
+                fmt.write_marker(path)
+            env = fmt.acquire_env(sdir, create=True, map_size=map_size)
+        except BaseException:
+            if created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        self = object.__new__(cls)
+        try:
+            self._init(
+                path,
+                sdir,
+                env,
+                shard,
+                identity,
+                vocab_json,
+                summary_device,
+                commit_interval,
+                checkpoint_interval,
+                queue_size,
+            )
+        except BaseException:
+            fmt.release_env(env)
+            if created_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return self
+
+    def _init(
+        self,
+        path: Path,
+        sdir: Path,
+        env: lmdb.Environment,
+        shard: int,
+        identity: dict[str, Any],
+        vocab_json: bytes,
+        summary_device: str | torch.device,
+        commit_interval: float,
+        checkpoint_interval: float,
+        queue_size: int,
+    ) -> None:
+        self.path, self.shard_path, self.shard = path, sdir, shard
+        self._env = env
+        self.d_sae, self.ctx_len = identity["d_sae"], identity["ctx_len"]
+        self._dbs = {name: env.open_db(name) for name in fmt.SHARD_DBS}
+        meta = self._dbs[fmt.DB_META]
+        with env.begin() as txn:
+            stored_shape = txn.get(fmt.META_SHAPE, db=meta)
+            progress_raw = txn.get(fmt.META_PROGRESS, db=meta)
+        if stored_shape is not None:
+            stored = json.loads(stored_shape)
+            diff = _differing_fields(stored.get("identity", {}), identity)
+            if diff:
+                raise SaetuiInputError(
+                    f"the index {path} was built with a different {', '.join(diff)}: rerun with "
+                    "the same settings to resume, or pass overwrite to rebuild it."
+                )
+            self._progress = json.loads(progress_raw)
+        else:
+            self._progress = {
+                "windows": 0,
+                "tokens": 0,
+                "counted_tokens": 0,
+                "nonzeros": 0,
+                "summary_windows": 0,
+                "summary_serial": 0,
+                "commits": 0,
+                "finished": False,
+            }
+            shape = {
+                "identity": identity,
+                "shard": shard,
+                "created": time.time(),
+                "lmdb_lib_version": fmt.LMDB_LIB_VERSION,
+                "lmdb_engine": ".".join(map(str, env.lib_version())),
+                "hist_bin_edges": fmt.hist_bin_edges(),
+                "n_sample_bins": fmt.N_SAMPLE_BINS,
+            }
+            with env.begin(write=True) as txn:
+                txn.put(fmt.META_FORMAT, fmt.dumps(fmt.marker_content()), db=meta)
+                txn.put(fmt.META_CONFIG, fmt.dumps(identity["run_config"]), db=meta)
+                txn.put(fmt.META_SHAPE, fmt.dumps(shape), db=meta)
+                txn.put(fmt.META_VOCAB, codec.compress(vocab_json), db=meta)
+                txn.put(fmt.META_PROGRESS, fmt.dumps(self._progress), db=meta)
+        self.summaries = FeatureSummaries(
+            self.d_sae,
+            self.ctx_len,
+            identity["top_k"],
+            identity["samples_per_bin"],
+            summary_device,
+        )
+        self._restore_summaries()
+        self.next_window = int(self._progress["windows"])
+        self.tokens_committed = int(self._progress["tokens"])
+        self._commit_interval = commit_interval
+        self._checkpoint_interval = checkpoint_interval
+        self._last_checkpoint = time.monotonic()
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._error_raised = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="saetui-index-writer", daemon=True)
+        self._thread.start()
+
+    def _restore_summaries(self) -> None:
+        with self._env.begin() as txn:
+            snap = load_snapshot_records(txn, self._dbs, self.d_sae)
+        if snap is not None:
+            self.summaries.load_snapshot(snap)
+        end = int(self._progress["windows"])
+        start = self.summaries.next_window
+        chunk = 256
+        for a in range(start, end, chunk):
+            b = min(end, a + chunk)
+            self._replay(a, b)
+
+    def _replay(self, first: int, end: int) -> None:
+        """Feed committed windows [first, end) back into the summaries (resume)."""
+        lengths, tokens, masks, blocks = [], [], [], []
+        with self._env.begin() as txn:
+            for w in range(first, end):
+                rec = codec.decode_window(txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_TOK]))
+                blk = codec.decode_forward(txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_FWD]))
+                lengths.append(len(rec.token_ids))
+                tokens.append(rec.token_ids)
+                masks.append(rec.mask)
+                blocks.append(blk)
+        counts = np.concatenate([np.diff(b.offsets) for b in blocks])
+        width = max(1, int(counts.max()) if len(counts) else 1)
+        n = len(counts)
+        ids = np.zeros((n, width), dtype=np.int64)
+        vals = np.zeros((n, width), dtype=np.float32)
+        row = np.repeat(np.arange(n), counts)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        col = np.arange(int(counts.sum())) - np.repeat(starts, counts)
+        ids[row, col] = np.concatenate([b.feature_ids for b in blocks])
+        vals[row, col] = np.concatenate([b.values16 for b in blocks]).astype(np.float32)
+        self.summaries.update_windows(
+            first, np.array(lengths), np.concatenate(tokens), ids, vals, np.concatenate(masks)
+        )
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def windows_committed(self) -> int:
+        """Windows durably in the index (the writer thread's last commit)."""
+        return int(self._committed["windows"]) if hasattr(self, "_committed") else 0
+
+    def add_windows(
+        self,
+        window_ids: Sequence[int] | np.ndarray,
+        tokens: Sequence[Any] | np.ndarray,
+        segments: Sequence[Sequence[Sequence[int]]],
+        feature_ids: Any,
+        values: Any,
+        mask: Any = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
+        *,
+        summaries_done: bool = False,
+    ) -> None:
+        """Queue consecutive windows (ids must start at `next_window`).
+
+        tokens: one uint32 array per window, or a padded [n_windows, ctx_len] array with
+        `lengths`; segments: per window, rows (doc_id, doc_offset, start_in_window, length);
+        feature_ids, values [n_tokens, K] for all tokens of the batch (numpy or torch, value
+        0 = inactive slot); mask bool [n_tokens] (False = BOS/pad: token stored, features
+        not). With summaries_done=True the caller already fed these windows to
+        `self.summaries` (e.g. on the GPU).
+        """
+        self._raise_pending()
+        wids = np.asarray(window_ids, dtype=np.int64).ravel()
+        n_w = len(wids)
+        if n_w == 0:
+            return
+        if wids[0] != self.next_window or np.any(np.diff(wids) != 1):
+            raise SaetuiInputError(
+                f"windows must be added in order without gaps: expected window {self.next_window}"
+                f" next, got {wids[0]}{'...' if n_w > 1 else ''}."
+            )
+        if isinstance(tokens, (np.ndarray, torch.Tensor)) and _as_numpy(tokens).ndim == 2:
+            if lengths is None:
+                raise SaetuiInputError("a padded 2-D tokens array needs `lengths`.")
+            padded = _as_numpy(tokens)
+            lens = np.asarray(lengths, dtype=np.int64)
+            keep = np.arange(padded.shape[1])[None, :] < lens[:, None]
+            tokens_flat = padded[keep].astype(np.uint32)
+        else:
+            parts = [_as_numpy(t).ravel() for t in tokens]
+            lens = np.array([len(p) for p in parts], dtype=np.int64)
+            tokens_flat = (
+                np.concatenate(parts).astype(np.uint32) if parts else np.zeros(0, np.uint32)
+            )
+        if len(lens) != n_w or len(segments) != n_w:
+            raise SaetuiInputError(
+                f"got {n_w} window ids but {len(lens)} token sequences and {len(segments)} "
+                "segment lists: pass one of each per window."
+            )
+        if lens.min() < 1 or lens.max() > self.ctx_len:
+            raise SaetuiInputError(
+                f"window lengths must be 1 to ctx_len={self.ctx_len} tokens, got "
+                f"{int(lens.min())}-{int(lens.max())}."
+            )
+        n_tok = int(lens.sum())
+        ids_np = _as_numpy(feature_ids)
+        vals_np = _as_numpy(values).astype(np.float32, copy=False)
+        if ids_np.ndim != 2 or ids_np.shape != vals_np.shape or ids_np.shape[0] != n_tok:
+            raise SaetuiInputError(
+                f"feature_ids and values must both be [n_tokens={n_tok}, K], got "
+                f"{tuple(ids_np.shape)} and {tuple(vals_np.shape)}."
+            )
+        mask_np = (
+            np.ones(n_tok, dtype=bool) if mask is None else _as_numpy(mask).astype(bool).ravel()
+        )
+        if len(mask_np) != n_tok:
+            raise SaetuiInputError(f"mask must have n_tokens={n_tok} entries, got {len(mask_np)}.")
+        if vals_np.size:
+            lo, hi = float(vals_np.min()), float(vals_np.max())
+            if not (lo >= 0 and np.isfinite(hi)):
+                raise SaetuiInputError(
+                    "activation values must be finite and >= 0 (0 = inactive slot); got "
+                    f"min {lo}, max {hi}."
+                )
+            active_ids = np.where(vals_np != 0, ids_np, 0)
+            if int(active_ids.min()) < 0 or int(active_ids.max()) >= self.d_sae:
+                raise SaetuiInputError(
+                    f"feature ids must lie in [0, {self.d_sae}) (d_sae) for active slots, got "
+                    f"{int(active_ids.min())}-{int(active_ids.max())}."
+                )
+        seg_arrays = [np.asarray(s, dtype=np.int64).reshape(-1, 4) for s in segments]
+        for w, seg in enumerate(seg_arrays):
+            if len(seg) and (
+                seg[:, 2].min() < 0
+                or (seg[:, 2] + seg[:, 3]).max() > lens[w]
+                or seg[:, 3].min() < 1
+            ):
+                raise SaetuiInputError(
+                    f"segments of window {int(wids[w])} do not fit its {int(lens[w])} tokens: "
+                    "each needs 0 <= start and start + length <= window length."
+                )
+        first = int(wids[0])
+        if summaries_done:
+            if self.summaries.next_window != first + n_w:
+                raise SaetuiInputError(
+                    f"summaries_done=True but the summaries cover windows up to "
+                    f"{self.summaries.next_window}, not {first + n_w}: call "
+                    "writer.summaries.update_windows for exactly these windows first."
+                )
+        else:
+            self.summaries.update_windows(
+                first, lens, tokens_flat.astype(np.int64), feature_ids, values, mask_np
+            )
+        self._put(("data", first, lens, tokens_flat, seg_arrays, ids_np, vals_np, mask_np))
+        self.next_window = first + n_w
+        if time.monotonic() - self._last_checkpoint >= self._checkpoint_interval:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Queue a checkpoint of the summaries at the current window boundary."""
+        self._raise_pending()
+        self._put(("ckpt", self.summaries.snapshot()))
+        self._last_checkpoint = time.monotonic()
+
+    def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
+        """Store top-N neighbours per feature for `metric` (ids < 0 mark empty slots)."""
+        ids_np, scores_np = _as_numpy(ids), _as_numpy(scores).astype(np.float32)
+        if ids_np.shape != scores_np.shape or ids_np.ndim != 2 or ids_np.shape[0] != self.d_sae:
+            raise SaetuiInputError(
+                f"neighbour ids and scores must both be [d_sae={self.d_sae}, N], got "
+                f"{tuple(ids_np.shape)} and {tuple(scores_np.shape)}."
+            )
+        if not metric or len(metric) > 64:
+            raise SaetuiInputError("a neighbour metric needs a name of 1-64 characters.")
+        if ids_np.size and int(ids_np.max()) >= self.d_sae:
+            raise SaetuiInputError(f"neighbour ids must be below d_sae={self.d_sae}.")
+        self._raise_pending()
+        self._put(("nbrs", metric, ids_np.astype(np.int64), scores_np))
+
+    def put_metrics(self, metrics: dict[str, Any]) -> None:
+        """Store run metrics (explained variance, CE loss recovered, ...) as JSON."""
+        self.put_meta("metrics", metrics)
+
+    def put_meta(self, name: str, value: Any) -> None:
+        """Store a JSON value under `name` in the shard's meta sub-db."""
+        try:
+            blob = fmt.dumps(value)
+        except (TypeError, ValueError):
+            raise SaetuiInputError(f"meta value {name!r} is not JSON-serialisable.") from None
+        key = fmt.META_METRICS if name == "metrics" else fmt.USER_META_PREFIX + name.encode()
+        self._raise_pending()
+        self._put(("meta", key, blob))
+
+    def flush(self) -> None:
+        """Block until everything queued so far is committed."""
+        self._raise_pending()
+        done = threading.Event()
+        self._put(("flush", done))
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self._raise_pending()
+
+    def finish(self) -> None:
+        """Checkpoint summaries, mark the shard finished and close."""
+        if self._closed:
+            return
+        try:
+            self._raise_pending()
+            self.checkpoint()
+            self._put(("finish",))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Commit what is queued (with a summary checkpoint) and stop the writer thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._error is None and self._thread.is_alive():
+                if self.summaries.next_window > int(self._progress["summary_windows"]):
+                    self._put(("ckpt", self.summaries.snapshot()))
+                self._put(("stop",))
+        finally:
+            self._thread.join()
+            fmt.release_env(self._env)
+        if self._error is not None and not self._error_raised:
+            self._raise_pending()
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- thread side
+
+    def _raise_pending(self) -> None:
+        """Re-raise the writer thread's error in the caller, once; later calls say it stopped."""
+        if self._error is None:
+            return
+        if not self._error_raised:
+            self._error_raised = True
+            raise self._error
+        raise SaetuiInputError(
+            f"the index writer for {self.path} stopped after an error: open it again to resume."
+        )
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        while True:
+            if self._error is not None or not self._thread.is_alive():
+                self._raise_pending()
+                raise SaetuiInputError(f"the index writer for {self.path} is closed.")
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        txn: lmdb.Transaction | None = None
+        started = 0.0
+        pending = dict(self._progress)
+        self._committed = dict(self._progress)
+        try:
+            while True:
+                timeout = None
+                if txn is not None:
+                    timeout = max(0.0, self._commit_interval - (time.monotonic() - started))
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    self._commit(txn, pending)
+                    txn = None
+                    continue
+                if txn is None:
+                    txn = self._env.begin(write=True)
+                    started = time.monotonic()
+                kind = item[0]
+                if kind == "data":
+                    self._write_data(txn, pending, *item[1:])
+                elif kind == "ckpt":
+                    self._write_checkpoint(txn, pending, item[1])
+                elif kind == "nbrs":
+                    self._write_neighbours(txn, *item[1:])
+                elif kind == "meta":
+                    txn.put(item[1], item[2], db=self._dbs[fmt.DB_META])
+                elif kind == "finish":
+                    pending["finished"] = True
+                force = kind in ("flush", "stop", "ckpt", "finish")
+                if force or time.monotonic() - started >= self._commit_interval:
+                    self._commit(txn, pending)
+                    txn = None
+                if kind == "flush":
+                    item[1].set()
+                if kind == "stop":
+                    return
+        except BaseException as exc:  # re-raised in the caller's thread
+            if txn is not None:
+                txn.abort()
+            self._error = fmt.translate_lmdb_error(exc, self.path)
+            self._progress = dict(self._committed)
+
+    def _commit(self, txn: lmdb.Transaction | None, pending: dict[str, Any]) -> None:
+        if txn is None:
+            return
+        pending["commits"] += 1
+        pending["updated"] = time.time()
+        txn.put(fmt.META_PROGRESS, fmt.dumps(pending), db=self._dbs[fmt.DB_META])
+        txn.commit()
+        self._committed = dict(pending)
+        self._progress = dict(pending)
+        self.tokens_committed = int(pending["tokens"])
+
+    def _write_data(
+        self,
+        txn: lmdb.Transaction,
+        pending: dict[str, Any],
+        first: int,
+        lens: np.ndarray,
+        tokens_flat: np.ndarray,
+        segments: list[np.ndarray],
+        ids: np.ndarray,
+        vals: np.ndarray,
+        mask: np.ndarray,
+    ) -> None:
+        if pending["finished"]:
+            pending["finished"] = False
+        enc = codec.encode_batch(lens, tokens_flat, segments, ids, codec.to_fp16(vals), mask)
+        keys = [fmt.u64_key(first + i) for i in range(len(lens))]
+        for db, records in ((fmt.DB_TOK, enc.tok_records), (fmt.DB_FWD, enc.fwd_records)):
+            with txn.cursor(db=self._dbs[db]) as cur:
+                _, added = cur.putmulti(list(zip(keys, records, strict=False)), append=True)
+            if added != len(keys):
+                raise RuntimeError(
+                    f"append of windows {first}-{first + len(keys) - 1} to {db.decode()} added "
+                    f"{added} of {len(keys)} records: keys out of order"
+                )
+        pending["windows"] = first + len(lens)
+        pending["tokens"] += enc.n_tokens
+        pending["counted_tokens"] += enc.n_counted
+        pending["nonzeros"] += enc.nnz
+
+    def _write_checkpoint(
+        self, txn: lmdb.Transaction, pending: dict[str, Any], snap: SummarySnapshot
+    ) -> None:
+        records = summary_records(snap)
+        for db in _SUMMARY_DBS:
+            handle = self._dbs[db]
+            txn.drop(handle, delete=False)
+            recs = records[db.decode()]
+            with txn.cursor(db=handle) as cur:
+                _, added = cur.putmulti(recs, append=True)
+            if added != len(recs):
+                raise RuntimeError(f"summary checkpoint into {db.decode()} lost records")
+        pending["summary_windows"] = snap.next_window
+        pending["summary_serial"] += 1
+
+    def _write_neighbours(
+        self, txn: lmdb.Transaction, metric: str, ids: np.ndarray, scores: np.ndarray
+    ) -> None:
+        meta = self._dbs[fmt.DB_META]
+        raw = txn.get(fmt.META_NBR_METRICS, db=meta)
+        metrics = json.loads(raw) if raw else []
+        if metric not in metrics:
+            if len(metrics) >= 255:
+                raise SaetuiInputError("an index holds at most 255 neighbour metrics.")
+            metrics.append(metric)
+            txn.put(fmt.META_NBR_METRICS, fmt.dumps(metrics), db=meta)
+        mid = metrics.index(metric)
+        db = self._dbs[fmt.DB_FNBR]
+        for f in range(self.d_sae):
+            ok = ids[f] >= 0
+            rec = ids[f][ok].astype("<u4").tobytes() + scores[f][ok].astype("<f4").tobytes()
+            txn.put(fmt.nbr_key(f, mid), rec, db=db)
+
+
+def _differing_fields(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    diff = []
+    for key in sorted(set(stored) | set(new)):
+        if key == "run_config":
+            a, b = stored.get(key) or {}, new.get(key) or {}
+            diff += [f"run_config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif stored.get(key) != new.get(key):
+            diff.append("vocabulary" if key == "vocab_sha256" else key)
+    return diff

@@ -66,3 +66,59 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     model.save_pretrained(directory)
     write_tiny_tokenizer(directory)
     return directory
+
+
+TINY_HOOK = "blocks.1.hook_resid_post"
+
+
+def write_tiny_sae(
+    directory: Path, *, d_in: int = 32, d_sae: int = 64, k: int | None = 4, seed: int = 0
+) -> Path:
+    """A random sae_core SAE for the tiny GPT-2 at blocks.1.hook_resid_post."""
+    import json
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "W_enc": torch.randn(d_in, d_sae, generator=generator) * d_in**-0.5,
+        "b_enc": torch.randn(d_sae, generator=generator) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in, generator=generator) * d_sae**-0.5,
+        "b_dec": torch.randn(d_in, generator=generator) * 0.1,
+    }
+    torch.save(state, directory / "weights.pt")
+    config = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "hook_layer": 1,
+        "hook_name": "hook_resid_post",
+        "top_k": k,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def tiny_documents(n: int = 40, seed: int = 0) -> list[str]:
+    """Random 'w<i>' word documents of varied length for the tiny tokenizer."""
+    import random
+
+    rng = random.Random(seed)
+    return [
+        " ".join(f"w{rng.randrange(90)}" for _ in range(rng.randrange(3, 60))) for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    return write_tiny_sae(tmp_path_factory.mktemp("tiny-sae"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus_file(tmp_path_factory) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("tiny-corpus") / "corpus.json"
+    path.write_text(json.dumps(tiny_documents()))
+    return path

@@ -31,7 +31,7 @@ def evaluate_sae(
     reconstruction = ReconstructionMetrics(d_sae=sae.d_sae)
     behaviour = ModelBehaviourMetrics()
     device = model.device
-    sae_dtype = next(sae.parameters()).dtype
+    sae_dtype = sae.dtype
     for batch in batches:
         tokens = torch.as_tensor(batch.tokens, device=device)
         mask = torch.as_tensor(batch.mask, device=device)

@@ -176,3 +176,29 @@ def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInput
         batchtopk_mode=run_config.get("batchtopk_mode"),
         threshold=run_config.get("threshold"),
     )
+
+
+@torch.no_grad()
+def feature_logit_effects(
+    inputs: ProbeInputs, feature: int, top_n: int = 10
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """Tokens one feature's decoder direction promotes and suppresses through the unembedding
+    (W_dec[f] @ W_U): a single row, cheap enough to compute on demand."""
+    from saetui.analysis.neighbours import logit_effects
+
+    w_dec = inputs.sae.W_dec[feature : feature + 1].float().cpu()
+    w_u = inputs.model.bridge.W_U.float().cpu()
+    if w_dec.shape[1] != w_u.shape[0]:
+        raise SaetuiInputError(
+            f"the SAE's decoder width {w_dec.shape[1]} does not match the model's d_model "
+            f"{w_u.shape[0]}: logit effects need the SAE's own model."
+        )
+    up_ids, up_vals, down_ids, down_vals = logit_effects(w_dec, w_u, top_n=top_n)
+    decode = inputs.model.tokenizer.decode
+    promoted = [
+        (decode([i]), v) for i, v in zip(up_ids[0].tolist(), up_vals[0].tolist(), strict=True)
+    ]
+    suppressed = [
+        (decode([i]), v) for i, v in zip(down_ids[0].tolist(), down_vals[0].tolist(), strict=True)
+    ]
+    return promoted, suppressed

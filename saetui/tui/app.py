@@ -1,0 +1,680 @@
+"""The saetui Textual app: run & metrics, feature table, feature view, context view, probe.
+
+The app only arranges and displays. Data comes from :class:`saetui.tui.source.IndexSource`
+(the index reader), the collection runs in a thread worker through the callable it is
+given, and model work (probe, logit effects) runs in thread workers too: nothing slow ever
+runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.message import Message
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from saetui.errors import SaetuiInputError
+from saetui.tui.bindings import bindings
+from saetui.tui.commands import SaetuiCommands
+from saetui.tui.history import History
+from saetui.tui.model import FeatureDetail, RunState
+from saetui.tui.render import format_density, format_value
+from saetui.tui.screens.context import ContextScreen
+from saetui.tui.screens.help import HelpScreen
+from saetui.tui.screens.label import LabelScreen
+from saetui.tui.source import IndexNotReady, IndexSource
+from saetui.tui.widgets.feature_table import FeatureTable, format_header
+from saetui.tui.widgets.feature_view import FeatureView
+from saetui.tui.widgets.probe_pane import ProbePane
+from saetui.tui.widgets.run_pane import RunPane
+
+POLL_SECONDS = 1.0
+PLOT_SECONDS = 5.0
+PROGRESS_INTERVAL = 0.25  # at most ~4 progress messages a second from the collector
+
+CollectFn = Callable[..., Any]  # collect(progress=..., should_stop=...) -> result
+
+
+class CollectionProgress(Message):
+    """Posted by the collection worker; a newer one replaces an unprocessed older one."""
+
+    def __init__(self, progress: Any) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, CollectionProgress)
+
+
+class CollectionFinished(Message):
+    def __init__(self, stopped: bool, error: str | None = None) -> None:
+        super().__init__()
+        self.stopped = stopped
+        self.error = error
+
+
+def _collect_callable(collect: Any) -> CollectFn | None:
+    """Accept a CollectConfig (run through the pipeline) or a callable taking
+    ``progress=`` and ``should_stop=``."""
+    if collect is None or callable(collect):
+        return collect
+
+    def run(progress: Any = None, should_stop: Any = None) -> Any:
+        from saetui.collect.pipeline import run_collection
+
+        return run_collection(collect, progress=progress, should_stop=should_stop)
+
+    return run
+
+
+class SaetuiApp(App[int]):
+    """Browse an index (optionally while a collection fills it)."""
+
+    TITLE = "saetui"
+    CSS_PATH = "styles.tcss"
+    BINDINGS = bindings("app")
+    COMMANDS = App.COMMANDS | {SaetuiCommands}
+
+    def __init__(
+        self,
+        index_path: str | Path,
+        collect: Any = None,
+        model_loader: Callable[[], Any] | None = None,
+        *,
+        watch_terminal: bool = True,
+    ) -> None:
+        super().__init__()
+        self.index_path = Path(index_path)
+        self.source = IndexSource(self.index_path)
+        self.collect = _collect_callable(collect)
+        self.model_loader = model_loader
+        self.watch_terminal = watch_terminal
+        self.history = History()
+        self.run_state: RunState | None = None
+        self.label_cache: dict[int, str] = {}
+        self.current_feature: int | None = None
+        self.current_detail: FeatureDetail | None = None
+        self._generation: int | None = None
+        self._last_plot = 0.0
+        self._stop_collect = threading.Event()
+        self._collect_done = threading.Event()
+        self._collect_done.set()
+        self.collecting = False
+        self.paused = False
+        self._quit_when_stopped = False
+        self._probe_lock = threading.Lock()
+        self._probe_inputs: Any = None
+        self._progress: Any = None
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        yield Static("saetui", id="status-line")
+        initial = "run" if self.collect is not None else "features"
+        with TabbedContent(initial=initial, id="tabs"):
+            with TabPane("1 Run", id="run"):
+                yield RunPane(id="run-pane")
+            with TabPane("2 Features", id="features"):
+                yield Input(placeholder="/ search: feature id, label text or token", id="search")
+                yield Static("", id="table-header")
+                yield FeatureTable(self.source.page, id="table")
+                yield Static("", id="table-status")
+            with TabPane("3 Feature", id="feature"):
+                yield Static("no feature open", id="feature-header")
+                yield FeatureView(id="feature-view")
+            with TabPane("4 Probe", id="probe"):
+                yield ProbePane(id="probe-pane")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(FeatureView).show_message(
+            "Choose a feature in the table (2), search with /, or use ctrl+p → feature N."
+        )
+        self._update_table_header()
+        self.set_interval(POLL_SECONDS, self.poll)
+        self.poll()
+        if self.collect is not None:
+            self.start_collection()
+        if self.watch_terminal and not self.is_headless:
+            self.set_interval(1.0, self._check_terminal)
+            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
+        self.call_after_refresh(self._focus_tab, self.query_one(TabbedContent).active)
+
+    # ------------------------------------------------------------------ terminal
+
+    def _check_terminal(self) -> None:
+        try:
+            alive = os.isatty(sys.__stdin__.fileno()) if sys.__stdin__ else False
+        except (ValueError, OSError):
+            alive = False
+        if not alive:
+            self._terminal_gone()
+
+    def _terminal_gone(self) -> None:
+        """ssh dropped: stop collecting at the next commit and exit instead of spinning."""
+        self._stop_collect.set()
+        self.exit(0)
+
+    # ------------------------------------------------------------------ polling
+
+    def poll(self) -> None:
+        self._poll_worker()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="poll")
+    def _poll_worker(self) -> None:
+        try:
+            state = self.source.run_state()
+            labels = self.source.labels_of_all()
+        except IndexNotReady as waiting:
+            self.call_from_thread(self._show_waiting, str(waiting))
+            return
+        except Exception as error:
+            self.call_from_thread(self._show_index_error, str(error))
+            return
+        plots = None
+        if time.monotonic() - self._last_plot > PLOT_SECONDS and state.generation != getattr(
+            self, "_plot_generation", None
+        ):
+            try:
+                plots = self.source.run_plots()
+                self._last_plot = time.monotonic()
+                self._plot_generation = state.generation
+            except Exception:
+                plots = None
+        if not get_current_worker().is_cancelled:
+            self.call_from_thread(self._show_state, state, labels, plots)
+
+    def _show_waiting(self, text: str) -> None:
+        message = "waiting for the first commit of the index…"
+        if self.collect is None:
+            message = text
+        self.query_one("#status-line", Static).update(Text(f"saetui · {message}", style="yellow"))
+
+    def _show_index_error(self, text: str) -> None:
+        self.query_one("#status-line", Static).update(
+            Text(f"saetui · cannot read the index: {text}", style="bold red")
+        )
+        self.query_one(FeatureView).show_message(f"The index cannot be read: {text}")
+        table = self.query_one(FeatureTable)
+        table.error = text
+        table.refresh()
+
+    def _show_state(self, state: RunState, labels: dict[int, str], plots: Any) -> None:
+        first = self.run_state is None
+        self.run_state = state
+        self.label_cache = labels
+        run_pane = self.query_one(RunPane)
+        run_pane.show_state(state)
+        if plots is not None:
+            run_pane.show_plots(plots, state.history)
+        if not self.collecting:
+            run_pane.show_progress(
+                phase="done" if state.finished else ("paused" if self.paused else "stored"),
+                tokens=state.tokens,
+                tokens_total=None,
+                paused=self.paused,
+            )
+        self._update_status_line()
+        if first or state.generation != self._generation:
+            self._generation = state.generation
+            table = self.query_one(FeatureTable)
+            if first:
+                table.reload()
+            else:
+                table.reload()
+                if self.current_feature is not None:
+                    self.load_feature(self.current_feature, keep_position=True)
+
+    def _update_status_line(self) -> None:
+        state = self.run_state
+        parts = [Text("saetui", style="bold")]
+        if state is not None:
+            parts.append(Text(f" · {state.tokens:,} tokens · d_sae {state.d_sae:,}"))
+        progress = self._progress
+        if self.collecting and progress is not None:
+            speed = getattr(progress, "tokens_per_s", 0.0) or 0.0
+            phase = getattr(progress, "phase", "")
+            parts.append(Text(f" · {phase} {speed:,.0f} tok/s", style="green"))
+        elif self.paused:
+            parts.append(Text(" · paused (p resumes)", style="yellow"))
+        elif state is not None and not state.finished:
+            parts.append(Text(" · incomplete", style="yellow"))
+        parts.append(Text(f" · {self.index_path}", style="dim"))
+        self.query_one("#status-line", Static).update(Text.assemble(*parts))
+
+    # ------------------------------------------------------------------ collection
+
+    def start_collection(self) -> None:
+        if self.collect is None or self.collecting:
+            return
+        self._stop_collect.clear()
+        self._collect_done.clear()
+        self.collecting = True
+        self.paused = False
+        self._collection_worker()
+        self._update_status_line()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="collect")
+    def _collection_worker(self) -> None:
+        assert self.collect is not None
+        last = [0.0]
+
+        def progress(update: Any) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL or getattr(update, "phase", "") == "done":
+                last[0] = now
+                self.post_message(CollectionProgress(update))
+
+        try:
+            self.collect(progress=progress, should_stop=self._stop_collect.is_set)
+        except SaetuiInputError as error:
+            self.post_message(CollectionFinished(self._stop_collect.is_set(), str(error)))
+        except Exception as error:  # shown in the UI; the index keeps what was committed
+            self.post_message(
+                CollectionFinished(self._stop_collect.is_set(), f"{type(error).__name__}: {error}")
+            )
+        else:
+            self.post_message(CollectionFinished(self._stop_collect.is_set()))
+        finally:
+            self._collect_done.set()
+
+    def on_collection_progress(self, message: CollectionProgress) -> None:
+        progress = message.progress
+        self._progress = progress
+        self.query_one(RunPane).show_progress(
+            phase=getattr(progress, "phase", ""),
+            tokens=int(getattr(progress, "tokens_done", 0) or 0),
+            tokens_total=getattr(progress, "tokens_total", None),
+            tokens_per_s=float(getattr(progress, "tokens_per_s", 0.0) or 0.0),
+            eta_s=getattr(progress, "eta_s", None),
+            message=getattr(progress, "message", "") or "",
+            running=True,
+        )
+        self._update_status_line()
+
+    def on_collection_finished(self, message: CollectionFinished) -> None:
+        self.collecting = False
+        self.paused = message.stopped and message.error is None
+        if message.error:
+            self.notify(f"Collection failed: {message.error}", severity="error", timeout=15)
+        elif message.stopped:
+            self.notify("Collection paused at a commit; resumable (p resumes).")
+        else:
+            self.notify("Collection finished.")
+        state = self.run_state
+        self.query_one(RunPane).show_progress(
+            phase="failed" if message.error else ("paused" if self.paused else "done"),
+            tokens=state.tokens if state else 0,
+            tokens_total=None,
+            message=message.error or "",
+            paused=self.paused,
+        )
+        self._update_status_line()
+        self.poll()
+        if self._quit_when_stopped:
+            self.exit(0)
+
+    def action_toggle_collection(self) -> None:
+        if self.collect is None:
+            self.notify("No collection in this session (saetui open only browses).")
+            return
+        if self.collecting:
+            self._stop_collect.set()
+            self.notify("Pausing: the collector stops at its next commit.")
+        else:
+            self.start_collection()
+            self.notify("Collection resumed from the last commit.")
+
+    def stop_collection(self, timeout: float | None = None) -> bool:
+        """Ask the collector to stop at its next commit and wait for it; True when stopped."""
+        self._stop_collect.set()
+        return self._collect_done.wait(timeout)
+
+    # ------------------------------------------------------------------ navigation
+
+    def _focus_tab(self, tab: str) -> None:
+        targets = {
+            "run": RunPane,
+            "features": FeatureTable,
+            "feature": FeatureView,
+            "probe": ProbePane,
+        }
+        widget = self.query_one(targets[tab])
+        if tab == "probe":
+            widget = self.query_one("#probe-input", Input)
+        widget.focus()
+
+    def action_show_tab(self, tab: str) -> None:
+        if isinstance(self.screen, (ContextScreen,)):
+            self.pop_screen()
+        self.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if event.pane.id:
+            self._focus_tab(event.pane.id)
+
+    def open_feature(self, feature: int, remember: bool = True) -> None:
+        """Show a feature in the feature view (loaded in a worker)."""
+        if isinstance(self.screen, ContextScreen):
+            self.pop_screen()
+        if remember:
+            self.history.visit(feature)
+        self.current_feature = feature
+        self.query_one(TabbedContent).active = "feature"
+        self.query_one(FeatureView).focus()
+        self.query_one("#feature-header", Static).update(
+            Text(f" #{feature}  loading…", style="bold")
+        )
+        self.load_feature(feature)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="feature")
+    def load_feature(self, feature: int, keep_position: bool = False) -> None:
+        try:
+            detail = self.source.feature(feature)
+        except IndexNotReady:
+            self.call_from_thread(self._feature_error, feature, "the index has no data yet")
+            return
+        except Exception as error:
+            self.call_from_thread(self._feature_error, feature, str(error))
+            return
+        inputs = self._probe_inputs
+        if inputs is not None:
+            try:
+                from saetui.analysis.probe import feature_logit_effects
+
+                detail.promoted, detail.suppressed = feature_logit_effects(inputs, feature)
+            except Exception:
+                pass  # logit effects are optional decoration
+        if not get_current_worker().is_cancelled:
+            self.call_from_thread(self._show_feature, detail, keep_position)
+
+    def _feature_error(self, feature: int, text: str) -> None:
+        self.current_detail = None
+        self.query_one("#feature-header", Static).update(Text(f" #{feature}", style="bold"))
+        self.query_one(FeatureView).show_message(text)
+        self.notify(text, severity="warning")
+
+    def _show_feature(self, detail: FeatureDetail, keep_position: bool) -> None:
+        if detail.row.feature != self.current_feature:
+            return
+        self.current_detail = detail
+        row = detail.row
+        header = Text.assemble(
+            (f" #{row.feature} ", "bold reverse"),
+            ("★ " if row.bookmarked else " ", "yellow"),
+            (row.label or "(no label)", "bold" if row.label else "dim italic"),
+            ("   density ", "dim"),
+            format_density(row.density) if row.count else "never fired",
+            ("  max ", "dim"),
+            format_value(row.max),
+            ("  mean ", "dim"),
+            format_value(row.mean),
+            ("  n ", "dim"),
+            f"{row.count:,}",
+        )
+        if detail.notes:
+            header.append(f"\n {detail.notes}", style="italic")
+        self.query_one("#feature-header", Static).update(header)
+        self.query_one(FeatureView).show(detail, keep_position=keep_position)
+
+    def action_back(self) -> None:
+        if isinstance(self.screen, ContextScreen):
+            self.pop_screen()
+            return
+        if self.screen is not self.screen_stack[0]:
+            return
+        tabs = self.query_one(TabbedContent)
+        if tabs.active == "feature":
+            previous = self.history.back()
+            if previous is not None:
+                self.open_feature(previous, remember=False)
+            else:
+                self.action_show_tab("features")
+        elif tabs.active in ("run", "probe") and self.current_feature is not None:
+            self.action_show_tab("feature")
+
+    def action_forward(self) -> None:
+        following = self.history.forward()
+        if following is not None:
+            self.open_feature(following, remember=False)
+
+    def action_search(self) -> None:
+        if isinstance(self.screen, ContextScreen):
+            self.pop_screen()
+        self.query_one(TabbedContent).active = "features"
+        self.query_one("#search", Input).focus()
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    # ------------------------------------------------------------------ messages
+
+    @on(Input.Submitted, "#search")
+    def _search(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        table = self.query_one(FeatureTable)
+        number = text.lstrip("#")
+        if number.isdigit():
+            self.open_feature(int(number))
+            return
+        table.apply_query(replace(table.query_state, search=text))
+        table.focus()
+
+    def on_key(self, event: Any) -> None:
+        if (
+            event.key == "escape"
+            and isinstance(self.focused, Input)
+            and self.focused.id == "search"
+        ):
+            self.query_one(FeatureTable).focus()
+            event.stop()
+
+    def on_feature_table_open_feature(self, message: FeatureTable.OpenFeature) -> None:
+        self.open_feature(message.feature)
+
+    def on_feature_view_open_feature(self, message: FeatureView.OpenFeature) -> None:
+        self.open_feature(message.feature)
+
+    def on_probe_pane_open_feature(self, message: ProbePane.OpenFeature) -> None:
+        self.open_feature(message.feature)
+
+    def on_feature_view_open_context(self, message: FeatureView.OpenContext) -> None:
+        def opened(feature: int | None) -> None:
+            if feature is not None:
+                self.open_feature(feature)
+
+        self.push_screen(ContextScreen(message.feature, message.context), opened)
+
+    def on_feature_table_query_changed(self, message: FeatureTable.QueryChanged) -> None:
+        self._update_table_header()
+
+    def on_feature_table_highlighted(self, message: FeatureTable.Highlighted) -> None:
+        table = self.query_one(FeatureTable)
+        status = Text.assemble(
+            (f" {message.index + 1 if message.total else 0:,}/{message.total:,}", "bold"),
+            ("  " + table.query_state.describe(), "dim"),
+            ("   s sort · S reverse · x filter · m bookmark · e label", "dim"),
+        )
+        self.query_one("#table-status", Static).update(status)
+
+    def _update_table_header(self) -> None:
+        table = self.query_one(FeatureTable)
+        width = max(20, (table.scrollable_content_region.width or self.size.width) - 0)
+        self.query_one("#table-header", Static).update(
+            Text(format_header(width, table.query_state), style="bold")
+        )
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._update_table_header)
+
+    # ------------------------------------------------------------------ labels, bookmarks
+
+    def action_toggle_bookmark(self, feature: int) -> None:
+        self._toggle_bookmark(feature)
+
+    @work(thread=True, exit_on_error=False, group="user")
+    def _toggle_bookmark(self, feature: int) -> None:
+        try:
+            marked = not self.source.is_bookmarked(feature)
+            self.source.set_bookmark(feature, marked)
+        except Exception as error:
+            self.call_from_thread(self.notify, f"Bookmark failed: {error}", severity="error")
+            return
+        self.call_from_thread(
+            self.notify, f"#{feature} {'bookmarked' if marked else 'bookmark removed'}"
+        )
+        self.call_from_thread(self._user_data_changed)
+
+    def action_edit_label(self, feature: int) -> None:
+        detail = self.current_detail
+        label = notes = ""
+        if detail is not None and detail.row.feature == feature:
+            label, notes = detail.row.label, detail.notes
+        else:
+            label = self.label_cache.get(feature, "")
+
+        def saved(result: tuple[str, str] | None) -> None:
+            if result is not None:
+                self._save_label(feature, *result)
+
+        self.push_screen(LabelScreen(feature, label, notes), saved)
+
+    @work(thread=True, exit_on_error=False, group="user")
+    def _save_label(self, feature: int, label: str, notes: str) -> None:
+        try:
+            self.source.set_label(feature, label, notes)
+        except Exception as error:
+            self.call_from_thread(
+                self.notify, f"Saving the label failed: {error}", severity="error"
+            )
+            return
+        self.call_from_thread(self.notify, f"Label of #{feature} saved")
+        self.call_from_thread(self._user_data_changed)
+
+    def _user_data_changed(self) -> None:
+        self.query_one(FeatureTable).reload()
+        if self.current_feature is not None:
+            self.load_feature(self.current_feature, keep_position=True)
+        self.poll()
+
+    # ------------------------------------------------------------------ probe model
+
+    def load_probe_inputs(self) -> Any:
+        """Model, SAE and hook for the probe, loaded once (blocking: call from a worker)."""
+        with self._probe_lock:
+            if self._probe_inputs is None:
+                loader = self.model_loader
+                if loader is None:
+                    from saetui.analysis.probe import probe_loader_from_run
+
+                    loader = probe_loader_from_run(self.source.run_state().config)
+                loaded = loader()
+                if isinstance(loaded, tuple):
+                    from saetui.analysis.probe import ProbeInputs
+
+                    loaded = ProbeInputs(*loaded)
+                self._probe_inputs = loaded
+            return self._probe_inputs
+
+    # ------------------------------------------------------------------ exports
+
+    def export_feature(self, feature: int) -> None:
+        self._export("feature", feature)
+
+    def export_labels(self) -> None:
+        self._export("labels", None)
+
+    def export_table(self) -> None:
+        self._export("table", None)
+
+    @work(thread=True, exit_on_error=False, group="export")
+    def _export(self, kind: str, feature: int | None) -> None:
+        try:
+            if kind == "feature" and feature is not None:
+                path = Path(f"saetui-feature-{feature}.json")
+                payload = self.source.export_feature(feature)
+            elif kind == "labels":
+                path = Path("saetui-labels.json")
+                payload = self.source.export_labels()
+            else:
+                path = Path("saetui-features.json")
+                payload = self.source.export_table(self.query_one(FeatureTable).query_state)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(payload, indent=1) + "\n")
+            os.replace(tmp, path)
+        except Exception as error:
+            self.call_from_thread(self.notify, f"Export failed: {error}", severity="error")
+            return
+        self.call_from_thread(self.notify, f"Wrote {path.resolve()}")
+
+    def set_table_query(self, **changes: Any) -> None:
+        table = self.query_one(FeatureTable)
+        table.apply_query(replace(table.query_state, **changes))
+        self.action_show_tab("features")
+
+    # ------------------------------------------------------------------ quitting
+
+    def action_quit_app(self) -> None:
+        if self.collecting and not self._quit_when_stopped:
+            self._quit_when_stopped = True
+            self._stop_collect.set()
+            self.notify(
+                "Stopping the collection at its next commit; it is resumable (run the same "
+                "command again). Press q again to quit without waiting.",
+                timeout=30,
+            )
+            return
+        self._stop_collect.set()
+        self.exit(0)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.group not in ("collect",):
+            self.notify(f"{event.worker.name}: {event.worker.error}", severity="error")
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the collector (at its next commit), wait for it, close the index."""
+        self._stop_collect.set()
+        self._collect_done.wait(timeout)
+        self.source.close()
+
+
+def run_app(
+    index_path: str | Path,
+    collect: Any = None,
+    model_loader: Callable[[], Any] | None = None,
+) -> int:
+    """Run the TUI on ``index_path``; with ``collect`` (a CollectConfig or a callable taking
+    ``progress=`` and ``should_stop=``) the collection runs in a worker meanwhile;
+    ``model_loader`` returns the probe's model, SAE and hook (default: from the run config
+    stored in the index). Returns the exit code; every thread is joined before returning."""
+    index_path = Path(index_path)
+    if collect is None and not index_path.exists():
+        raise SaetuiInputError(
+            f"{index_path} does not exist: pass the directory of a saetui index (made by "
+            "`saetui collect` or `saetui demo`)."
+        )
+    app = SaetuiApp(index_path, collect=collect, model_loader=model_loader)
+    try:
+        app.run()
+    finally:
+        app.shutdown()
+    return app.return_code or 0

@@ -1,0 +1,138 @@
+"""One registry of key bindings: it feeds every widget's BINDINGS, the footer, the help
+screen and the command palette, so a key shown anywhere is the key that works.
+
+Every binding has an id (``scope.name``), so users can rebind keys by id through
+``App.set_keymap`` (posting's pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+
+
+@dataclass(frozen=True)
+class KeyAction:
+    """A key bound to an action within a scope (the widget or screen that owns it)."""
+
+    id: str
+    key: str  # Textual key string; commas separate alternatives ("k,up")
+    action: str
+    description: str
+    show: bool = True  # shown in the footer
+    palette: bool = True  # offered in the command palette
+    priority: bool = False
+
+    @property
+    def scope(self) -> str:
+        return self.id.split(".", 1)[0]
+
+    def binding(self) -> Binding:
+        return Binding(
+            self.key,
+            self.action,
+            self.description,
+            show=self.show,
+            priority=self.priority,
+            id=self.id,
+            key_display=self.key.split(",")[0],
+        )
+
+
+SCOPE_TITLES = {
+    "app": "Everywhere",
+    "table": "Feature table",
+    "feature": "Feature view",
+    "context": "Context view",
+    "probe": "Probe",
+    "run": "Run & metrics",
+    "label": "Label editor",
+}
+
+REGISTRY: tuple[KeyAction, ...] = (
+    # everywhere
+    KeyAction("app.quit", "q", "app.quit_app", "Quit"),
+    KeyAction("app.help", "question_mark", "app.help", "Help"),
+    KeyAction("app.search", "slash", "app.search", "Search"),
+    KeyAction("app.back", "b,backspace", "app.back", "Back"),
+    KeyAction("app.forward", "f", "app.forward", "Forward", show=False),
+    KeyAction("app.run_tab", "1", "app.show_tab('run')", "Run", show=False),
+    KeyAction("app.table_tab", "2", "app.show_tab('features')", "Features", show=False),
+    KeyAction("app.feature_tab", "3", "app.show_tab('feature')", "Feature", show=False),
+    KeyAction("app.probe_tab", "4", "app.show_tab('probe')", "Probe", show=False),
+    KeyAction("app.pause", "p", "app.toggle_collection", "Pause/resume", show=False),
+    KeyAction("app.next_tab", "tab", "app.focus_next", "Next pane", show=False, palette=False),
+    # feature table
+    KeyAction("table.down", "j,down", "cursor_down", "Down", show=False, palette=False),
+    KeyAction("table.up", "k,up", "cursor_up", "Up", show=False, palette=False),
+    KeyAction("table.top", "g,home", "cursor_top", "Top", show=False, palette=False),
+    KeyAction("table.bottom", "G,end", "cursor_bottom", "Bottom", show=False, palette=False),
+    KeyAction(
+        "table.page_down", "pagedown,ctrl+d", "page_down", "Page down", show=False, palette=False
+    ),
+    KeyAction("table.page_up", "pageup,ctrl+u", "page_up", "Page up", show=False, palette=False),
+    KeyAction("table.open", "enter,l", "open", "Open"),
+    KeyAction("table.sort", "s", "next_sort", "Sort"),
+    KeyAction("table.reverse", "S", "reverse_sort", "Reverse sort", show=False),
+    KeyAction("table.filter", "x", "next_filter", "Filter"),
+    KeyAction("table.bookmark", "m", "bookmark", "Bookmark", show=False),
+    KeyAction("table.label", "e", "edit_label", "Label", show=False),
+    # feature view
+    KeyAction("feature.down", "j,down", "cursor_down", "Down", show=False, palette=False),
+    KeyAction("feature.up", "k,up", "cursor_up", "Up", show=False, palette=False),
+    KeyAction("feature.top", "g,home", "first", "Top", show=False, palette=False),
+    KeyAction("feature.bottom", "G,end", "last", "Bottom", show=False, palette=False),
+    KeyAction("feature.open", "enter,l", "open", "Open"),
+    KeyAction("feature.bookmark", "m", "bookmark", "Bookmark"),
+    KeyAction("feature.label", "e", "edit_label", "Label/notes"),
+    KeyAction("feature.copy", "c", "copy", "Copy context", show=False),
+    KeyAction("feature.next", "n", "step(1)", "Next id", show=False),
+    KeyAction("feature.prev", "N", "step(-1)", "Previous id", show=False),
+    # context view
+    KeyAction("context.right", "l,right", "move(1)", "Next token", show=False, palette=False),
+    KeyAction("context.left", "h,left", "move(-1)", "Prev token", show=False, palette=False),
+    KeyAction("context.word_right", "w", "move(8)", "8 tokens right", show=False, palette=False),
+    KeyAction("context.word_left", "B", "move(-8)", "8 tokens left", show=False, palette=False),
+    KeyAction("context.down", "j,down", "list_down", "Down", show=False, palette=False),
+    KeyAction("context.up", "k,up", "list_up", "Up", show=False, palette=False),
+    KeyAction("context.open", "enter", "open", "Open feature"),
+    KeyAction("context.copy", "c", "copy", "Copy window"),
+    KeyAction("context.close", "escape", "close", "Close"),
+    # probe
+    KeyAction("probe.input", "i", "focus_input", "Edit text"),
+    KeyAction("probe.right", "l,right", "move(1)", "Next token", show=False, palette=False),
+    KeyAction("probe.left", "h,left", "move(-1)", "Prev token", show=False, palette=False),
+    KeyAction("probe.down", "j,down", "list_down", "Down", show=False, palette=False),
+    KeyAction("probe.up", "k,up", "list_up", "Up", show=False, palette=False),
+    KeyAction("probe.switch", "t", "switch_list", "Token/ranked list"),
+    KeyAction("probe.open", "enter", "open", "Open feature"),
+    # label editor
+    KeyAction("label.save", "ctrl+s", "save", "Save"),
+    KeyAction("label.cancel", "escape", "cancel", "Cancel"),
+)
+
+_BY_ID = {entry.id: entry for entry in REGISTRY}
+
+
+def bindings(scope: str) -> list[Binding]:
+    """The Textual bindings of one scope, for a class's BINDINGS."""
+    return [entry.binding() for entry in REGISTRY if entry.scope == scope]
+
+
+def entry(binding_id: str) -> KeyAction:
+    return _BY_ID[binding_id]
+
+
+def key_label(key: str) -> str:
+    """How a key string reads in help text ("question_mark" -> "?")."""
+    names = {
+        "question_mark": "?",
+        "slash": "/",
+        "backspace": "⌫",
+        "enter": "⏎",
+        "escape": "esc",
+        "pagedown": "PgDn",
+        "pageup": "PgUp",
+    }
+    return " ".join(names.get(part, part) for part in key.split(","))

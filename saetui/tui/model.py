@@ -1,0 +1,150 @@
+"""What the app displays, as plain dataclasses, and the one protocol it reads data through.
+
+Widgets only ever see these types; :mod:`saetui.tui.source` fills them from the index
+reader. Every method of :class:`FeatureSource` may block (LMDB reads, decompression), so the
+app calls them only from thread workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+SORT_COLUMNS = ("id", "label", "density", "mean", "max")
+FILTERS = ("all", "alive", "dead", "dense", "labelled", "unlabelled", "bookmarked")
+
+
+@dataclass(frozen=True)
+class TableQuery:
+    """Sort, filter and search of the feature table."""
+
+    sort: str = "id"
+    descending: bool = False
+    filter: str = "all"
+    search: str = ""
+    density_min: float | None = None
+    density_max: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"sort {self.sort} {'↓' if self.descending else '↑'}"]
+        if self.filter != "all":
+            parts.append(f"filter {self.filter}")
+        if self.density_min is not None or self.density_max is not None:
+            lo = "0" if self.density_min is None else f"{self.density_min:g}"
+            hi = "1" if self.density_max is None else f"{self.density_max:g}"
+            parts.append(f"density {lo}..{hi}")
+        if self.search:
+            parts.append(f"search {self.search!r}")
+        return " · ".join(parts)
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    feature: int
+    label: str = ""
+    density: float = 0.0
+    mean: float = 0.0
+    max: float = 0.0
+    count: int = 0
+    top_tokens: str = ""
+    bookmarked: bool = False
+
+
+@dataclass(frozen=True)
+class TablePage:
+    total: int  # rows matching the query
+    offset: int
+    rows: list[FeatureRow]
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """A stretch of a window around one token, with one feature's activation per token."""
+
+    window: int
+    position: int  # the marked token's position within `tokens`
+    value: float  # the feature's activation at the marked token
+    tokens: list[str]
+    values: list[float]
+    window_position: int = 0  # the marked token's position within the window
+
+
+@dataclass(frozen=True)
+class ActiveFeature:
+    feature: int
+    value: float
+    label: str = ""
+
+
+@dataclass
+class FeatureDetail:
+    row: FeatureRow
+    notes: str = ""
+    contexts: list[Context] = field(default_factory=list)
+    samples: list[tuple[str, list[Context]]] = field(default_factory=list)  # (interval, ...)
+    histogram: list[tuple[float, int]] = field(default_factory=list)  # (lower edge, count)
+    top_tokens: list[tuple[str, int]] = field(default_factory=list)
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+    neighbours: dict[str, list[ActiveFeature]] = field(default_factory=dict)  # metric -> list
+    tokens_seen: int = 0
+
+
+@dataclass
+class WindowDetail:
+    """A whole window with one feature's activations (the context view)."""
+
+    window: int
+    tokens: list[str]
+    values: list[float]
+    feature: int | None = None
+
+
+@dataclass
+class RunState:
+    """Run config, progress and metrics as committed to the index."""
+
+    path: str
+    config: dict[str, Any] = field(default_factory=dict)
+    d_sae: int = 0
+    tokens: int = 0  # tokens committed
+    tokens_total: int | None = None
+    windows: int = 0
+    phase: str = ""
+    finished: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0  # changes whenever new data becomes readable
+    history: dict[str, list[Any]] | None = None
+
+
+@dataclass
+class RunPlots:
+    """Arrays for the run pane's plots (lists, so no numpy in widgets)."""
+
+    log10_density: list[float] = field(default_factory=list)
+    mean_activation: list[float] = field(default_factory=list)
+    density: list[float] = field(default_factory=list)
+    l0_histogram: list[tuple[float, int]] = field(default_factory=list)
+
+
+class FeatureSource(Protocol):
+    """What the app needs from an index. All methods may block: call from workers."""
+
+    def run_state(self) -> RunState: ...
+
+    def run_plots(self) -> RunPlots: ...
+
+    def page(self, query: TableQuery, offset: int, limit: int) -> TablePage: ...
+
+    def feature(self, feature: int) -> FeatureDetail: ...
+
+    def window(self, window: int, feature: int | None) -> WindowDetail: ...
+
+    def token_features(self, window: int, position: int) -> list[ActiveFeature]: ...
+
+    def set_label(self, feature: int, label: str, notes: str) -> None: ...
+
+    def set_bookmark(self, feature: int, bookmarked: bool) -> None: ...
+
+    def close(self) -> None: ...

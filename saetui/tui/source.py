@@ -1,0 +1,446 @@
+"""The app's door to an index: wraps :class:`saetui.index.IndexReader` and turns its results
+into the display types of :mod:`saetui.tui.model`. No analysis here, only reads, joins with
+labels/bookmarks, and caching. Every method blocks: the app calls them from thread workers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saetui.errors import SaetuiInputError
+from saetui.tui.model import (
+    ActiveFeature,
+    Context,
+    FeatureDetail,
+    FeatureRow,
+    RunPlots,
+    RunState,
+    TablePage,
+    TableQuery,
+)
+
+DENSE_THRESHOLD = 0.01  # "dense" = fires on more than 1% of tokens
+TOP_TOKENS_SHOWN = 3
+
+
+class IndexNotReady(Exception):
+    """The index has no committed data yet (a collection is starting)."""
+
+
+class IndexSource:
+    """Reads one index for the app; opens the reader lazily (the index may not exist yet
+    while a collection starts)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader: Any = None
+        self._lock = threading.Lock()
+        self._user_generation = 0
+        self._cache: dict[tuple[Any, ...], Any] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def reader(self) -> Any:
+        """The open IndexReader; IndexNotReady until the first commit, SaetuiInputError when
+        the path is not a readable index."""
+        with self._lock:
+            if self._closed:
+                raise IndexNotReady("the index is closed")
+            if self._reader is None:
+                from saetui.index import open_index
+
+                if not self.path.exists():
+                    raise IndexNotReady(f"waiting for {self.path} to be created")
+                try:
+                    self._reader = open_index(self.path)
+                except SaetuiInputError as error:
+                    if "no committed data" in str(error) or "saetui-index.json" in str(error):
+                        raise IndexNotReady(str(error)) from None
+                    raise
+            return self._reader
+
+    def is_open(self) -> bool:
+        return self._reader is not None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+
+    def _cached(self, key: tuple[Any, ...], make: Any) -> Any:
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            hit = self._cache[key] = make()
+        return hit
+
+    def _serial(self) -> tuple[int, ...]:
+        """Changes when the feature summaries change (the reader's checkpoint serial)."""
+        progress = self.reader.progress()
+        return (progress.summary_windows, progress.windows, int(progress.finished))
+
+    # ------------------------------------------------------------------ run
+
+    def run_state(self) -> RunState:
+        reader = self.reader
+        progress = reader.progress()
+        config = dict(reader.meta.run_config)
+        generation = hash(
+            (progress.windows, progress.summary_windows, progress.finished, self._user_generation)
+        )
+        return RunState(
+            path=str(self.path),
+            config=config,
+            d_sae=reader.meta.d_sae,
+            tokens=int(progress.tokens),
+            windows=int(progress.windows),
+            phase="done" if progress.finished else "collecting",
+            finished=bool(progress.finished),
+            metrics=reader.metrics(),
+            generation=generation,
+            history=self._history(config),
+        )
+
+    def _history(self, config: dict[str, Any]) -> dict[str, list[Any]] | None:
+        """The SAE's training history, when the run recorded an SAE directory holding one."""
+        sae = config.get("sae") or config.get("sae_path")
+        if isinstance(sae, dict):
+            sae = sae.get("path")
+        if not isinstance(sae, str):
+            return None
+        path = Path(sae) / "history.json"
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, dict) else None
+
+    def _columns(self, sort: str = "id", descending: bool = False, filter: Any = None) -> Any:
+        reader = self.reader
+        return reader.features(
+            sort=sort, descending=descending, filter=filter, page=0, page_size=reader.meta.d_sae
+        )
+
+    def run_plots(self) -> RunPlots:
+        page = self._columns()
+        alive = page.count > 0
+        metrics = self.reader.metrics()
+        l0 = metrics.get("l0_histogram") or []
+        l0_hist = [(float(edge), int(count)) for edge, count in l0] if isinstance(l0, list) else []
+        return RunPlots(
+            log10_density=np.log10(page.density[alive]).tolist(),
+            mean_activation=page.mean[alive].tolist(),
+            density=page.density[alive].tolist(),
+            l0_histogram=l0_hist,
+        )
+
+    # ------------------------------------------------------------------ table
+
+    def _filter(self, query: TableQuery) -> Any:
+        from saetui.index import FeatureFilter
+
+        args: dict[str, Any] = {}
+        if query.filter == "alive":
+            args["alive"] = True
+        elif query.filter == "dead":
+            args["alive"] = False
+        elif query.filter == "dense":
+            args["min_density"] = DENSE_THRESHOLD
+        elif query.filter == "labelled":
+            args["labelled"] = True
+        elif query.filter == "unlabelled":
+            args["labelled"] = False
+        if query.density_min is not None:
+            args["min_density"] = max(args.get("min_density", 0.0), query.density_min)
+        if query.density_max is not None:
+            args["max_density"] = query.density_max
+        return FeatureFilter(**args) if args else None
+
+    def _bookmarks(self) -> set[int]:
+        return {b.feature for b in self.reader.bookmarks()}
+
+    def search_ids(self, text: str) -> list[int]:
+        """Features matching a search: a feature id ("123" or "#123"), label or notes text,
+        and tokens their top examples fire on. Label matches first, then token matches."""
+        text = text.strip()
+        reader = self.reader
+        if not text:
+            return []
+        number = text.lstrip("#")
+        if number.isdigit():
+            feature = int(number)
+            return [feature] if feature < reader.meta.d_sae else []
+        needle = text.lower()
+        ids = [
+            f
+            for f, label in sorted(reader.labels().items())
+            if needle in (label.label + " " + label.notes).lower()
+        ]
+        seen = set(ids)
+        for match in reader.search_tokens(text, limit=500):
+            if match.feature not in seen:
+                seen.add(match.feature)
+                ids.append(match.feature)
+        return ids
+
+    def page(self, query: TableQuery, offset: int, limit: int) -> TablePage:
+        reader = self.reader
+        serial = self._serial()
+        generation = hash((serial, self._user_generation))
+        bookmarks = self._bookmarks()
+        if query.search or query.filter == "bookmarked":
+            key = ("subset", query, generation)
+            ids = self._cached(key, lambda: self._subset(query, bookmarks))
+            rows_ids = ids[offset : offset + limit]
+            columns = self._cached(("columns", generation), self._columns)
+            labels = reader.labels()
+            rows = [
+                self._row(
+                    int(f),
+                    columns.count[f],
+                    columns.density[f],
+                    columns.mean[f],
+                    columns.max[f],
+                    labels[f].label if f in labels else "",
+                    bookmarks,
+                    serial,
+                )
+                for f in rows_ids
+            ]
+            return TablePage(total=len(ids), offset=offset, rows=rows, generation=generation)
+        if offset % limit:
+            raise ValueError("page offsets must be multiples of the page size")
+        page = reader.features(
+            sort=query.sort,
+            descending=query.descending,
+            filter=self._filter(query),
+            page=offset // limit,
+            page_size=limit,
+        )
+        rows = [
+            self._row(int(f), c, d, m, x, label, bookmarks, serial)
+            for f, c, d, m, x, label in zip(
+                page.feature.tolist(),
+                page.count.tolist(),
+                page.density.tolist(),
+                page.mean.tolist(),
+                page.max.tolist(),
+                page.labels,
+                strict=True,
+            )
+        ]
+        return TablePage(total=int(page.total), offset=offset, rows=rows, generation=generation)
+
+    def _subset(self, query: TableQuery, bookmarks: set[int]) -> np.ndarray:
+        """Feature ids of a search or the bookmark filter, in the query's sort order (search
+        results stay in relevance order while the sort is the default, by id)."""
+        columns = self._columns(query.sort, query.descending, self._filter(query))
+        order = columns.feature
+        if query.filter == "bookmarked":
+            order = order[np.isin(order, np.fromiter(bookmarks, np.int64, len(bookmarks)))]
+        if not query.search:
+            return order
+        found = self.search_ids(query.search)
+        if query.sort == "id" and not query.descending:
+            allowed = set(order.tolist())
+            return np.array([f for f in found if f in allowed], dtype=np.int64)
+        return order[np.isin(order, np.array(found, dtype=np.int64))]
+
+    def _row(
+        self,
+        feature: int,
+        count: Any,
+        density: Any,
+        mean: Any,
+        max_value: Any,
+        label: str,
+        bookmarks: set[int],
+        serial: tuple[int, ...],
+    ) -> FeatureRow:
+        tokens = self._cached(("top_tokens", feature, serial), lambda: self._top_tokens(feature))
+        return FeatureRow(
+            feature=feature,
+            label=label,
+            density=float(density),
+            mean=float(mean),
+            max=float(max_value),
+            count=int(count),
+            top_tokens=tokens,
+            bookmarked=feature in bookmarks,
+        )
+
+    def _top_tokens(self, feature: int) -> str:
+        top = self.reader.top_tokens(feature)[:TOP_TOKENS_SHOWN]
+        return " ".join(repr(token)[1:-1] for token, _ in top)
+
+    # ------------------------------------------------------------------ feature
+
+    def check_feature(self, feature: int) -> None:
+        d_sae = self.reader.meta.d_sae
+        if not 0 <= feature < d_sae:
+            raise SaetuiInputError(
+                f"feature {feature} is out of range: this index has features 0-{d_sae - 1}."
+            )
+
+    def feature(self, feature: int) -> FeatureDetail:
+        reader = self.reader
+        self.check_feature(feature)
+        detail = reader.feature(feature, n_examples=50)
+        stats = detail.stats
+        labels = reader.labels()
+        label = detail.label
+        row = FeatureRow(
+            feature=feature,
+            label=label.label if label else "",
+            density=stats.density,
+            mean=stats.mean,
+            max=stats.max,
+            count=stats.count,
+            top_tokens=" ".join(t for t, _ in detail.top_tokens[:TOP_TOKENS_SHOWN]),
+            bookmarked=feature in self._bookmarks(),
+        )
+        edges = stats.bin_edges.tolist()
+        counts = stats.histogram.tolist()
+        nonzero = [i for i, c in enumerate(counts) if c]
+        histogram = (
+            [(edges[i], counts[i]) for i in range(nonzero[0], nonzero[-1] + 1)] if nonzero else []
+        )
+        neighbours = {
+            metric: [
+                ActiveFeature(int(f), float(s), labels[int(f)].label if int(f) in labels else "")
+                for f, s in zip(n.ids.tolist(), n.scores.tolist(), strict=True)
+                if f >= 0
+            ]
+            for metric, n in detail.neighbours.items()
+        }
+        return FeatureDetail(
+            row=row,
+            notes=label.notes if label else "",
+            contexts=[self._context(e) for e in detail.examples],
+            samples=[
+                (f"{s.low:.3g}–{s.high:.3g}", [self._context(e) for e in s.examples])
+                for s in detail.samples
+            ],
+            histogram=histogram,
+            top_tokens=list(detail.top_tokens),
+            neighbours=neighbours,
+            tokens_seen=stats.counted_tokens,
+        )
+
+    @staticmethod
+    def _context(example: Any) -> Context:
+        return Context(
+            window=int(example.window),
+            position=int(example.position),
+            value=float(example.value),
+            tokens=list(example.tokens),
+            values=example.activations.astype(float).tolist(),
+            window_position=int(example.position),
+        )
+
+    def token_features(self, window: int, position: int) -> list[ActiveFeature]:
+        reader = self.reader
+        token = reader.token(window, position)
+        labels = reader.labels()
+        return [
+            ActiveFeature(int(f), float(v), labels[int(f)].label if int(f) in labels else "")
+            for f, v in zip(token.feature_ids.tolist(), token.values.tolist(), strict=True)
+        ]
+
+    def labels_of(self, features: list[int]) -> dict[int, str]:
+        labels = self.reader.labels()
+        return {f: labels[f].label for f in features if f in labels}
+
+    # ------------------------------------------------------------------ user data
+
+    def set_label(self, feature: int, label: str, notes: str) -> None:
+        reader = self.reader
+        if label.strip() or notes.strip():
+            reader.set_label(feature, label.strip(), notes.strip())
+        else:
+            reader.delete_label(feature)
+        self._user_generation += 1
+
+    def set_bookmark(self, feature: int, bookmarked: bool) -> None:
+        reader = self.reader
+        if bookmarked:
+            reader.add_bookmark(feature)
+        else:
+            reader.remove_bookmark(feature)
+        self._user_generation += 1
+
+    def is_bookmarked(self, feature: int) -> bool:
+        return feature in self._bookmarks()
+
+    def labels_of_all(self) -> dict[int, str]:
+        return {f: label.label for f, label in self.reader.labels().items()}
+
+    # ------------------------------------------------------------------ exports (JSON)
+
+    def export_feature(self, feature: int) -> dict[str, Any]:
+        detail = self.feature(feature)
+        row = detail.row
+
+        def context(c: Context) -> dict[str, Any]:
+            return {
+                "window": c.window,
+                "position": c.position,
+                "value": c.value,
+                "text": "".join(c.tokens),
+                "tokens": c.tokens,
+                "activations": c.values,
+            }
+
+        return {
+            "feature": feature,
+            "label": row.label,
+            "notes": detail.notes,
+            "density": row.density,
+            "mean": row.mean,
+            "max": row.max,
+            "count": row.count,
+            "top_tokens": detail.top_tokens,
+            "top_contexts": [context(c) for c in detail.contexts],
+            "interval_samples": {k: [context(c) for c in v] for k, v in detail.samples},
+            "neighbours": {
+                m: [{"feature": n.feature, "score": n.value} for n in entries]
+                for m, entries in detail.neighbours.items()
+            },
+        }
+
+    def export_labels(self) -> dict[str, Any]:
+        labels = self.reader.labels()
+        return {
+            str(f): {"label": lab.label, "notes": lab.notes} for f, lab in sorted(labels.items())
+        }
+
+    def export_table(self, query: TableQuery) -> list[dict[str, Any]]:
+        """Every row matching the table's sort and filter (search and bookmark filter too)."""
+        reader = self.reader
+        if query.search or query.filter == "bookmarked":
+            ids = self._subset(query, self._bookmarks())
+        else:
+            ids = self._columns(query.sort, query.descending, self._filter(query)).feature
+        columns = self._columns()
+        labels = reader.labels()
+        return [
+            {
+                "feature": int(f),
+                "label": labels[f].label if f in labels else "",
+                "density": float(columns.density[f]),
+                "mean": float(columns.mean[f]),
+                "max": float(columns.max[f]),
+                "count": int(columns.count[f]),
+            }
+            for f in ids.tolist()
+        ]

@@ -1,0 +1,190 @@
+"""Run & metrics pane: run config, live collection progress, metric cards, plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.widgets import ProgressBar, Static
+from textual_plotext import PlotextPlot
+
+from saetui.tui.model import RunPlots, RunState
+
+CARDS = (
+    ("L0", ("l0_mean", "l0")),
+    ("dead", ("dead_fraction", "dead_pct", "dead_features")),
+    ("dense >1%", ("dense_1pct", "dense_features_1pct", "dense_1")),
+    ("dense >10%", ("dense_10pct", "dense_features_10pct", "dense_10")),
+    ("expl. var.", ("explained_variance",)),
+    ("CE recovered", ("ce_loss_recovered", "ce_recovered")),
+    ("KL", ("kl_div", "kl", "kl_divergence")),
+    ("cosine", ("cosine",)),
+)
+
+
+def _metric(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            return f"{value:,}"
+        if isinstance(value, float):
+            if name.endswith(("fraction", "pct")) and value <= 1:
+                return f"{value * 100:.1f}%"
+            return f"{value:.4g}"
+        return str(value)
+    return "–"
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunPane(VerticalScroll, can_focus=True):
+    DEFAULT_CSS = """
+    RunPane { padding: 0 1; }
+    RunPane #run-top { height: auto; }
+    RunPane #run-config { width: 1fr; height: auto; }
+    RunPane #run-progress { width: 1fr; height: auto; }
+    RunPane ProgressBar { width: 100%; }
+    RunPane #cards { grid-size: 4; grid-gutter: 0 1; height: auto; margin: 1 0 0 0; }
+    RunPane .card { border: round $panel; height: 4; content-align: center middle; }
+    RunPane PlotextPlot { height: 14; min-width: 30; }
+    RunPane #plots-a, RunPane #plots-b { height: auto; }
+    """
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="run-top"):
+            yield Static("", id="run-config")
+            with VerticalScroll(id="run-progress"):
+                yield Static("", id="progress-text")
+                yield ProgressBar(total=None, show_eta=False, id="progress-bar")
+        with Grid(id="cards"):
+            for number, (title, _) in enumerate(CARDS):
+                yield Static(title, classes="card", id=f"card-{number}")
+        with Horizontal(id="plots-a"):
+            yield PlotextPlot(id="density-plot")
+            yield PlotextPlot(id="l0-plot")
+        with Horizontal(id="plots-b"):
+            yield PlotextPlot(id="scatter-plot")
+            yield PlotextPlot(id="history-plot")
+
+    # ------------------------------------------------------------------ updates
+
+    def show_state(self, state: RunState) -> None:
+        config = Table(box=None, show_header=False, padding=(0, 1))
+        config.add_column(style="dim", no_wrap=True)
+        config.add_column()
+        config.add_row("index", state.path)
+        shown = (
+            "model",
+            "hook",
+            "sae",
+            "corpus",
+            "data",
+            "numerics",
+            "batchtopk_mode",
+            "device",
+            "dtype",
+            "ctx_len",
+        )
+        for key in shown:
+            if key in state.config and state.config[key] not in (None, ""):
+                config.add_row(key, str(state.config[key]))
+        config.add_row("d_sae", f"{state.d_sae:,}")
+        self.query_one("#run-config", Static).update(config)
+        cards = list(self.query(".card"))
+        for card, (title, names) in zip(cards, CARDS, strict=True):
+            value = _metric(state.metrics, names)
+            card.update(Text.assemble((title, "dim"), "\n", (value, "bold")))
+
+    def show_progress(
+        self,
+        *,
+        phase: str,
+        tokens: int,
+        tokens_total: int | None,
+        tokens_per_s: float = 0.0,
+        eta_s: float | None = None,
+        message: str = "",
+        running: bool = False,
+        paused: bool = False,
+    ) -> None:
+        status = "paused (p resumes)" if paused else (phase or "idle")
+        lines = Text.assemble(
+            ("phase ", "dim"),
+            (status, "bold"),
+            "\n",
+            ("tokens ", "dim"),
+            f"{tokens:,}",
+            f" / {tokens_total:,}" if tokens_total else "",
+            "\n",
+            ("speed ", "dim"),
+            f"{tokens_per_s:,.0f} tokens/s" if running else "–",
+            ("   eta ", "dim"),
+            format_eta(eta_s) if running else "–",
+        )
+        if message:
+            lines.append("\n" + message, style="italic")
+        if running:
+            lines.append("\np pauses (stops at the next commit, resumable)", style="dim")
+        self.query_one("#progress-text", Static).update(lines)
+        bar = self.query_one(ProgressBar)
+        if tokens_total:
+            bar.update(total=tokens_total, progress=tokens)
+        else:
+            bar.update(total=None)
+
+    def show_plots(self, plots: RunPlots, history: dict[str, list[Any]] | None) -> None:
+        density = self.query_one("#density-plot", PlotextPlot)
+        plt = density.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("feature density (log10)")
+        if plots.log10_density:
+            plt.hist(plots.log10_density, bins=30)
+        density.refresh()
+
+        l0 = self.query_one("#l0-plot", PlotextPlot)
+        plt = l0.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("L0 per token")
+        if plots.l0_histogram:
+            plt.bar([e for e, _ in plots.l0_histogram], [c for _, c in plots.l0_histogram])
+        else:
+            plt.title("L0 per token (not recorded yet)")
+        l0.refresh()
+
+        scatter = self.query_one("#scatter-plot", PlotextPlot)
+        plt = scatter.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title("log10 density vs mean activation")
+        if plots.log10_density:
+            plt.scatter(plots.log10_density, plots.mean_activation, marker="dot")
+        scatter.refresh()
+
+        hist_plot = self.query_one("#history-plot", PlotextPlot)
+        plt = hist_plot.plt
+        plt.clear_data()
+        plt.clear_figure()
+        series = {k: v for k, v in (history or {}).items() if isinstance(v, list) and v}
+        if series:
+            plt.title("SAE training history")
+            for name in ("loss", "recon_loss", "sparsity")[:2]:
+                values = [float(v) for v in series.get(name, []) if isinstance(v, (int, float))]
+                if values:
+                    plt.plot(values, label=name)
+        else:
+            plt.title("training history (no history.json)")
+        hist_plot.refresh()

@@ -179,7 +179,7 @@ def test_not_utf8(tmp_path: Path) -> None:
 # --- paths, extensions, empty corpora --------------------------------------
 
 
-@pytest.mark.parametrize("name", ["missing.json", "sub/dir/missing", "./missing"])
+@pytest.mark.parametrize("name", ["missing.json", "sub/dir/missing", "./missing", "my corpus"])
 def test_missing_path(tmp_path: Path, name: str) -> None:
     with pytest.raises(SaetuiInputError, match=r"does not exist; give a \.json"):
         read_corpus(str(tmp_path / name) if name.startswith("sub") else name)

@@ -39,6 +39,7 @@ _JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 _TEXT_SUFFIXES = {".txt", ".md"}
 _BLANK_LINES = re.compile(r"\n(?:[ \t\f\v]*\n)+")
 _EXPECTED = "a .json, .jsonl, .txt or .md file, or a directory of .txt/.md files"
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _DATASETS_HINT = "pip install 'saetui[datasets]'"
 
 
@@ -164,8 +165,8 @@ def _looks_like_path(source: str) -> bool:
         return True
     if source.startswith(("/", "./", "../", "~", ".\\")) or "\\" in source:
         return True
-    # Hub names are NAME or OWNER/NAME; deeper paths are local.
-    return source.count("/") > 1
+    # Hub names are NAME or OWNER/NAME of word characters, dots and dashes.
+    return _HUB_NAME.fullmatch(source) is None
 
 
 def _read_text(path: Path) -> str:
@@ -324,8 +325,9 @@ def _read_hf_dataset(name: str, text_field: str, split: str, config: str | None)
         rows = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # the hub raises many types; all mean "cannot load that"
         raise SaetuiInputError(
-            f"Dataset {name} (split '{split}') could not be loaded ({type(exc).__name__}: "
-            f"{exc}); check the name, the split and your network access."
+            f"Corpus {name} is not a local file or directory, and loading it as a Hugging Face "
+            f"dataset (split '{split}') failed ({type(exc).__name__}: {exc}); check the path, "
+            "or the dataset name, split and network access."
         ) from None
     return _dataset_texts(rows, text_field, name)
 

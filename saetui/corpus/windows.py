@@ -281,7 +281,7 @@ def iter_windows(
     """
     total = 0
     window_id = 0
-    bos = tokenizer.bos_token_id
+    bos = getattr(tokenizer, "bos_token_id", None)
     for plan, bos_flag in _plans(corpus, tokenizer, ctx_len, prepend_bos, open_windows, True):
         if max_tokens is not None and total >= max_tokens:
             return

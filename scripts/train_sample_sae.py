@@ -5,7 +5,7 @@ split of sample_data/corpus.json; then measures it with saetui's own metric code
 held-out paragraphs and writes the figures to sample_data/sae/quality.json.
 
 Deterministic: fixed seeds, single-threaded-equivalent ops on the CPU. Takes minutes.
-Usage: python scripts/train_sample_sae.py [--out sample_data/sae] [--epochs 30]
+Usage: python scripts/train_sample_sae.py [--out sample_data/sae] [--epochs 20]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from saetui.collect.evaluate import evaluate_sae
 from saetui.corpus import batch_windows, iter_windows, read_corpus, split_documents
-from saetui.corpus.readers import Corpus
 from saetui.lm import load_model
 from saetui.sae import load_sae
 
@@ -31,14 +30,29 @@ HOOK = f"blocks.{HOOK_LAYER}.hook_resid_post"
 NUMERICS = "hooked"  # what the sae_core format's SAEs were trained on (HookedTransformer)
 
 
-def collect_activations(model, corpus: Corpus, ctx_len: int) -> torch.Tensor:
+def collect_activations(model, documents: list[str], ctx_len: int) -> torch.Tensor:
     """Activations at HOOK for every real non-BOS token of the corpus, [n, d_model]."""
     rows = []
-    for batch in batch_windows(iter_windows(corpus, model.tokenizer, ctx_len=ctx_len), 32):
+    for batch in batch_windows(iter_windows(documents, model.tokenizer, ctx_len=ctx_len), 32):
         tokens = torch.as_tensor(batch.tokens)
         mask = torch.as_tensor(batch.mask)
         rows.append(model.activations(tokens, HOOK)[mask].float())
     return torch.cat(rows)
+
+
+def batch_topk(pre: torch.Tensor, k: int, candidates: int = 4) -> torch.Tensor:
+    """Keep the top n*k pre-activations of the batch, zero the rest.
+
+    Two stages for speed on the CPU: each token's top ``candidates * k`` first, then the
+    batch-wide top n*k among those (exact unless one token holds more than 4k of them).
+    """
+    per_token = pre.topk(min(candidates * k, pre.shape[-1]), dim=-1)
+    kept = per_token.values.flatten().topk(k * pre.shape[0])
+    rows = torch.div(kept.indices, per_token.values.shape[1], rounding_mode="floor")
+    columns = per_token.indices.flatten()[kept.indices]
+    acts = torch.zeros_like(pre)
+    acts[rows, columns] = kept.values
+    return acts
 
 
 def train_batchtopk(
@@ -66,9 +80,7 @@ def train_batchtopk(
         for start in range(0, n - batch_size + 1, batch_size):
             x = activations[order[start : start + batch_size]]
             pre = torch.relu((x - params["b_dec"]) @ params["W_enc"])
-            kept = pre.flatten().topk(k * x.shape[0])
-            acts = torch.zeros_like(pre.flatten()).scatter(0, kept.indices, kept.values)
-            acts = acts.view_as(pre)
+            acts = batch_topk(pre, k)
             x_hat = acts @ params["W_dec"] + params["b_dec"]
             residual = x - x_hat
             recon = residual.pow(2).sum(-1).mean() / total_variance
@@ -88,9 +100,9 @@ def train_batchtopk(
             optimiser.step()
             with torch.no_grad():
                 params["W_dec"] /= params["W_dec"].norm(dim=-1, keepdim=True)
-            sums["loss"] += float(loss)
-            sums["recon_loss"] += float(recon)
-            sums["aux_loss"] += float(aux)
+            sums["loss"] += float(loss.detach())
+            sums["recon_loss"] += float(recon.detach())
+            sums["aux_loss"] += float(aux.detach())
             sums["sparsity"] += float((acts > 0).float().sum(-1).mean())
             batches += 1
         for key in history:
@@ -105,6 +117,18 @@ def train_batchtopk(
     return weights, history
 
 
+def measure_quality(model, directory: Path, held_out_docs: list[str], ctx_len: int) -> dict:
+    """Quality on the held-out paragraphs with saetui's own metric code; writes quality.json."""
+    sae = load_sae(directory)
+    windows = iter_windows(held_out_docs, model.tokenizer, ctx_len=ctx_len)
+    quality = evaluate_sae(model, sae, HOOK, batch_windows(windows, 16))
+    quality["held_out_documents"] = len(held_out_docs)
+    quality["batchtopk_mode"] = sae.batchtopk_mode
+    quality["numerics"] = NUMERICS
+    (directory / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "sample_data" / "sae")
@@ -112,9 +136,14 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--k-aux", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--ctx-len", type=int, default=128)
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="measure the SAE already in --out on the held-out paragraphs, no training",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -122,10 +151,10 @@ def main() -> None:
     model = load_model("smollm2-135m", numerics=NUMERICS)
     corpus = read_corpus(args.corpus)
     train_docs, held_out_docs = split_documents(corpus.documents, held_out_fraction=0.1, seed=0)
-    train = Corpus.from_documents(train_docs, source=f"{args.corpus}#train")
-    held_out = Corpus.from_documents(held_out_docs, source=f"{args.corpus}#held-out")
-
-    activations = collect_activations(model, train, args.ctx_len)
+    if args.evaluate_only:
+        print(json.dumps(measure_quality(model, args.out, held_out_docs, args.ctx_len), indent=2))
+        return
+    activations = collect_activations(model, train_docs, args.ctx_len)
     print(f"{activations.shape[0]} training tokens at {HOOK} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     weights, history = train_batchtopk(
@@ -156,12 +185,7 @@ def main() -> None:
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (staging / "history.json").write_text(json.dumps(history, indent=2) + "\n")
 
-    sae = load_sae(staging)
-    windows = iter_windows(held_out, model.tokenizer, ctx_len=args.ctx_len)
-    quality = evaluate_sae(model, sae, HOOK, batch_windows(windows, 16))
-    quality["held_out_documents"] = len(held_out_docs)
-    quality["batchtopk_mode"] = sae.batchtopk_mode
-    (staging / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    quality = measure_quality(model, staging, held_out_docs, args.ctx_len)
     if args.out.exists():
         shutil.rmtree(args.out)
     staging.rename(args.out)

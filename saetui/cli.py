@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from saetui import __version__
 from saetui.errors import SaetuiInputError
@@ -80,6 +81,24 @@ def _add_corpus_options(parser: argparse.ArgumentParser, *, default: Path | None
     group.add_argument("--max-tokens", type=int, help="stop after this many tokens")
 
 
+def _add_collect_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("collection")
+    group.add_argument(
+        "--headless", action="store_true", help="no TUI: progress lines and a metrics summary"
+    )
+    group.add_argument(
+        "--metrics-tokens",
+        type=int,
+        default=20_000,
+        help="tokens for reconstruction and CE-loss metrics (default 20000)",
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing index made with a different configuration",
+    )
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print what an SAE directory holds."""
     from saetui.sae import describe, load_sae
@@ -95,11 +114,70 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect_config(args: argparse.Namespace, out: Path) -> Any:
+    from saetui.collect.inputs import RunInputs
+    from saetui.collect.pipeline import CollectConfig
+
+    return CollectConfig(
+        out=out,
+        inputs=RunInputs.from_namespace(args),
+        metrics_tokens=args.metrics_tokens,
+        overwrite=args.overwrite,
+    )
+
+
+def demo_index_path() -> Path:
+    """Where ``saetui demo`` keeps its index (reused and resumed across runs)."""
+    from saetui.lm.embedded import cache_root
+
+    return cache_root() / "indexes" / "demo"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job on the embedded sample (model, SAE, corpus)."""
-    from saetui.demo import run_demo
+    from saetui.collect.headless import run_headless
 
-    return run_demo(args, say=_say)
+    out = args.out or demo_index_path()
+    _say(f"demo index: {out}")
+    return run_headless(_collect_config(args, out), say=_say)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Collect an index from a model, an SAE and a corpus."""
+    from saetui.collect.headless import run_headless
+
+    return run_headless(_collect_config(args, args.out), say=_say)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write an index's analysis in the old pipeline's layout, or as JSONL."""
+    from saetui.export.old_pipeline import export_jsonl, export_sae_core
+
+    _check_index(args.index)
+    if args.format == "jsonl":
+        out = args.out if args.out.suffix == ".jsonl" else args.out / "features.jsonl"
+        print(export_jsonl(args.index, out, n_examples=args.top_examples))
+        return 0
+    for path in export_sae_core(args.index, args.out, top_examples=args.top_examples, say=_say):
+        print(path)
+    return 0
+
+
+def cmd_labels_import(args: argparse.Namespace) -> int:
+    """Read feature labels from JSONL into an index."""
+    from saetui.export.labels import import_labels
+
+    _check_index(args.index)
+    count = import_labels(args.file, args.index)
+    print(f"imported {count} labels into {args.index}")
+    return 0
+
+
+def _check_index(path: Path) -> None:
+    if not path.exists():
+        raise SaetuiInputError(
+            f"Index {path} does not exist; give the --out directory of a saetui collect run."
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(demo)
     _add_sae_options(demo, default=SAMPLE_SAE)
     _add_corpus_options(demo, default=SAMPLE_CORPUS)
-    demo.add_argument("--headless", action="store_true", help="no TUI: print progress and results")
-    demo.set_defaults(handler=cmd_demo, max_tokens=None)
+    _add_collect_options(demo)
+    demo.add_argument("--out", type=Path, help="index directory (default: in the user cache)")
+    demo.set_defaults(handler=cmd_demo)
+
+    collect = commands.add_parser(
+        "collect", help="collect an SAE's activations over a corpus into an index"
+    )
+    _add_model_options(collect)
+    _add_sae_options(collect, default=None)
+    _add_corpus_options(collect, default=None)
+    _add_collect_options(collect)
+    collect.add_argument("--out", type=Path, required=True, help="index directory")
+    collect.set_defaults(handler=cmd_collect)
+
+    export = commands.add_parser(
+        "export", help="write an index's analysis as the old pipeline's files or as JSONL"
+    )
+    export.add_argument("index", type=Path, help="index directory")
+    export.add_argument("--format", choices=("sae_core", "jsonl"), default="sae_core")
+    export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
+    export.add_argument("--top-examples", type=int, default=20, help="examples per feature")
+    export.set_defaults(handler=cmd_export)
+
+    labels = commands.add_parser("labels", help="feature labels")
+    label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
+    label_import = label_commands.add_parser(
+        "import", help="read labels from JSONL (feature/index + label/description/explanation)"
+    )
+    label_import.add_argument("file", type=Path, help="JSONL file of labels")
+    label_import.add_argument("index", type=Path, help="index directory")
+    label_import.set_defaults(handler=cmd_labels_import)
 
     info = commands.add_parser("info", help="describe an SAE directory")
     info.add_argument("--sae", type=Path, required=True, help="SAE directory")

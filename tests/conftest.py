@@ -122,3 +122,17 @@ def tiny_corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-corpus") / "corpus.json"
     path.write_text(json.dumps(tiny_documents()))
     return path
+
+
+def tiny_collect_config(tmp: Path, model_dir: Path, sae_dir: Path, corpus: Path, **options):
+    """A CollectConfig over the tiny GPT-2, tiny SAE and tiny corpus."""
+    from saetui.collect.inputs import RunInputs
+    from saetui.collect.pipeline import CollectConfig
+
+    inputs = {"ctx_len": 24, "batch_size": 4, "device": "cpu", "dtype": "float32"}
+    inputs.update({k: options.pop(k) for k in list(options) if k in RunInputs.__dataclass_fields__})
+    return CollectConfig(
+        out=tmp,
+        inputs=RunInputs(sae=sae_dir, data=str(corpus), model=str(model_dir), **inputs),
+        **{"metrics_tokens": 200, **options},
+    )

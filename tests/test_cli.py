@@ -35,7 +35,7 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str)
 def test_help_lists_subcommands():
     result = saetui("--help")
     assert result.returncode == 0
-    for command in ("demo", "info"):
+    for command in ("demo", "collect", "export", "labels", "info"):
         assert command in result.stdout
 
 
@@ -66,6 +66,8 @@ def test_info_json():
         (["info", "--sae", str(SAMPLE_CORPUS)], ["corpus.json"]),
         (["demo", "--data", "no/such/corpus.json"], ["no/such/corpus.json"]),
         (["demo", "--ctx-len", "1"], ["--ctx-len"]),
+        (["export", "no/such/index", "--out", "x"], ["no/such/index"]),
+        (["labels", "import", "no/such/labels.jsonl", str(SAMPLE_DATA)], ["not a saetui index"]),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(args, fragments):
@@ -77,10 +79,14 @@ def test_bad_hook_fails_before_any_forward_pass():
     assert_user_error(result, "blocks.9.hook_resid_pots", "blocks.9.hook_resid_post")
 
 
-def test_demo_encodes_the_sample_and_reports_features():
-    result = saetui("demo", "--headless", "--max-tokens", "512")
+def test_demo_headless_builds_the_sample_index_and_prints_metrics(tmp_path):
+    out = tmp_path / "demo-index"
+    args = ["demo", "--headless", "--max-tokens", "600", "--metrics-tokens", "300"]
+    result = saetui(*args, "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "hook blocks.9.hook_resid_post" in result.stdout
-    assert "busiest features" in result.stdout
-    encoded = next(line for line in result.stdout.splitlines() if line.startswith("encoded"))
-    assert int(encoded.split()[1]) >= 512
+    assert "collected" in result.stdout and str(out) in result.stdout
+    for label in ("explained variance", "CE loss recovered", "dead features", "L0"):
+        assert label in result.stdout, label
+    # Running it again resumes the finished index instead of starting over.
+    again = saetui(*args, "--out", str(out))
+    assert again.returncode == 0, again.stderr

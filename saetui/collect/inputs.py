@@ -1,0 +1,88 @@
+"""Load and validate a run's inputs (corpus, SAE, model, hook) in the order that fails
+fastest: files before the model load, the hook before any real forward pass."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saetui.errors import SaetuiInputError
+from saetui.lm.model import DEFAULT_MODEL
+
+
+@dataclass
+class RunInputs:
+    """What a user names on the command line for a run over a corpus."""
+
+    sae: Path
+    data: str
+    model: str = DEFAULT_MODEL
+    hook: str | None = None
+    layer: int | None = None
+    hook_name: str | None = None
+    numerics: str | None = None
+    device: str | None = "auto"
+    dtype: str | None = "auto"
+    text_field: str = "text"
+    ctx_len: int = 128
+    batch_size: int = 16
+    max_tokens: int | None = None
+    batchtopk_mode: str | None = None
+    threshold: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> RunInputs:
+        """From parsed command-line options (unknown attributes are ignored)."""
+        names = cls.__dataclass_fields__.keys() - {"extra"}
+        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+    def check(self) -> None:
+        if self.ctx_len < 2:
+            raise SaetuiInputError(
+                f"--ctx-len {self.ctx_len} is too small; use at least 2 tokens."
+            )
+        if self.batch_size < 1:
+            raise SaetuiInputError(f"--batch-size {self.batch_size} must be at least 1.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SaetuiInputError(f"--max-tokens {self.max_tokens} must be at least 1.")
+
+
+@dataclass
+class LoadedRun:
+    corpus: Any
+    sae: Any
+    model: Any
+    hook: str
+    numerics: str
+
+
+def load_run(inputs: RunInputs, say: Callable[[str], None] | None = None) -> LoadedRun:
+    """Read the corpus, load the SAE and the model, resolve and check the hook."""
+    from saetui.corpus import read_corpus
+    from saetui.lm import load_model, resolve_hook
+    from saetui.sae import load_sae
+
+    inputs.check()
+    corpus = read_corpus(inputs.data, text_field=inputs.text_field)
+    sae = load_sae(inputs.sae, batchtopk_mode=inputs.batchtopk_mode, threshold=inputs.threshold)
+    numerics = inputs.numerics or sae.default_numerics()
+    started = time.perf_counter()
+    model = load_model(
+        inputs.model, device=inputs.device, dtype=inputs.dtype, numerics=numerics, progress=say
+    )
+    if say:
+        say(f"loaded {inputs.model} ({numerics} numerics) in {time.perf_counter() - started:.1f} s")
+    hook = resolve_hook(
+        model,
+        hook=inputs.hook,
+        layer=inputs.layer,
+        hook_name=inputs.hook_name,
+        sae_hook=sae.hook_name,
+        sae_d_in=sae.d_in,
+    )
+    sae.to(model.device, model.dtype)
+    return LoadedRun(corpus=corpus, sae=sae, model=model, hook=hook, numerics=numerics)

@@ -136,3 +136,15 @@ def tiny_collect_config(tmp: Path, model_dir: Path, sae_dir: Path, corpus: Path,
         inputs=RunInputs(sae=sae_dir, data=str(corpus), model=str(model_dir), **inputs),
         **{"metrics_tokens": 200, **options},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file):
+    """A finished index over the tiny corpus: (CollectResult, progress updates, path)."""
+    from saetui.collect.pipeline import run_collection
+
+    out = tmp_path_factory.mktemp("tiny-index") / "index"
+    updates = []
+    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
+    result = run_collection(config, progress=updates.append)
+    return result, updates, out

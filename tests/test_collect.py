@@ -26,12 +26,8 @@ from saetui.sae import load_sae
 
 
 @pytest.fixture(scope="module")
-def finished_index(tmp_path_factory, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file):
-    out = tmp_path_factory.mktemp("collect") / "index"
-    updates = []
-    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
-    result = run_collection(config, progress=updates.append)
-    return result, updates, out
+def finished_index(tiny_index):
+    return tiny_index
 
 
 def test_collection_stores_what_the_sae_computes(

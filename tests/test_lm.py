@@ -23,14 +23,15 @@ def test_embedded_model_runs_and_stops_at_the_hook_layer(embedded_model):
     assert embedded_model.bos_token_id == 1
 
 
-def test_logits_with_identity_splice_equal_clean_logits(embedded_model):
+@pytest.mark.parametrize("hook", [HOOK, "blocks.9.hook_resid_pre", "blocks.9.hook_mlp_out"])
+def test_logits_with_the_clean_activation_equal_clean_logits(embedded_model, hook):
     tokens = torch.tensor([[1, 504, 2644, 2643, 335, 260, 1171]])
-    clean = embedded_model.logits(tokens)
-    same = embedded_model.logits(tokens, HOOK, lambda activation: activation)
-    zeroed = embedded_model.logits(tokens, HOOK, torch.zeros_like)
-    torch.testing.assert_close(clean, same)
+    clean, activation = embedded_model.logits_and_activations(tokens, hook)
+    torch.testing.assert_close(clean, embedded_model.logits(tokens))
+    same = embedded_model.logits_with_activation(tokens, hook, activation)
+    zeroed = embedded_model.logits_with_activation(tokens, hook, torch.zeros_like(activation))
+    torch.testing.assert_close(clean, same, atol=1e-4, rtol=1e-4)
     assert (clean - zeroed).abs().max() > 1.0
-    # The most likely continuation of a real sentence is a plausible token, not noise.
     assert clean.shape == (1, 7, embedded_model.vocab_size)
 
 

@@ -35,7 +35,10 @@ def evaluate_sae(
     for batch in batches:
         tokens = torch.as_tensor(batch.tokens, device=device)
         mask = torch.as_tensor(batch.mask, device=device)
-        activations = model.activations(tokens, hook)
+        if with_ce:
+            clean_logits, activations = model.logits_and_activations(tokens, hook)
+        else:
+            activations = model.activations(tokens, hook)
         x = activations[mask].to(sae_dtype)
         feature_acts = sae.encode(x)
         x_hat = sae.decode(feature_acts)
@@ -43,18 +46,12 @@ def evaluate_sae(
         if with_ce:
             spliced = activations.clone()
             spliced[mask] = x_hat.to(spliced.dtype)
-
-            def with_sae(_: torch.Tensor, spliced: torch.Tensor = spliced) -> torch.Tensor:
-                return spliced
-
-            def zero_ablated(activation: torch.Tensor, mask: torch.Tensor = mask) -> torch.Tensor:
-                return activation.masked_fill(mask[..., None], 0.0)
-
+            zeroed = activations.masked_fill(mask[..., None], 0.0)
             targets, loss_mask = next_token_loss_mask(tokens, mask, model.bos_token_id)
             behaviour.update(
-                model.logits(tokens),
-                model.logits(tokens, hook, with_sae),
-                model.logits(tokens, hook, zero_ablated),
+                clean_logits,
+                model.logits_with_activation(tokens, hook, spliced),
+                model.logits_with_activation(tokens, hook, zeroed),
                 targets,
                 loss_mask,
             )

@@ -99,24 +99,43 @@ class LanguageModel:
         return cache[hook]
 
     @torch.no_grad()
-    def logits(
-        self,
-        tokens: torch.Tensor,
-        hook: str | None = None,
-        replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Full-forward logits, optionally with the activation at ``hook`` replaced."""
-        tokens = tokens.to(self.device)
-        if hook is None or replace is None:
-            return self.bridge(tokens, return_type="logits")
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-forward logits."""
+        return self.bridge(tokens.to(self.device), return_type="logits")
 
-        def splice(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            return replace(activation).to(activation.dtype)
+    @torch.no_grad()
+    def logits_and_activations(
+        self, tokens: torch.Tensor, hook: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean logits and the activation at ``hook`` from one forward pass."""
+        logits, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=[hook])
+        return logits, cache[hook]
+
+    @torch.no_grad()
+    def logits_with_activation(
+        self, tokens: torch.Tensor, hook: str, activation: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits when the activation at ``hook`` is ``activation``.
+
+        For residual-stream hooks the forward pass starts at the next block from the given
+        residual (the layers before it would compute what is replaced anyway); for other
+        hooks the whole forward runs with the activation swapped in.
+        """
+        layer = hook_layer(hook)
+        start = None
+        if layer is not None and hook.endswith(".hook_resid_post"):
+            start = layer + 1
+        elif layer is not None and hook.endswith(".hook_resid_pre"):
+            start = layer
+        if start is not None and start < self.n_layers:
+            return self.bridge(activation, start_at_layer=start, return_type="logits")
+
+        def splice(original: torch.Tensor, hook: Any = None) -> torch.Tensor:
+            return activation.to(original.dtype)
 
         return self.bridge.run_with_hooks(
-            tokens, return_type="logits", fwd_hooks=[(hook, splice)]
+            tokens.to(self.device), return_type="logits", fwd_hooks=[(hook, splice)]
         )
-
 
 def hook_layer(hook: str) -> int | None:
     """The block index in a hook name like ``blocks.9.hook_resid_post``."""

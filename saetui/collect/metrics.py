@@ -118,18 +118,20 @@ class ModelBehaviourMetrics:
         """Add positions where ``loss_mask`` [b, t] is true; logits predict ``targets`` [b, t]."""
         if not bool(loss_mask.any()):
             return
+        # log-softmax in float32 (a float64 copy of [tokens, vocab] logits costs more than the
+        # forward pass); per-token results are summed in float64.
         picked = [
-            logits[loss_mask].to(F64).log_softmax(-1)
+            logits[loss_mask].float().log_softmax(-1)
             for logits in (clean_logits, sae_logits, zero_logits)
         ]
         target = targets[loss_mask]
-        nll = [-lp.gather(-1, target[:, None]).squeeze(-1) for lp in picked]
+        nll = [-lp.gather(-1, target[:, None]).squeeze(-1).to(F64) for lp in picked]
         clean_lp, sae_lp = picked[0], picked[1]
         self.tokens += int(target.shape[0])
         self.ce_clean += float(nll[0].sum())
         self.ce_sae += float(nll[1].sum())
         self.ce_zero += float(nll[2].sum())
-        self.kl += float((clean_lp.exp() * (clean_lp - sae_lp)).sum())
+        self.kl += float((clean_lp.exp() * (clean_lp - sae_lp)).sum(-1).to(F64).sum())
 
     def result(self) -> dict[str, Any]:
         n = self.tokens

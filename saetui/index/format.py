@@ -154,7 +154,7 @@ def write_marker(index_path: Path) -> None:
 
 # LMDB refuses to open one environment twice in a process (its fcntl locks belong to the
 # process), so writers and readers in one process share one Environment, reference-counted.
-_ENV_LOCK = threading.Lock()
+_ENV_LOCK = threading.RLock()
 _ENVS: dict[str, list[Any]] = {}
 
 

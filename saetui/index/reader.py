@@ -201,6 +201,7 @@ class FeaturePage:
     std: np.ndarray
     max: np.ndarray
     labels: list[str]
+    counted_tokens: int  # density denominator of the summaries this page comes from
 
 
 @dataclass(frozen=True)
@@ -789,6 +790,7 @@ class IndexReader:
             std=cols.std[rows],
             max=cols.max[rows],
             labels=[labels[f].label if f in labels else "" for f in rows.tolist()],
+            counted_tokens=cols.counted_tokens,
         )
 
     def _order(

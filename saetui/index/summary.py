@@ -445,7 +445,7 @@ def load_snapshot_records(txn: Any, dbs: dict[bytes, Any], d_sae: int) -> Summar
         topk_key[i, : len(rec)], topk_tok[i, : len(rec)] = rec["key"], rec["tok"]
     width = N_SAMPLE_BINS * s
     samp_gidx = np.full((d_sae, width), -1, dtype=np.int64)
-    samp_bits = np.zeros((d_sae, width), dtype=np.int64)
+    samp_bits = np.full((d_sae, width), -1, dtype=np.int64)
     samp_tok = np.full((d_sae, width), -1, dtype=np.int64)
     for key, blob in txn.cursor(db=dbs[b"fsamp"]):
         i = struct.unpack(">I", key)[0]

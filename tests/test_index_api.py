@@ -56,8 +56,12 @@ def test_round_trip_tokens_forward_index_and_stats(built):
                 tf = r.token(w, pos)
                 g = start + pos
                 act = (v16[g] != 0) & data["mask"][g]
-                expect = dict(zip(data["feature_ids"][g][act].tolist(), v16[g][act].tolist()))
-                assert dict(zip(tf.feature_ids.tolist(), tf.values.tolist())) == expect
+                expect = dict(
+                    zip(data["feature_ids"][g][act].tolist(), v16[g][act].tolist(), strict=False)
+                )
+                assert (
+                    dict(zip(tf.feature_ids.tolist(), tf.values.tolist(), strict=False)) == expect
+                )
                 assert list(tf.values) == sorted(tf.values, reverse=True)
                 assert tf.counted == data["mask"][g]
         # stats agree with a count over the input
@@ -90,7 +94,7 @@ def test_feature_detail_examples_contexts_and_search(built):
             tf = r.token(e.window, e.position)
             assert f in tf.feature_ids.tolist()
         # ties broken by the earliest global index
-        for a, b in zip(ex, ex[1:]):
+        for a, b in zip(ex, ex[1:], strict=False):
             if a.value == b.value:
                 assert a.global_index < b.global_index
         assert sum(c for _, c in detail.top_tokens) == min(r.meta.top_k, detail.stats.count)

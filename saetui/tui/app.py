@@ -115,6 +115,7 @@ class SaetuiApp(App[int]):
         self._collect_done = threading.Event()
         self._collect_done.set()
         self.collecting = False
+        self.collection_error: str | None = None
         self.paused = False
         self._quit_when_stopped = False
         self._probe_lock = threading.Lock()
@@ -222,7 +223,10 @@ class SaetuiApp(App[int]):
         run_pane = self.query_one(RunPane)
         run_pane.show_state(state)
         if plots is not None:
+            self._plots = plots
             run_pane.show_plots(plots, state.history)
+        if getattr(self, "_plots", None) is not None:
+            run_pane.show_counts(self._plots, state.d_sae, state.metrics)
         if not self.collecting:
             run_pane.show_progress(
                 phase="done" if state.finished else ("paused" if self.paused else "stored"),
@@ -265,6 +269,7 @@ class SaetuiApp(App[int]):
             return
         self._stop_collect.clear()
         self._collect_done.clear()
+        self.source.suspend()
         self.collecting = True
         self.paused = False
         self._collection_worker()
@@ -297,6 +302,8 @@ class SaetuiApp(App[int]):
     def on_collection_progress(self, message: CollectionProgress) -> None:
         progress = message.progress
         self._progress = progress
+        if getattr(progress, "phase", "loading") != "loading":
+            self.source.resume()  # the collector's writer has the index open by now
         self.query_one(RunPane).show_progress(
             phase=getattr(progress, "phase", ""),
             tokens=int(getattr(progress, "tokens_done", 0) or 0),
@@ -310,6 +317,8 @@ class SaetuiApp(App[int]):
 
     def on_collection_finished(self, message: CollectionFinished) -> None:
         self.collecting = False
+        self.source.resume()
+        self.collection_error = message.error
         self.paused = message.stopped and message.error is None
         if message.error:
             self.notify(f"Collection failed: {message.error}", severity="error", timeout=15)
@@ -368,6 +377,9 @@ class SaetuiApp(App[int]):
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        focused = self.focused
+        if focused is not None and event.pane in focused.ancestors:
+            return  # e.g. "/" focused the search box before the tab switch landed
         if event.pane.id:
             self._focus_tab(event.pane.id)
 
@@ -460,7 +472,10 @@ class SaetuiApp(App[int]):
         if isinstance(self.screen, ContextScreen):
             self.pop_screen()
         self.query_one(TabbedContent).active = "features"
-        self.query_one("#search", Input).focus()
+        search = self.query_one("#search", Input)
+        search.focus()
+        # typing replaces the previous search
+        search.select_all()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -36,7 +36,7 @@ class KeyAction:
             show=self.show,
             priority=self.priority,
             id=self.id,
-            key_display=self.key.split(",")[0],
+            key_display=key_label(self.key.split(",")[0]),
         )
 
 
@@ -72,7 +72,7 @@ REGISTRY: tuple[KeyAction, ...] = (
         "table.page_down", "pagedown,ctrl+d", "page_down", "Page down", show=False, palette=False
     ),
     KeyAction("table.page_up", "pageup,ctrl+u", "page_up", "Page up", show=False, palette=False),
-    KeyAction("table.open", "enter,l", "open", "Open"),
+    KeyAction("table.open", "enter,l", "open", "Open", show=False),
     KeyAction("table.sort", "s", "next_sort", "Sort"),
     KeyAction("table.reverse", "S", "reverse_sort", "Reverse sort", show=False),
     KeyAction("table.filter", "x", "next_filter", "Filter"),
@@ -83,7 +83,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("feature.up", "k,up", "cursor_up", "Up", show=False, palette=False),
     KeyAction("feature.top", "g,home", "first", "Top", show=False, palette=False),
     KeyAction("feature.bottom", "G,end", "last", "Bottom", show=False, palette=False),
-    KeyAction("feature.open", "enter,l", "open", "Open"),
+    KeyAction("feature.open", "enter,l", "open", "Open", show=False),
     KeyAction("feature.bookmark", "m", "bookmark", "Bookmark"),
     KeyAction("feature.label", "e", "edit_label", "Label/notes"),
     KeyAction("feature.copy", "c", "copy", "Copy context", show=False),

@@ -57,7 +57,7 @@ class SaetuiCommands(Provider):
             commands.append(
                 (
                     f"{entry.description} ({key_label(entry.key)})",
-                    partial(app.run_action, entry.action.removeprefix("app.")),
+                    partial(app.call_later, app.run_action, entry.action.removeprefix("app.")),
                     SCOPE_TITLES[entry.scope],
                 )
             )

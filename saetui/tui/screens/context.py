@@ -40,8 +40,8 @@ class ContextScreen(Screen[int | None]):
         yield Static(
             Text.assemble(
                 (f" #{self.feature} ", "bold reverse"),
-                f"  window {ctx.window}, token {ctx.window_position}, "
-                f"activation {format_value(ctx.value)}   (h/l move, Enter open, esc close)",
+                f" window {ctx.window} · token {ctx.window_position} · "
+                f"act {format_value(ctx.value)} · h/l move, ⏎ open",
             ),
             id="context-title",
         )

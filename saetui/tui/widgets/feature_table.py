@@ -362,9 +362,9 @@ class FeatureTable(ScrollView, can_focus=True):
     def action_bookmark(self) -> None:
         row = self.current_row
         if row is not None:
-            self.app.run_action(f"toggle_bookmark({row.feature})")
+            self.app.action_toggle_bookmark(row.feature)  # type: ignore[attr-defined]
 
     def action_edit_label(self) -> None:
         row = self.current_row
         if row is not None:
-            self.app.run_action(f"edit_label({row.feature})")
+            self.app.action_edit_label(row.feature)  # type: ignore[attr-defined]

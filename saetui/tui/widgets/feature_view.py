@@ -214,11 +214,11 @@ class FeatureView(OptionList):
 
     def action_bookmark(self) -> None:
         if self.detail is not None:
-            self.app.run_action(f"toggle_bookmark({self.detail.row.feature})")
+            self.app.action_toggle_bookmark(self.detail.row.feature)  # type: ignore[attr-defined]
 
     def action_edit_label(self) -> None:
         if self.detail is not None:
-            self.app.run_action(f"edit_label({self.detail.row.feature})")
+            self.app.action_edit_label(self.detail.row.feature)  # type: ignore[attr-defined]
 
     def action_step(self, delta: int) -> None:
         if self.detail is not None:

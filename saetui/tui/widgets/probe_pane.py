@@ -24,7 +24,8 @@ RANKED_SHOWN = 200
 class ProbePane(Vertical):
     BINDINGS = bindings("probe")
     DEFAULT_CSS = """
-    ProbePane #probe-input { margin: 0; }
+    ProbePane #probe-input { border: none; height: 1; padding: 0 1; background: $boost; }
+    ProbePane #probe-input:focus { background: $accent 30%; }
     ProbePane #probe-status { height: 1; padding: 0 1; color: $text-muted; }
     ProbePane #probe-lists { height: 1fr; }
     ProbePane OptionList { width: 1fr; height: 1fr; border: round $panel; }
@@ -139,7 +140,9 @@ class ProbePane(Vertical):
         return self.query_one("#probe-at-token", OptionList)
 
     def action_focus_input(self) -> None:
-        self.query_one(Input).focus()
+        text_box = self.query_one(Input)
+        text_box.focus()
+        text_box.select_all()
 
     def action_move(self, delta: int) -> None:
         self.query_one(TokenStrip).move(delta)

@@ -57,7 +57,7 @@ class RunPane(VerticalScroll, can_focus=True):
     RunPane #run-progress { width: 1fr; height: auto; }
     RunPane ProgressBar { width: 100%; }
     RunPane #cards { grid-size: 4; grid-gutter: 0 1; height: auto; margin: 1 0 0 0; }
-    RunPane .card { border: round $panel; height: 4; content-align: center middle; }
+    RunPane .card { border: round $panel; height: 3; }
     RunPane PlotextPlot { height: 14; min-width: 30; }
     RunPane #plots-a, RunPane #plots-b { height: auto; }
     """
@@ -105,7 +105,7 @@ class RunPane(VerticalScroll, can_focus=True):
         cards = list(self.query(".card"))
         for card, (title, names) in zip(cards, CARDS, strict=True):
             value = _metric(state.metrics, names)
-            card.update(Text.assemble((title, "dim"), "\n", (value, "bold")))
+            card.update(Text.assemble((title, "dim"), " ", (value, "bold"), justify="center"))
 
     def show_progress(
         self,
@@ -141,8 +141,31 @@ class RunPane(VerticalScroll, can_focus=True):
         bar = self.query_one(ProgressBar)
         if tokens_total:
             bar.update(total=tokens_total, progress=tokens)
-        else:
+        elif running:
             bar.update(total=None)
+        else:
+            bar.update(total=max(tokens, 1), progress=max(tokens, 1) if phase == "done" else 0)
+
+    def show_counts(self, plots: RunPlots, d_sae: int, metrics: dict[str, Any]) -> None:
+        """Dead and dense counts straight from the feature densities, when the run's metrics
+        do not carry them yet (they are counts over committed data, not estimates)."""
+        alive = len(plots.density)
+        derived = {
+            "dead_features": f"{d_sae - alive:,} ({(d_sae - alive) / max(d_sae, 1):.1%})",
+            "dense_1pct": f"{sum(d > 0.01 for d in plots.density):,}",
+            "dense_10pct": f"{sum(d > 0.1 for d in plots.density):,}",
+        }
+        cards = list(self.query(".card"))
+        for card, (title, names) in zip(cards, CARDS, strict=True):
+            if _metric(metrics, names) != "–":
+                continue
+            for name in names:
+                if name in derived:
+                    card.update(
+                        Text.assemble(
+                            (title, "dim"), " ", (derived[name], "bold"), justify="center"
+                        )
+                    )
 
     def show_plots(self, plots: RunPlots, history: dict[str, list[Any]] | None) -> None:
         density = self.query_one("#density-plot", PlotextPlot)

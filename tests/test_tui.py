@@ -1,0 +1,421 @@
+"""Pilot tests driving the real app over a real index collected from the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from saetui.errors import SaetuiInputError
+from saetui.tui.app import SaetuiApp, run_app
+from saetui.tui.bindings import REGISTRY
+from saetui.tui.history import History
+from saetui.tui.screens.context import ContextScreen
+from saetui.tui.widgets.feature_table import FeatureTable
+from saetui.tui.widgets.feature_view import FeatureView
+from saetui.tui.widgets.probe_pane import ProbePane
+
+HOOK = "blocks.9.hook_resid_post"
+SIZE = (100, 32)
+
+
+def random_sae(d_in: int = 576, d_sae: int = 512, seed: int = 0):
+    from saetui.sae.model import SparseAutoencoder
+
+    gen = torch.Generator().manual_seed(seed)
+    return SparseAutoencoder(
+        architecture="relu",
+        format="saelens",
+        W_enc=torch.randn(d_in, d_sae, generator=gen) * d_in**-0.5,
+        W_dec=torch.randn(d_sae, d_in, generator=gen) * d_sae**-0.5,
+        b_dec=torch.zeros(d_in),
+        b_enc=torch.full((d_sae,), -1.0),
+        hook_name=HOOK,
+    )
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory, embedded_model):
+    """(index path, sae dir): the real pipeline over the first ~2k tokens of the sample corpus
+    with a small random SAE at layer 9 of the embedded model."""
+    from saetui.collect.inputs import RunInputs
+    from saetui.collect.pipeline import CollectConfig, run_collection
+    from saetui.sae import save_sae
+
+    root = tmp_path_factory.mktemp("tui-index")
+    sae_dir = save_sae(random_sae(), root / "sae")
+    corpus = Path(__file__).resolve().parent.parent / "sample_data" / "corpus.json"
+    config = CollectConfig(
+        out=root / "index",
+        inputs=RunInputs(
+            sae=sae_dir,
+            data=str(corpus),
+            model="smollm2-135m",
+            device="cpu",
+            dtype="float32",
+            numerics="raw",
+            ctx_len=64,
+            batch_size=8,
+            max_tokens=2048,
+        ),
+        metrics_tokens=128,
+    )
+    result = run_collection(config)
+    assert result.status == "finished"
+    return root / "index", sae_dir
+
+
+@pytest.fixture
+def index_copy(collected, tmp_path):
+    """A private copy, so label edits in one test do not leak into another."""
+    import shutil
+
+    target = tmp_path / "index"
+    shutil.copytree(collected[0], target)
+    return target
+
+
+def make_app(path: Path, **options) -> SaetuiApp:
+    return SaetuiApp(path, watch_terminal=False, **options)
+
+
+async def wait_for(pilot, condition, timeout: float = 20.0) -> None:
+    """Let workers run until ``condition()`` holds (fails the test on timeout)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached")
+        await pilot.pause(0.05)
+
+
+def test_history_back_forward_and_branching():
+    history = History()
+    for feature in (1, 2, 3):
+        history.visit(feature)
+    assert history.back() == 2 and history.back() == 1 and history.back() is None
+    assert history.forward() == 2
+    history.visit(7)  # drops the forward tail (3)
+    assert history.forward() is None and history.current == 7
+    assert history.back() == 2
+
+
+def test_binding_ids_are_unique_and_scoped():
+    ids = [entry.id for entry in REGISTRY]
+    assert len(ids) == len(set(ids))
+    for scope in ("app", "table", "feature", "context", "probe"):
+        assert any(entry.scope == scope for entry in REGISTRY)
+    keys = {entry.key for entry in REGISTRY if entry.scope == "app"}
+    assert {"q", "question_mark", "slash", "b,backspace", "f"} <= keys
+
+
+def test_search_open_related_back_forward(index_copy):
+    async def flow():
+        app = make_app(index_copy)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: app.run_state and table.total == app.run_state.d_sae)
+            # search by token text: features whose top examples fire on "the"
+            await pilot.press("slash", *"the", "enter")
+            await wait_for(pilot, lambda: table.total is not None and table.current_row)
+            assert 0 < table.total < app.run_state.d_sae
+            first = table.current_row.feature
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == first)
+            assert app.query_one("TabbedContent").active == "feature"
+            assert any("the" in token.lower() for token, _ in view.detail.top_tokens)
+            # walk down to the first related feature (decoder-cosine neighbours) and open it
+            related = next(
+                i for i, t in enumerate(view.targets) if t is not None and t.kind == "feature"
+            )
+            view.highlighted = related
+            neighbour = view.targets[related].feature
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: view.detail.row.feature == neighbour)
+            await pilot.press("b")
+            await wait_for(pilot, lambda: view.detail.row.feature == first)
+            await pilot.press("f")
+            await wait_for(pilot, lambda: view.detail.row.feature == neighbour)
+            # a feature id in the search box opens it directly
+            await pilot.press("slash", *"#3", "enter")  # the box selects its old text
+            await wait_for(pilot, lambda: view.detail.row.feature == 3)
+
+    asyncio.run(flow())
+
+
+def test_context_view_lists_features_at_token_and_opens_one(index_copy):
+    async def flow():
+        app = make_app(index_copy)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.current_row is not None)
+            await pilot.press("s")  # sort by label, then density
+            await pilot.press("s")
+            await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
+            feature = table.current_row.feature
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == feature)
+            assert view.current_target.kind == "context"
+            context = view.current_target.context
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ContextScreen))
+            screen = app.screen
+            await wait_for(pilot, lambda: screen.active)
+            # the marked token is where this feature fired: it is among the active features
+            assert feature in [entry.feature for entry in screen.active]
+            value = next(e.value for e in screen.active if e.feature == feature)
+            assert value == pytest.approx(context.value, rel=1e-3)
+            await pilot.press("l")
+            await pilot.press("j")
+            await wait_for(pilot, lambda: len(screen.active) > 1)
+            target = screen.active[1].feature
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == target)
+            assert not isinstance(app.screen, ContextScreen)
+
+    asyncio.run(flow())
+
+
+def test_probe_runs_model_and_opens_top_feature(index_copy, collected, embedded_model):
+    from saetui.analysis.probe import ProbeInputs
+    from saetui.sae import load_sae
+
+    sae = load_sae(collected[1])
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return ProbeInputs(embedded_model, sae, HOOK)
+
+    async def flow():
+        app = make_app(index_copy, model_loader=loader)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            pane = app.query_one(ProbePane)
+            await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
+            await pilot.press(*"def main():", "enter")
+            await wait_for(pilot, lambda: pane.result is not None, timeout=60)
+            assert pane.result.tokens and pane.result.ranked
+            top = pane.result.ranked[0].feature
+            await pilot.press("t")  # to the ranked list
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == top)
+            # with the model loaded, the feature view shows logit effects
+            assert view.detail.promoted and view.detail.suppressed
+            await pilot.press("4")  # focuses the text box, its text selected
+            await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
+            await pilot.press(*"x = 1", "enter")
+            await wait_for(pilot, lambda: pane.result.text == "x = 1", timeout=60)
+            assert len(loads) == 1  # the model loads once
+
+    asyncio.run(flow())
+
+
+def test_probe_reports_a_model_that_cannot_load(index_copy):
+    def loader():
+        raise SaetuiInputError("Model nowhere could not be loaded; give a local directory.")
+
+    async def flow():
+        app = make_app(index_copy, model_loader=loader)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("4")
+            await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
+            await pilot.press(*"hello", "enter")
+            status = app.query_one("#probe-status")
+            await wait_for(pilot, lambda: "probe failed" in str(status.render()))
+            assert "could not be loaded" in str(status.render())
+
+    asyncio.run(flow())
+
+
+def test_label_and_bookmark_persist_across_restart(index_copy):
+    async def edit():
+        app = make_app(index_copy)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("slash", *"#5", "enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 5)
+            await pilot.press("e")
+            await pilot.press(*"python keywords", "enter")
+            await wait_for(pilot, lambda: view.detail.row.label == "python keywords")
+            await pilot.press("m")
+            await wait_for(pilot, lambda: view.detail.row.bookmarked)
+            await pilot.press("q")
+
+    async def reopen():
+        app = make_app(index_copy)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.row_at(5) is not None)
+            assert table.row_at(5).label == "python keywords"
+            assert table.row_at(5).bookmarked
+            await pilot.press("slash", *"keywords", "enter")
+            await wait_for(pilot, lambda: table.total == 1 and table.current_row)
+            assert table.current_row.feature == 5
+            await pilot.press("escape")
+            table.apply_query(table.query_state.__class__(filter="bookmarked"))
+            await wait_for(pilot, lambda: table.total == 1 and table.current_row)
+            assert table.current_row.feature == 5
+
+    asyncio.run(edit())
+    asyncio.run(reopen())
+
+
+def test_bad_states_are_messages_not_crashes(index_copy, tmp_path):
+    with pytest.raises(SaetuiInputError, match="does not exist"):
+        run_app(tmp_path / "missing")
+
+    async def out_of_range():
+        app = make_app(index_copy)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("slash", *"#999999", "enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: "out of range" in str(view.get_option_at_index(0).prompt))
+            await pilot.press("b")  # still responsive
+            await pilot.press("question_mark")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "HelpScreen")
+            await pilot.press("escape")
+            await pilot.resize_terminal(60, 18)
+            await pilot.pause(0.2)
+            await pilot.resize_terminal(120, 40)
+
+    asyncio.run(out_of_range())
+
+    not_an_index = tmp_path / "not-an-index"
+    not_an_index.mkdir()
+    (not_an_index / "saetui-index.json").write_text("{broken")
+
+    async def damaged():
+        app = make_app(not_an_index)
+        async with app.run_test(size=SIZE) as pilot:
+            status = app.query_one("#status-line")
+            await wait_for(pilot, lambda: "damaged" in str(status.render()))
+
+    asyncio.run(damaged())
+
+
+def test_live_refresh_keeps_cursor_while_a_writer_commits(tmp_path):
+    """A writer commits windows while the app shows the table and a feature: the token count
+    grows, rows update, the cursor, focus and highlighted row stay where they were."""
+    from saetui.index.synthetic import SyntheticCorpus
+    from saetui.index.writer import IndexWriter
+
+    corpus = SyntheticCorpus(d_sae=256, ctx_len=32)
+    path = tmp_path / "index"
+    writer = IndexWriter.create_or_resume(
+        path,
+        {"model": "synthetic"},
+        corpus.d_sae,
+        corpus.ctx_len,
+        corpus.vocab(),
+        commit_interval=0.05,
+        checkpoint_interval=0.0,
+    )
+    try:
+        writer.add_windows(**corpus.windows(0, 20))
+        writer.checkpoint()
+        writer.flush()
+
+        async def flow():
+            app = make_app(path)
+            async with app.run_test(size=SIZE) as pilot:
+                table = app.query_one(FeatureTable)
+                await wait_for(pilot, lambda: table.current_row is not None)
+                before = app.run_state.tokens
+                for _ in range(7):
+                    await pilot.press("j")
+                table.focus()
+                assert table.cursor == 7
+                count_before = table.current_row.count
+
+                def write_more() -> None:
+                    writer.add_windows(**corpus.windows(20, 40))
+                    writer.checkpoint()
+                    writer.flush()
+
+                thread = threading.Thread(target=write_more)
+                thread.start()
+                while thread.is_alive():
+                    await pilot.pause(0.05)
+                thread.join()
+                await wait_for(pilot, lambda: app.run_state.tokens > before)
+                await wait_for(pilot, lambda: table.current_row.count > count_before)
+                assert table.cursor == 7
+                assert app.focused is table
+                # now the feature view: highlighted row survives the next refresh
+                await pilot.press("enter")
+                view = app.query_one(FeatureView)
+                await wait_for(pilot, lambda: view.detail is not None)
+                await pilot.press("j", "j")
+                highlighted = view.highlighted
+                tokens = app.run_state.tokens
+                thread = threading.Thread(
+                    target=lambda: (
+                        writer.add_windows(**corpus.windows(60, 10)),
+                        writer.checkpoint(),
+                        writer.flush(),
+                    )
+                )
+                thread.start()
+                while thread.is_alive():
+                    await pilot.pause(0.05)
+                await wait_for(pilot, lambda: app.run_state.tokens > tokens)
+                await pilot.pause(0.5)
+                assert view.highlighted == highlighted
+                assert app.focused is view
+
+        asyncio.run(flow())
+    finally:
+        writer.close()
+
+
+def test_collection_worker_runs_pauses_and_resumes(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
+):
+    """The app runs the real pipeline in its worker: progress shows, p pauses at a commit
+    (the index stays readable and resumable), p again finishes it."""
+    from conftest import tiny_collect_config
+
+    config = tiny_collect_config(tmp_path / "index", tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
+    gate = threading.Event()
+
+    from saetui.collect.pipeline import run_collection
+
+    def collect(progress=None, should_stop=None):
+        # hold the first run at its first progress report until the test pressed p
+        def slow_progress(update):
+            progress(update)
+            if update.phase == "collecting" and not gate.is_set():
+                gate.wait(10)
+                gate.set()
+
+        return run_collection(config, progress=slow_progress, should_stop=should_stop)
+
+    async def flow():
+        app = make_app(tmp_path / "index", collect=collect)
+        async with app.run_test(size=SIZE) as pilot:
+            assert app.query_one("TabbedContent").active == "run"
+            await wait_for(
+                pilot,
+                lambda: app.collecting and getattr(app._progress, "phase", "") == "collecting",
+            )
+            await pilot.press("p")
+            gate.set()
+            await wait_for(pilot, lambda: not app.collecting, timeout=60)
+            assert app.paused
+            await wait_for(pilot, lambda: app.run_state is not None)
+            assert not app.run_state.finished
+            await pilot.press("p")
+            await wait_for(pilot, lambda: not app.collecting and not app.paused, timeout=60)
+            assert app.collection_error is None
+            await wait_for(pilot, lambda: app.run_state and app.run_state.finished)
+            await pilot.press("q")
+        assert app._collect_done.is_set()
+
+    asyncio.run(flow())

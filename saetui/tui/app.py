@@ -155,7 +155,11 @@ class SaetuiApp(App[int]):
             self.set_interval(1.0, self._check_terminal)
             with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
-        self.call_after_refresh(self._focus_tab, self.query_one(TabbedContent).active)
+        self.call_after_refresh(self._focus_initial)
+
+    def _focus_initial(self) -> None:
+        if self.focused is None or self.focused is self.query_one(TabbedContent).query_one("Tabs"):
+            self._focus_tab(self.query_one(TabbedContent).active)
 
     # ------------------------------------------------------------------ terminal
 
@@ -374,6 +378,7 @@ class SaetuiApp(App[int]):
             self.pop_screen()
         self.query_one(TabbedContent).active = tab
         self._focus_tab(tab)
+        self.call_after_refresh(self._focus_tab, tab)  # once the pane is visible
 
     @on(TabbedContent.TabActivated)
     def _tab_activated(self, event: TabbedContent.TabActivated) -> None:

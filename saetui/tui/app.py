@@ -263,7 +263,7 @@ class SaetuiApp(App[int]):
             parts.append(Text(" · paused (p resumes)", style="yellow"))
         elif state is not None and not state.finished:
             parts.append(Text(" · incomplete", style="yellow"))
-        parts.append(Text(f" · {self.index_path}", style="dim"))
+        parts.append(Text(f" · {self.index_path.name}", style="dim"))
         self.query_one("#status-line", Static).update(Text.assemble(*parts))
 
     # ------------------------------------------------------------------ collection

@@ -222,7 +222,7 @@ def test_bad_paths_and_files(tmp_path):
     env = lmdb.open(str(path / "shard-00000"), max_dbs=16, readonly=True, lib_version=0)
     fwd_db = env.open_db(b"fwd", create=False)
     with env.begin() as txn:
-        fwd = txn.get((3).to_bytes(8, "big"), db=fwd_db)
+        fwd = codec.chunk_blob(txn.get((0).to_bytes(8, "big"), db=fwd_db), 3)  # window 3
     env.close()
     at = original.find(fwd)
     assert at > 0

@@ -27,6 +27,11 @@ import numpy as np
 import zstandard
 
 FWD_VERSION = 1
+# Forward blocks are stored 8 windows per LMDB record: one ~32 KB record per window would
+# waste about half a 4 KB overflow page each (~0.25 B/nonzero). Each window keeps its own
+# zstd frame, so reading one context still decompresses one window.
+FWD_CHUNK = 8
+_CHUNK_HEAD = struct.Struct("<H")
 TOK_VERSION = 1
 _FWD_HEAD = struct.Struct("<BBHI")
 _TOK_HEAD = struct.Struct("<BHHH")
@@ -162,6 +167,37 @@ def encode_batch(
             )
         )
     return EncodedBatch(tok_records, fwd_records, int(nz_cum[-1]), n_tokens, n_counted_total)
+
+
+def pack_chunk(blobs: list[bytes]) -> bytes:
+    """One `fwd` record: u16 n, u32 offsets[n + 1], then the n compressed window blocks."""
+    offsets = np.zeros(len(blobs) + 1, dtype="<u4")
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return b"".join([_CHUNK_HEAD.pack(len(blobs)), offsets.tobytes(), *blobs])
+
+
+def chunk_count(record: bytes | memoryview) -> int:
+    return _CHUNK_HEAD.unpack_from(record)[0]
+
+
+def chunk_blob(record: bytes | memoryview, i: int) -> bytes | None:
+    """The compressed block of the i-th window of a `fwd` record, or None if absent."""
+    try:
+        n = _CHUNK_HEAD.unpack_from(record)[0]
+        if not 0 <= i < n:
+            return None
+        offsets = np.frombuffer(record, "<u4", n + 1, _CHUNK_HEAD.size)
+        base = _CHUNK_HEAD.size + 4 * (n + 1)
+        if base + int(offsets[-1]) != len(record):
+            raise CorruptBlockError("forward chunk sizes disagree")
+        return bytes(record[base + int(offsets[i]) : base + int(offsets[i + 1])])
+    except (struct.error, ValueError) as exc:
+        raise CorruptBlockError(str(exc)) from None
+
+
+def unpack_chunk(record: bytes | memoryview) -> list[bytes]:
+    n = chunk_count(record)
+    return [chunk_blob(record, i) or b"" for i in range(n)]
 
 
 @dataclass(frozen=True)

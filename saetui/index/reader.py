@@ -430,9 +430,11 @@ class IndexReader:
                 return hit
         s = self._shard(shard)
         with self._guard(s.path):
-            with s.env.begin() as txn:
+            with s.env.begin(buffers=True) as txn:  # zero-copy: slice one window out
                 tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
-                fwd = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_FWD])
+                chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
+                fwd = None if chunk is None else codec.chunk_blob(chunk, window % codec.FWD_CHUNK)
+                tok = None if tok is None else bytes(tok)
             if tok is None or fwd is None:
                 n = self._window_count(s)
                 raise SaetuiInputError(

@@ -38,6 +38,7 @@ SUM_UNIT_LOG2 = 24
 SUMSQ_UNIT_LOG2 = 16
 _HASH_MASK = (1 << 62) - 1
 _M31 = (1 << 31) - 1
+_M35 = (1 << 35) - 1
 
 
 def _signed(x: int) -> int:
@@ -49,15 +50,26 @@ _C1 = _signed(0xFF51AFD7ED558CCD)
 _C2 = _signed(0xC4CEB9FE1A85EC53)
 
 
-def sample_hash(feature: torch.Tensor, global_index: torch.Tensor) -> torch.Tensor:
-    """62-bit hash of (feature, global index): murmur3's finaliser on wrapping int64."""
-    x = global_index * _GOLD + feature
+def token_hash(global_index: torch.Tensor) -> torch.Tensor:
+    """First stage of the sample hash, once per token: murmur3's finaliser, wrapping int64."""
+    x = global_index * _GOLD
     x = x ^ ((x >> 33) & _M31)
     x = x * _C1
     x = x ^ ((x >> 33) & _M31)
+    return x
+
+
+def mix_feature(token_part: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Second stage, once per activation: fold in the feature id; a 62-bit result."""
+    x = token_part ^ (feature * _GOLD)
     x = x * _C2
-    x = x ^ ((x >> 33) & _M31)
+    x = x ^ ((x >> 29) & _M35)
     return x & _HASH_MASK
+
+
+def sample_hash(feature: torch.Tensor, global_index: torch.Tensor) -> torch.Tensor:
+    """Deterministic 62-bit hash of (feature, global index) that picks interval samples."""
+    return mix_feature(token_hash(global_index), feature)
 
 
 def fp16_bits(values: torch.Tensor) -> torch.Tensor:
@@ -92,16 +104,19 @@ class _TopTable:
             torch.full((n_groups, k), -1, dtype=torch.int64, device=device)
             for _ in range(n_payload)
         ]
+        self.thr = self.key[:, -1].contiguous()  # smallest kept key per row: the entry bar
         self._pending: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
         self._n_pending = 0
         self.flush_at = max(1 << 21, n_groups * k // 4)
 
     def add(self, group: torch.Tensor, key: torch.Tensor, payload: list[torch.Tensor]) -> None:
-        sel = key > self.key[:, -1][group]
-        n = int(sel.sum())
+        # index_select + nonzero: much faster on CPU than boolean-mask indexing
+        sel = (key > self.thr.index_select(0, group)).nonzero().squeeze(1)
+        n = len(sel)
         if n == 0:
             return
-        self._pending.append((group[sel], key[sel], [p[sel] for p in payload]))
+        picked = [p.index_select(0, sel) for p in payload]
+        self._pending.append((group.index_select(0, sel), key.index_select(0, sel), picked))
         self._n_pending += n
         if self._n_pending >= self.flush_at:
             self.flush()
@@ -139,6 +154,7 @@ class _TopTable:
             cand = torch.full((n_groups, k), -1, dtype=torch.int64, device=dev)
             cand[row, rank] = p[keep]
             s[ug] = torch.gather(torch.cat([s[ug], cand], dim=1), 1, idx)
+        self.thr = self.key[:, -1].contiguous()
 
 
 class FeatureSummaries:
@@ -202,25 +218,37 @@ class FeatureSummaries:
         starts = torch.cumsum(lengths_t, 0) - lengths_t
         pos = torch.arange(n_tokens, device=dev) - torch.repeat_interleave(starts, lengths_t)
         gidx = wid * self.ctx_len + pos
-        bits = fp16_bits(vals)
+        k = ids.shape[1]
+        bits = fp16_bits(vals).reshape(-1)
         active = bits != 0
         if mask is not None:
             m = torch.as_tensor(mask, device=dev).bool()
-            active &= m[:, None]
+            active = (active.view(-1, k) & m[:, None]).view(-1)
             n_counted = int(m.sum())
         else:
             n_counted = n_tokens
-        rows, cols = active.nonzero(as_tuple=True)
-        f = ids[rows, cols].long()
-        b = bits[rows, cols]
-        g = gidx[rows]
-        tok = toks[rows]
-        self._merge(f, b, g, tok)
+        # flat index + index_select: boolean / 2-D advanced indexing is slow on CPU
+        idx = active.nonzero().squeeze(1)
+        row = torch.div(idx, k, rounding_mode="floor")
+        f = ids.reshape(-1).index_select(0, idx).long()
+        b = bits.index_select(0, idx)
+        g = gidx.index_select(0, row)
+        tok = toks.index_select(0, row)
+        hash_token = token_hash(gidx).index_select(0, row)
+        self._merge(f, b, g, tok, hash_token, n_tokens)
         self.n_counted += n_counted
         self.n_tokens += n_tokens
         self.next_window = first_window + len(lengths_t)
 
-    def _merge(self, f: torch.Tensor, b: torch.Tensor, g: torch.Tensor, tok: torch.Tensor) -> None:
+    def _merge(
+        self,
+        f: torch.Tensor,
+        b: torch.Tensor,
+        g: torch.Tensor,
+        tok: torch.Tensor,
+        hash_token: torch.Tensor,
+        n_tokens: int,
+    ) -> None:
         if len(f) == 0:
             return
         if int(f.min()) < 0 or int(f.max()) >= self.d_sae:
@@ -228,13 +256,21 @@ class FeatureSummaries:
         d = self.d_sae
         self.count += torch.bincount(f, minlength=d)
         v = (b.to(torch.int16)).view(torch.float16).double()
-        self._add_exact(self.sum_fx, f, (v * float(1 << SUM_UNIT_LOG2)).long())
-        self._add_exact(self.sumsq_fx, f, torch.round(v * v * float(1 << SUMSQ_UNIT_LOG2)).long())
+        fx = (v * float(1 << SUM_UNIT_LOG2)).long()
+        fx2 = torch.round(v * v * float(1 << SUMSQ_UNIT_LOG2)).long()
+        # one float64 bincount is exact while every per-feature batch sum stays below 2**52
+        vmax = float(v.max())
+        if (vmax * vmax * 2.0**SUMSQ_UNIT_LOG2 + vmax * 2.0**SUM_UNIT_LOG2) * n_tokens < 2.0**52:
+            self.sum_fx += torch.bincount(f, weights=fx.double(), minlength=d).long()
+            self.sumsq_fx += torch.bincount(f, weights=fx2.double(), minlength=d).long()
+        else:
+            self._add_exact(self.sum_fx, f, fx)
+            self._add_exact(self.sumsq_fx, f, fx2)
         self.max_bits.scatter_reduce_(0, f, b, reduce="amax")
         self.hist.index_add_(0, f * N_HIST_BINS + _hist_bin(b), torch.ones_like(f))
         self.topk.add(f, (b << GIDX_BITS) | (GIDX_MASK - g), [tok])
         self.samples.add(
-            f * N_SAMPLE_BINS + _octave(b), _HASH_MASK - sample_hash(f, g), [g, b, tok]
+            f * N_SAMPLE_BINS + _octave(b), _HASH_MASK - mix_feature(hash_token, f), [g, b, tok]
         )
 
     def _add_exact(self, total: torch.Tensor, f: torch.Tensor, fx: torch.Tensor) -> None:
@@ -298,6 +334,8 @@ class FeatureSummaries:
         feat = torch.arange(self.d_sae, device=dev).repeat_interleave(N_SAMPLE_BINS)[:, None]
         h = sample_hash(feat.expand(shape), gidx.clamp(min=0))
         self.samples.key = torch.where(gidx >= 0, _HASH_MASK - h, torch.full_like(h, -1))
+        self.topk.thr = self.topk.key[:, -1].contiguous()
+        self.samples.thr = self.samples.key[:, -1].contiguous()
         self.n_counted, self.n_tokens = snap.n_counted, snap.n_tokens
         self.next_window = snap.next_window
 

@@ -221,6 +221,13 @@ class IndexWriter:
             summary_device,
         )
         self._restore_summaries()
+        # compressed blocks of the last, partly filled `fwd` chunk (rewritten as it fills)
+        committed = int(self._progress["windows"])
+        self._fwd_tail: list[bytes] = []
+        if committed % codec.FWD_CHUNK:
+            with env.begin() as txn:
+                rec = txn.get(fmt.u64_key(committed // codec.FWD_CHUNK), db=self._dbs[fmt.DB_FWD])
+            self._fwd_tail = codec.unpack_chunk(rec)
         self.next_window = int(self._progress["windows"])
         self.tokens_committed = int(self._progress["tokens"])
         self._commit_interval = commit_interval
@@ -251,7 +258,8 @@ class IndexWriter:
         with self._env.begin() as txn:
             for w in range(first, end):
                 rec = codec.decode_window(txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_TOK]))
-                blk = codec.decode_forward(txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_FWD]))
+                chunk = txn.get(fmt.u64_key(w // codec.FWD_CHUNK), db=self._dbs[fmt.DB_FWD])
+                blk = codec.decode_forward(codec.chunk_blob(chunk, w % codec.FWD_CHUNK))
                 lengths.append(len(rec.token_ids))
                 tokens.append(rec.token_ids)
                 masks.append(rec.mask)
@@ -558,18 +566,38 @@ class IndexWriter:
             pending["finished"] = False
         enc = codec.encode_batch(lens, tokens_flat, segments, ids, codec.to_fp16(vals), mask)
         keys = [fmt.u64_key(first + i) for i in range(len(lens))]
-        for db, records in ((fmt.DB_TOK, enc.tok_records), (fmt.DB_FWD, enc.fwd_records)):
-            with txn.cursor(db=self._dbs[db]) as cur:
-                _, added = cur.putmulti(list(zip(keys, records, strict=False)), append=True)
-            if added != len(keys):
-                raise RuntimeError(
-                    f"append of windows {first}-{first + len(keys) - 1} to {db.decode()} added "
-                    f"{added} of {len(keys)} records: keys out of order"
-                )
+        self._append(txn, fmt.DB_TOK, list(zip(keys, enc.tok_records, strict=True)))
+        size = codec.FWD_CHUNK
+        offset = first % size
+        if len(self._fwd_tail) != offset:
+            raise RuntimeError(f"forward chunk tail holds {len(self._fwd_tail)}, not {offset}")
+        blobs = self._fwd_tail + enc.fwd_records
+        chunk0 = first // size
+        records = [
+            (fmt.u64_key(chunk0 + i // size), codec.pack_chunk(blobs[i : i + size]))
+            for i in range(0, len(blobs), size)
+        ]
+        if offset:  # the first chunk exists, partly filled: rewrite it in place
+            txn.put(records[0][0], records[0][1], db=self._dbs[fmt.DB_FWD])
+            records = records[1:]
+        self._append(txn, fmt.DB_FWD, records)
+        self._fwd_tail = blobs[len(blobs) - len(blobs) % size :] if len(blobs) % size else []
         pending["windows"] = first + len(lens)
         pending["tokens"] += enc.n_tokens
         pending["counted_tokens"] += enc.n_counted
         pending["nonzeros"] += enc.nnz
+
+    def _append(self, txn: lmdb.Transaction, db: bytes, records: list[tuple[bytes, bytes]]) -> None:
+        """putmulti(append=True), checking the count: out-of-order keys are skipped silently."""
+        if not records:
+            return
+        with txn.cursor(db=self._dbs[db]) as cur:
+            _, added = cur.putmulti(records, append=True)
+        if added != len(records):
+            raise RuntimeError(
+                f"append to {db.decode()} added {added} of {len(records)} records: "
+                "keys out of order"
+            )
 
     def _write_checkpoint(
         self, txn: lmdb.Transaction, pending: dict[str, Any], snap: SummarySnapshot

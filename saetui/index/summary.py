@@ -16,6 +16,7 @@ after a crash ends with exactly the summaries of an uninterrupted run:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,10 @@ def _hist_bin(bits: torch.Tensor) -> torch.Tensor:
     return raw.clamp(0, N_HIST_BINS - 1)
 
 
+_TOPK_PAYLOAD = [torch.int32]  # token id
+_SAMPLE_PAYLOAD = [torch.int64, torch.int32, torch.int32]  # global index, fp16 bits, token
+
+
 class _TopTable:
     """Per group (row), the K largest int64 keys with payloads; rows sorted descending.
 
@@ -98,11 +103,12 @@ class _TopTable:
     candidates pass the threshold and merges become rare.
     """
 
-    def __init__(self, n_groups: int, k: int, n_payload: int, device: torch.device) -> None:
+    def __init__(
+        self, n_groups: int, k: int, payload_dtypes: list[torch.dtype], device: torch.device
+    ) -> None:
         self.key = torch.full((n_groups, k), -1, dtype=torch.int64, device=device)
         self.payload = [
-            torch.full((n_groups, k), -1, dtype=torch.int64, device=device)
-            for _ in range(n_payload)
+            torch.full((n_groups, k), -1, dtype=dt, device=device) for dt in payload_dtypes
         ]
         self.thr = self.key[:, -1].contiguous()  # smallest kept key per row: the entry bar
         self._pending: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
@@ -115,7 +121,9 @@ class _TopTable:
         n = len(sel)
         if n == 0:
             return
-        picked = [p.index_select(0, sel) for p in payload]
+        picked = [
+            p.index_select(0, sel).to(s.dtype) for p, s in zip(payload, self.payload, strict=True)
+        ]
         self._pending.append((group.index_select(0, sel), key.index_select(0, sel), picked))
         self._n_pending += n
         if self._n_pending >= self.flush_at:
@@ -128,32 +136,44 @@ class _TopTable:
         key = torch.cat([p[1] for p in self._pending])
         payload = [torch.cat([p[2][i] for p in self._pending]) for i in range(len(self.payload))]
         self._pending, self._n_pending = [], 0
-        state_key = self.key
-        # order candidates by (group ascending, key descending), then rank them per group
+        k = self.key.shape[1]
+        dev = self.key.device
+        # order candidates by (group ascending, key descending), keep the first k per group
         order = torch.argsort(key, descending=True, stable=True)
-        order = order[torch.argsort(group[order], stable=True)]
-        group, key = group[order], key[order]
-        payload = [p[order] for p in payload]
+        order = order[torch.argsort(group.index_select(0, order), stable=True)]
+        group = group.index_select(0, order)
         ug, cnt = torch.unique_consecutive(group, return_counts=True)
-        n_groups, k = len(ug), state_key.shape[1]
-        dev = state_key.device
+        n_groups = len(ug)
         row = torch.repeat_interleave(torch.arange(n_groups, device=dev), cnt)
         rank = torch.arange(len(group), device=dev) - torch.repeat_interleave(
             torch.cumsum(cnt, 0) - cnt, cnt
         )
-        keep = rank < k
-        row, rank, key = row[keep], rank[keep], key[keep]
-        cand_key = torch.full((n_groups, k), -1, dtype=torch.int64, device=dev)
-        cand_key[row, rank] = key
-        merged = torch.cat([state_key[ug], cand_key], dim=1)
-        # keys are unique within a row (except the -1 of empty slots): deterministic
-        top, idx = torch.sort(merged, dim=1, descending=True, stable=True)
-        state_key[ug] = top[:, :k]
-        idx = idx[:, :k]
-        for s, p in zip(self.payload, payload, strict=False):
-            cand = torch.full((n_groups, k), -1, dtype=torch.int64, device=dev)
-            cand[row, rank] = p[keep]
-            s[ug] = torch.gather(torch.cat([s[ug], cand], dim=1), 1, idx)
+        keep = (rank < k).nonzero().squeeze(1)
+        order = order.index_select(0, keep)
+        row, rank = row.index_select(0, keep), rank.index_select(0, keep)
+        key = key.index_select(0, order)
+        payload = [p.index_select(0, order) for p in payload]
+        # merge rows in slices so the [rows, 2k] temporaries stay small (~16 MB each)
+        step = max(1, (1 << 20) // k)
+        bounds = torch.searchsorted(
+            row, torch.arange(0, n_groups + step, step, device=dev).clamp(max=n_groups)
+        ).tolist()
+        for i, a in enumerate(range(0, n_groups, step)):
+            b = min(a + step, n_groups)
+            ca, cb = bounds[i], bounds[i + 1]
+            rows = ug[a:b]
+            r, rk = row[ca:cb] - a, rank[ca:cb]
+            cand_key = torch.full((b - a, k), -1, dtype=torch.int64, device=dev)
+            cand_key[r, rk] = key[ca:cb]
+            merged = torch.cat([self.key[rows], cand_key], dim=1)
+            # keys are unique within a row (except the -1 of empty slots): deterministic
+            top, idx = torch.sort(merged, dim=1, descending=True, stable=True)
+            self.key[rows] = top[:, :k]
+            idx = idx[:, :k]
+            for state, p in zip(self.payload, payload, strict=True):
+                cand = torch.full((b - a, k), -1, dtype=state.dtype, device=dev)
+                cand[r, rk] = p[ca:cb]
+                state[rows] = torch.gather(torch.cat([state[rows], cand], dim=1), 1, idx)
         self.thr = self.key[:, -1].contiguous()
 
 
@@ -181,8 +201,8 @@ class FeatureSummaries:
         self.max_bits = torch.zeros(d_sae, dtype=torch.int64, device=dev)
         self.hist = torch.zeros(d_sae * N_HIST_BINS, dtype=torch.int64, device=dev)
         # top-K payload: token id; samples payload: global index, fp16 bits, token id
-        self.topk = _TopTable(d_sae, top_k, 1, dev)
-        self.samples = _TopTable(d_sae * N_SAMPLE_BINS, samples_per_bin, 3, dev)
+        self.topk = _TopTable(d_sae, top_k, _TOPK_PAYLOAD, dev)
+        self.samples = _TopTable(d_sae * N_SAMPLE_BINS, samples_per_bin, _SAMPLE_PAYLOAD, dev)
         self.n_counted = 0  # unmasked tokens seen (the density denominator)
         self.n_tokens = 0
         self.next_window = 0  # summaries cover windows [0, next_window)
@@ -321,15 +341,15 @@ class FeatureSummaries:
         self.count, self.sum_fx, self.sumsq_fx = t(snap.count), t(snap.sum_fx), t(snap.sumsq_fx)
         self.max_bits = t(snap.max_bits)
         self.hist = t(snap.hist).reshape(-1)
-        self.topk = _TopTable(self.d_sae, self.top_k, 1, dev)
-        self.topk.key, self.topk.payload = t(snap.topk_key), [t(snap.topk_tok)]
+        self.topk = _TopTable(self.d_sae, self.top_k, _TOPK_PAYLOAD, dev)
+        self.topk.key, self.topk.payload = t(snap.topk_key), [t(snap.topk_tok).int()]
         shape = (self.d_sae * N_SAMPLE_BINS, self.samples_per_bin)
-        self.samples = _TopTable(shape[0], shape[1], 3, dev)
+        self.samples = _TopTable(shape[0], shape[1], _SAMPLE_PAYLOAD, dev)
         gidx = t(snap.samp_gidx).reshape(shape)
         self.samples.payload = [
             gidx,
-            t(snap.samp_bits).reshape(shape),
-            t(snap.samp_tok).reshape(shape),
+            t(snap.samp_bits).reshape(shape).int(),
+            t(snap.samp_tok).reshape(shape).int(),
         ]
         feat = torch.arange(self.d_sae, device=dev).repeat_interleave(N_SAMPLE_BINS)[:, None]
         h = sample_hash(feat.expand(shape), gidx.clamp(min=0))
@@ -396,44 +416,60 @@ def decode_columns(blob: bytes) -> np.ndarray:
     return np.frombuffer(raw, "<i8", 4 * d, _COL_HEAD.size).reshape(4, d)
 
 
-def _ragged(rows: np.ndarray, counts: np.ndarray) -> list[tuple[int, bytes]]:
-    """Slice a [d, W] structured array into per-row byte strings of the first counts[i] items."""
+def _ragged(rows: np.ndarray, counts: np.ndarray, base: int) -> list[tuple[bytes, bytes]]:
+    """Per-row byte strings of the first counts[i] items of a [n, W] structured array."""
     buf = rows.tobytes()
     width = rows.shape[1] * rows.dtype.itemsize
     isz = rows.dtype.itemsize
     return [
-        (int(i), buf[int(i) * width : int(i) * width + int(counts[i]) * isz])
+        (u32_key(base + int(i)), buf[int(i) * width : int(i) * width + int(counts[i]) * isz])
         for i in np.flatnonzero(counts)
     ]
 
 
-def summary_records(snap: SummarySnapshot) -> dict[str, list[tuple[bytes, bytes]]]:
-    """Records of every summary sub-db (keys ascending, ready for append)."""
-    out: dict[str, list[tuple[bytes, bytes]]] = {}
+def summary_record_chunks(
+    snap: SummarySnapshot, features_per_chunk: int = 8192
+) -> Iterator[tuple[str, list[tuple[bytes, bytes]]]]:
+    """(sub-db name, records) pieces, keys ascending per sub-db, ready for append.
+
+    Built a slice of features at a time so a checkpoint needs little memory beyond the
+    snapshot itself.
+    """
     from saetui.index.format import dumps
 
-    out["fsum"] = [(b"columns", encode_columns(snap)), (b"info", dumps(snap.info()))]
-    hist = snap.hist.astype("<i8")
-    out["fhist"] = [
-        (u32_key(c), codec.compress(hist[c * HIST_CHUNK : (c + 1) * HIST_CHUNK].tobytes()))
-        for c in range((snap.d_sae + HIST_CHUNK - 1) // HIST_CHUNK)
-    ]
-    topk = np.empty(snap.topk_key.shape, TOPK_DTYPE)
-    topk["key"], topk["tok"] = snap.topk_key, snap.topk_tok
-    n_top = (snap.topk_key >= 0).sum(1)
-    out["ftopk"] = [(u32_key(i), b) for i, b in _ragged(topk, n_top)]
-    valid = snap.samp_gidx >= 0
-    order = np.argsort(~valid, axis=1, kind="stable")
+    yield "fsum", [(b"columns", encode_columns(snap)), (b"info", dumps(snap.info()))]
+    hist = snap.hist
+    yield (
+        "fhist",
+        [
+            (
+                u32_key(c),
+                codec.compress(hist[c * HIST_CHUNK : (c + 1) * HIST_CHUNK].astype("<i8").tobytes()),
+            )
+            for c in range((snap.d_sae + HIST_CHUNK - 1) // HIST_CHUNK)
+        ],
+    )
     s = snap.samples_per_bin
-    samp = np.empty(snap.samp_gidx.shape, SAMP_DTYPE)
-    samp["bin"] = np.broadcast_to(np.arange(samp.shape[1]) // s, samp.shape)
-    samp["gidx"], samp["bits"], samp["tok"] = snap.samp_gidx, snap.samp_bits, snap.samp_tok
-    samp = np.take_along_axis(samp, order, axis=1)
-    out["fsamp"] = [(u32_key(i), b) for i, b in _ragged(samp, valid.sum(1))]
+    for a in range(0, snap.d_sae, features_per_chunk):
+        b = min(a + features_per_chunk, snap.d_sae)
+        keys = snap.topk_key[a:b]
+        topk = np.empty(keys.shape, TOPK_DTYPE)
+        topk["key"], topk["tok"] = keys, snap.topk_tok[a:b]
+        yield "ftopk", _ragged(topk, (keys >= 0).sum(1), a)
+    for a in range(0, snap.d_sae, features_per_chunk):
+        b = min(a + features_per_chunk, snap.d_sae)
+        gidx = snap.samp_gidx[a:b]
+        valid = gidx >= 0
+        order = np.argsort(~valid, axis=1, kind="stable")
+        samp = np.empty(gidx.shape, SAMP_DTYPE)
+        samp["bin"] = np.broadcast_to(np.arange(samp.shape[1]) // s, samp.shape)
+        samp["gidx"], samp["bits"], samp["tok"] = gidx, snap.samp_bits[a:b], snap.samp_tok[a:b]
+        samp = np.take_along_axis(samp, order, axis=1)
+        yield "fsamp", _ragged(samp, valid.sum(1), a)
     # inverted index token -> features whose top-K examples fire on it
-    feat = np.broadcast_to(np.arange(snap.d_sae)[:, None], snap.topk_tok.shape)
     ok = snap.topk_key >= 0
-    pairs = (snap.topk_tok[ok].astype(np.int64) << 32) | feat[ok].astype(np.int64)
+    feat = np.nonzero(ok)[0].astype(np.int64)
+    pairs = (snap.topk_tok[ok].astype(np.int64) << 32) | feat
     uniq, cnt = np.unique(pairs, return_counts=True)
     toks = uniq >> 32
     rec = np.empty(len(uniq), TTOK_DTYPE)
@@ -442,9 +478,20 @@ def summary_records(snap: SummarySnapshot) -> dict[str, list[tuple[bytes, bytes]
     starts = np.concatenate([[0], bounds]) if len(uniq) else np.array([], dtype=np.int64)
     ends = np.concatenate([bounds, [len(uniq)]]) if len(uniq) else starts
     buf, isz = rec.tobytes(), TTOK_DTYPE.itemsize
-    out["ttok"] = [
-        (u32_key(int(toks[a])), buf[a * isz : b * isz]) for a, b in zip(starts, ends, strict=False)
-    ]
+    yield (
+        "ttok",
+        [
+            (u32_key(int(toks[a])), buf[a * isz : b * isz])
+            for a, b in zip(starts, ends, strict=True)
+        ],
+    )
+
+
+def summary_records(snap: SummarySnapshot) -> dict[str, list[tuple[bytes, bytes]]]:
+    """All summary records at once, by sub-db name (tests and small indexes)."""
+    out: dict[str, list[tuple[bytes, bytes]]] = {}
+    for name, records in summary_record_chunks(snap):
+        out.setdefault(name, []).extend(records)
     return out
 
 

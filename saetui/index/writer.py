@@ -10,6 +10,7 @@ committed windows after it from the forward index. Summaries are batch-order ind
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import queue
@@ -31,7 +32,7 @@ from saetui.index.summary import (
     FeatureSummaries,
     SummarySnapshot,
     load_snapshot_records,
-    summary_records,
+    summary_record_chunks,
 )
 
 _SUMMARY_DBS = (fmt.DB_FSUM, fmt.DB_FHIST, fmt.DB_FTOPK, fmt.DB_FSAMP, fmt.DB_TTOK)
@@ -529,6 +530,9 @@ class IndexWriter:
                 if force or time.monotonic() - started >= self._commit_interval:
                     self._commit(txn, pending)
                     txn = None
+                if kind == "ckpt":
+                    del item
+                    _return_free_heap()
                 if kind == "flush":
                     item[1].set()
                 if kind == "stop":
@@ -602,15 +606,10 @@ class IndexWriter:
     def _write_checkpoint(
         self, txn: lmdb.Transaction, pending: dict[str, Any], snap: SummarySnapshot
     ) -> None:
-        records = summary_records(snap)
         for db in _SUMMARY_DBS:
-            handle = self._dbs[db]
-            txn.drop(handle, delete=False)
-            recs = records[db.decode()]
-            with txn.cursor(db=handle) as cur:
-                _, added = cur.putmulti(recs, append=True)
-            if added != len(recs):
-                raise RuntimeError(f"summary checkpoint into {db.decode()} lost records")
+            txn.drop(self._dbs[db], delete=False)
+        for name, records in summary_record_chunks(snap):
+            self._append(txn, name.encode(), records)
         pending["summary_windows"] = snap.next_window
         pending["summary_serial"] += 1
 
@@ -631,6 +630,14 @@ class IndexWriter:
             ok = ids[f] >= 0
             rec = ids[f][ok].astype("<u4").tobytes() + scores[f][ok].astype("<f4").tobytes()
             txn.put(fmt.nbr_key(f, mid), rec, db=db)
+
+
+def _return_free_heap() -> None:
+    """Give freed heap back to the OS after a checkpoint's large temporaries (glibc only)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _differing_fields(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -133,20 +133,37 @@ def demo_index_path() -> Path:
     return cache_root() / "indexes" / "demo"
 
 
+def _run_collection(args: argparse.Namespace, out: Path) -> int:
+    """Headless, or the TUI with the collection in a background worker."""
+    config = _collect_config(args, out)
+    if args.headless:
+        from saetui.collect.headless import run_headless
+
+        return run_headless(config, say=_say)
+    from saetui.tui.app import run_app
+
+    return run_app(out, collect=config)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job on the embedded sample (model, SAE, corpus)."""
-    from saetui.collect.headless import run_headless
-
     out = args.out or demo_index_path()
-    _say(f"demo index: {out}")
-    return run_headless(_collect_config(args, out), say=_say)
+    if args.headless:
+        _say(f"demo index: {out}")
+    return _run_collection(args, out)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     """Collect an index from a model, an SAE and a corpus."""
-    from saetui.collect.headless import run_headless
+    return _run_collection(args, args.out)
 
-    return run_headless(_collect_config(args, args.out), say=_say)
+
+def cmd_open(args: argparse.Namespace) -> int:
+    """Browse an existing index (the model loads lazily, only for the probe)."""
+    from saetui.tui.app import run_app
+
+    _check_index(args.index)
+    return run_app(args.index)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -207,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collect_options(collect)
     collect.add_argument("--out", type=Path, required=True, help="index directory")
     collect.set_defaults(handler=cmd_collect)
+
+    open_ = commands.add_parser("open", help="browse an index in the TUI")
+    open_.add_argument("index", type=Path, help="index directory")
+    open_.set_defaults(handler=cmd_open)
 
     export = commands.add_parser(
         "export", help="write an index's analysis as the old pipeline's files or as JSONL"

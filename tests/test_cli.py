@@ -35,7 +35,7 @@ def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str)
 def test_help_lists_subcommands():
     result = saetui("--help")
     assert result.returncode == 0
-    for command in ("demo", "collect", "export", "labels", "info"):
+    for command in ("demo", "collect", "open", "export", "labels", "info"):
         assert command in result.stdout
 
 
@@ -67,6 +67,7 @@ def test_info_json():
         (["demo", "--data", "no/such/corpus.json"], ["no/such/corpus.json"]),
         (["demo", "--ctx-len", "1"], ["--ctx-len"]),
         (["export", "no/such/index", "--out", "x"], ["no/such/index"]),
+        (["open", "no/such/index"], ["no/such/index"]),
         (["labels", "import", "no/such/labels.jsonl", str(SAMPLE_DATA)], ["not a saetui index"]),
     ],
 )

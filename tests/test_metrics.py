@@ -136,3 +136,11 @@ def test_bos_and_padding_are_excluded(measured):
     counted = sum(int(np.asarray(batch.mask).sum()) for batch in batches)
     real = sum(int(np.asarray(batch.lengths).sum()) for batch in batches)
     assert metrics["tokens"] == counted < real
+
+
+def test_l0_histogram_counts_every_token(measured):
+    metrics, _ = measured
+    histogram = dict(metrics["l0_histogram"])
+    assert sum(histogram.values()) == metrics["tokens"]
+    mean = sum(l0 * n for l0, n in histogram.items()) / metrics["tokens"]
+    assert mean == pytest.approx(metrics["l0_mean"])

@@ -36,6 +36,7 @@ class ReconstructionMetrics:
     sum_l1: float = 0.0
     elements_per_token: int = 0
     feature_counts: torch.Tensor | None = field(default=None, repr=False)
+    l0_counts: torch.Tensor | None = field(default=None, repr=False)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, feature_acts: torch.Tensor) -> None:
@@ -60,6 +61,8 @@ class ReconstructionMetrics:
         l0 = active.sum(-1).to(F64)
         self.sum_l0 += float(l0.sum())
         self.sum_sq_l0 += float(l0.pow(2).sum())
+        l0_bins = torch.bincount(active.sum(-1).cpu(), minlength=self.d_sae + 1)
+        self.l0_counts = l0_bins if self.l0_counts is None else self.l0_counts + l0_bins
         self.sum_l1 += float(feature_acts.to(F64).abs().sum())
         counts = active.sum(0).to(torch.int64)
         self.feature_counts = (
@@ -93,6 +96,11 @@ class ReconstructionMetrics:
             "dead_fraction": float((counts == 0).to(F64).mean()),
             "dense_1pct": int((density > 0.01).sum()),
             "dense_10pct": int((density > 0.10).sum()),
+            # [[L0, tokens with that L0], ...] for the L0-per-token histogram
+            "l0_histogram": [
+                [int(value), int(self.l0_counts[value])]
+                for value in self.l0_counts.nonzero().flatten().tolist()
+            ],
         }
 
 

@@ -399,3 +399,14 @@ def test_reader_in_other_process_sees_only_committed_data(tmp_path):
     assert len(seen) >= 2, "the reader should have seen the index grow"
     with open_index(path) as r:
         assert r.progress().windows == n and r.progress().finished
+
+
+def test_reading_does_not_import_torch_or_textual(built):
+    code = (
+        "import sys; from saetui.index import open_index; "
+        f"r = open_index({str(built)!r}); r.feature(1); r.features(); "
+        "bad = [m for m in ('torch', 'textual', 'rich') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

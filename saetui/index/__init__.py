@@ -1,7 +1,10 @@
 """saetui.index: the LMDB token-feature index (layout in README.md next to this file).
 
-Write with `IndexWriter.create_or_resume(...)`, read with `open_index(path)`.
+Write with `IndexWriter.create_or_resume(...)`, read with `open_index(path)`. Reading
+does not import torch; `IndexWriter` and `FeatureSummaries` load it on first use.
 """
+
+from typing import Any
 
 from saetui.index.reader import (
     Bookmark,
@@ -23,8 +26,6 @@ from saetui.index.reader import (
     WindowView,
     open_index,
 )
-from saetui.index.summary import FeatureSummaries
-from saetui.index.writer import IndexWriter
 
 __all__ = [
     "Bookmark",
@@ -48,3 +49,15 @@ __all__ = [
     "WindowView",
     "open_index",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "IndexWriter":
+        from saetui.index.writer import IndexWriter
+
+        return IndexWriter
+    if name == "FeatureSummaries":
+        from saetui.index.summary import FeatureSummaries
+
+        return FeatureSummaries
+    raise AttributeError(f"module 'saetui.index' has no attribute {name!r}")

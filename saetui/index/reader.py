@@ -24,7 +24,7 @@ import numpy as np
 from saetui.errors import SaetuiInputError
 from saetui.index import codec
 from saetui.index import format as fmt
-from saetui.index.summary import (
+from saetui.index.records import (
     SUM_UNIT_LOG2,
     SUMSQ_UNIT_LOG2,
     decode_columns,

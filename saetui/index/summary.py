@@ -34,9 +34,18 @@ from saetui.index.format import (
     N_SAMPLE_BINS,
     u32_key,
 )
+from saetui.index.records import (
+    SAMP_DTYPE,
+    SUM_UNIT_LOG2,
+    SUMSQ_UNIT_LOG2,
+    TOPK_DTYPE,
+    TTOK_DTYPE,
+    decode_columns,
+    decode_samples,
+    decode_topk,
+    encode_columns,
+)
 
-SUM_UNIT_LOG2 = 24
-SUMSQ_UNIT_LOG2 = 16
 _HASH_MASK = (1 << 62) - 1
 _M31 = (1 << 31) - 1
 _M35 = (1 << 35) - 1
@@ -396,25 +405,6 @@ class SummarySnapshot:
 
 # --- records -------------------------------------------------------------------------
 
-TOPK_DTYPE = np.dtype([("key", "<i8"), ("tok", "<i4")])
-SAMP_DTYPE = np.dtype([("bin", "u1"), ("gidx", "<i8"), ("bits", "<u2"), ("tok", "<i4")])
-TTOK_DTYPE = np.dtype([("feature", "<u4"), ("count", "<u2")])
-_COL_HEAD = struct.Struct("<I")
-
-
-def encode_columns(snap: SummarySnapshot) -> bytes:
-    cols = np.stack([snap.count, snap.sum_fx, snap.sumsq_fx, snap.max_bits]).astype("<i8")
-    return codec.compress(_COL_HEAD.pack(snap.d_sae) + cols.tobytes())
-
-
-def decode_columns(blob: bytes) -> np.ndarray:
-    """[4, d_sae] int64: count, sum (2**-24 units), sumsq (2**-16 units), max fp16 bits."""
-    raw = codec.decompress(blob)
-    (d,) = _COL_HEAD.unpack_from(raw)
-    if len(raw) != _COL_HEAD.size + 32 * d:
-        raise codec.CorruptBlockError("summary columns have the wrong size")
-    return np.frombuffer(raw, "<i8", 4 * d, _COL_HEAD.size).reshape(4, d)
-
 
 def _ragged(rows: np.ndarray, counts: np.ndarray, base: int) -> list[tuple[bytes, bytes]]:
     """Per-row byte strings of the first counts[i] items of a [n, W] structured array."""
@@ -493,18 +483,6 @@ def summary_records(snap: SummarySnapshot) -> dict[str, list[tuple[bytes, bytes]
     for name, records in summary_record_chunks(snap):
         out.setdefault(name, []).extend(records)
     return out
-
-
-def decode_topk(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, TOPK_DTYPE)
-
-
-def decode_samples(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, SAMP_DTYPE)
-
-
-def decode_ttok(blob: bytes) -> np.ndarray:
-    return np.frombuffer(blob, TTOK_DTYPE)
 
 
 def load_snapshot_records(txn: Any, dbs: dict[bytes, Any], d_sae: int) -> SummarySnapshot | None:

@@ -1,0 +1,47 @@
+"""Torch-free codecs of the summary records (readers import only this)."""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from saetui.index import codec
+
+if TYPE_CHECKING:
+    from saetui.index.summary import SummarySnapshot
+
+SUM_UNIT_LOG2 = 24
+SUMSQ_UNIT_LOG2 = 16
+
+TOPK_DTYPE = np.dtype([("key", "<i8"), ("tok", "<i4")])
+SAMP_DTYPE = np.dtype([("bin", "u1"), ("gidx", "<i8"), ("bits", "<u2"), ("tok", "<i4")])
+TTOK_DTYPE = np.dtype([("feature", "<u4"), ("count", "<u2")])
+_COL_HEAD = struct.Struct("<I")
+
+
+def encode_columns(snap: SummarySnapshot) -> bytes:
+    cols = np.stack([snap.count, snap.sum_fx, snap.sumsq_fx, snap.max_bits]).astype("<i8")
+    return codec.compress(_COL_HEAD.pack(snap.d_sae) + cols.tobytes())
+
+
+def decode_columns(blob: bytes) -> np.ndarray:
+    """[4, d_sae] int64: count, sum (2**-24 units), sumsq (2**-16 units), max fp16 bits."""
+    raw = codec.decompress(blob)
+    (d,) = _COL_HEAD.unpack_from(raw)
+    if len(raw) != _COL_HEAD.size + 32 * d:
+        raise codec.CorruptBlockError("summary columns have the wrong size")
+    return np.frombuffer(raw, "<i8", 4 * d, _COL_HEAD.size).reshape(4, d)
+
+
+def decode_topk(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, TOPK_DTYPE)
+
+
+def decode_samples(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, SAMP_DTYPE)
+
+
+def decode_ttok(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, TTOK_DTYPE)

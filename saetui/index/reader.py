@@ -31,6 +31,7 @@ from saetui.index.records import (
     decode_samples,
     decode_topk,
     decode_ttok,
+    feature_blob,
 )
 
 SORT_KEYS = ("id", "count", "density", "mean", "std", "max", "label")
@@ -632,7 +633,7 @@ class IndexReader:
         out = []
         for s in self._shards:
             with self._guard(s.path), s.env.begin() as txn:
-                blob = txn.get(fmt.u32_key(f), db=s.dbs[fmt.DB_FTOPK])
+                blob = feature_blob(txn, s.dbs[fmt.DB_FTOPK], f)
             if blob is None:
                 continue
             rec = decode_topk(blob)
@@ -688,7 +689,7 @@ class IndexReader:
         per_bin: dict[int, list[tuple[int, int, int]]] = {}
         for s in self._shards:
             with self._guard(s.path), s.env.begin() as txn:
-                blob = txn.get(fmt.u32_key(f), db=s.dbs[fmt.DB_FSAMP])
+                blob = feature_blob(txn, s.dbs[fmt.DB_FSAMP], f)
             if blob is None:
                 continue
             for b, g, bits in zip(

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saetui.index import codec
+from saetui.index.format import u32_key
 
 if TYPE_CHECKING:
     from saetui.index.summary import SummarySnapshot
 
 SUM_UNIT_LOG2 = 24
 SUMSQ_UNIT_LOG2 = 16
+FEATURE_CHUNK = 256  # features per `ftopk` / `fsamp` record
 
 TOPK_DTYPE = np.dtype([("key", "<i8"), ("tok", "<i4")])
 SAMP_DTYPE = np.dtype([("bin", "u1"), ("gidx", "<i8"), ("bits", "<u2"), ("tok", "<i4")])
@@ -45,3 +48,20 @@ def decode_samples(blob: bytes) -> np.ndarray:
 
 def decode_ttok(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, TTOK_DTYPE)
+
+
+def feature_blob(txn: Any, db: Any, feature: int) -> bytes | None:
+    """One feature's bytes from a chunked `ftopk` / `fsamp` sub-db (None: no entries)."""
+    rec = txn.get(u32_key(feature // FEATURE_CHUNK), db=db)
+    if rec is None:
+        return None
+    blob = codec.chunk_blob(rec, feature % FEATURE_CHUNK)
+    return blob or None
+
+
+def _feature_blobs(txn: Any, db: Any) -> Iterator[tuple[int, bytes]]:
+    for key, rec in txn.cursor(db=db):
+        base = struct.unpack(">I", key)[0] * FEATURE_CHUNK
+        for j, blob in enumerate(codec.unpack_chunk(rec)):
+            if blob:
+                yield base + j, blob

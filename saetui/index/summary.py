@@ -35,11 +35,13 @@ from saetui.index.format import (
     u32_key,
 )
 from saetui.index.records import (
+    FEATURE_CHUNK,
     SAMP_DTYPE,
     SUM_UNIT_LOG2,
     SUMSQ_UNIT_LOG2,
     TOPK_DTYPE,
     TTOK_DTYPE,
+    _feature_blobs,
     decode_columns,
     decode_samples,
     decode_topk,
@@ -407,18 +409,27 @@ class SummarySnapshot:
 
 
 def _ragged(rows: np.ndarray, counts: np.ndarray, base: int) -> list[tuple[bytes, bytes]]:
-    """Per-row byte strings of the first counts[i] items of a [n, W] structured array."""
+    """`FEATURE_CHUNK` features per record: their first counts[i] items of a [n, W] array.
+
+    Many small per-feature records would make each checkpoint's `drop` read every leaf
+    page of the old summaries into the map (hundreds of MB of RSS); chunk records live in
+    overflow pages, which drop frees without reading.
+    """
     buf = rows.tobytes()
     width = rows.shape[1] * rows.dtype.itemsize
     isz = rows.dtype.itemsize
-    return [
-        (u32_key(base + int(i)), buf[int(i) * width : int(i) * width + int(counts[i]) * isz])
-        for i in np.flatnonzero(counts)
-    ]
+    out = []
+    for c in range(0, len(rows), FEATURE_CHUNK):
+        blobs = [
+            buf[i * width : i * width + int(counts[i]) * isz]
+            for i in range(c, min(c + FEATURE_CHUNK, len(rows)))
+        ]
+        out.append((u32_key((base + c) // FEATURE_CHUNK), codec.pack_chunk(blobs)))
+    return out
 
 
 def summary_record_chunks(
-    snap: SummarySnapshot, features_per_chunk: int = 8192
+    snap: SummarySnapshot, features_per_chunk: int = 64 * FEATURE_CHUNK
 ) -> Iterator[tuple[str, list[tuple[bytes, bytes]]]]:
     """(sub-db name, records) pieces, keys ascending per sub-db, ready for append.
 
@@ -502,16 +513,14 @@ def load_snapshot_records(txn: Any, dbs: dict[bytes, Any], d_sae: int) -> Summar
         hist[c * HIST_CHUNK : c * HIST_CHUNK + len(chunk)] = chunk
     topk_key = np.full((d_sae, k), -1, dtype=np.int64)
     topk_tok = np.full((d_sae, k), -1, dtype=np.int64)
-    for key, blob in txn.cursor(db=dbs[b"ftopk"]):
-        i = struct.unpack(">I", key)[0]
+    for i, blob in _feature_blobs(txn, dbs[b"ftopk"]):
         rec = decode_topk(blob)
         topk_key[i, : len(rec)], topk_tok[i, : len(rec)] = rec["key"], rec["tok"]
     width = N_SAMPLE_BINS * s
     samp_gidx = np.full((d_sae, width), -1, dtype=np.int64)
     samp_bits = np.full((d_sae, width), -1, dtype=np.int64)
     samp_tok = np.full((d_sae, width), -1, dtype=np.int64)
-    for key, blob in txn.cursor(db=dbs[b"fsamp"]):
-        i = struct.unpack(">I", key)[0]
+    for i, blob in _feature_blobs(txn, dbs[b"fsamp"]):
         rec = decode_samples(blob)
         # entries of one bin were stored in rank order: rebuild their slot within the bin
         run_start = np.ones(len(rec), dtype=bool)

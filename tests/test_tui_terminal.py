@@ -28,11 +28,13 @@ def synthetic_index(tmp_path_factory) -> Path:
 async def _loaded(pilot) -> None:
     app = pilot.app
     table = app.query_one("FeatureTable")
-    for _ in range(400):
-        if app.run_state is not None and table.current_row is not None:
+    status = app.query_one("#table-status")
+    for _ in range(600):
+        ready = app.run_state is not None and table.current_row is not None
+        if ready and "1/" in str(status.render()):
             break
         await pilot.pause(0.05)
-    await pilot.pause(0.2)
+    await pilot.pause(0.3)
 
 
 def _feature_loaded(feature: int):

@@ -20,7 +20,7 @@ CARDS = (
     ("dense >10%", ("dense_10pct", "dense_features_10pct", "dense_10")),
     ("expl. var.", ("explained_variance",)),
     ("CE recovered", ("ce_loss_recovered", "ce_recovered")),
-    ("KL", ("kl_div", "kl", "kl_divergence")),
+    ("KL", ("kl_clean_sae", "kl_div", "kl")),
     ("cosine", ("cosine",)),
 )
 

@@ -86,8 +86,14 @@ def test_collection_stores_metrics_and_neighbours(finished_index):
     ):
         assert key in metrics, key
     assert metrics["collection_tokens"] == index.progress().counted_tokens
-    nbrs = index.neighbours(5)["decoder_cosine"]
+    neighbours = index.neighbours(5)
+    nbrs = neighbours["decoder_cosine"]
     assert len(nbrs.ids) > 0 and 5 not in nbrs.ids.tolist()
+    assert {"jaccard", "npmi", "p_g_given_f", "logit_promoted", "logit_suppressed"} <= set(
+        neighbours
+    )
+    promoted = neighbours["logit_promoted"]
+    assert (promoted.ids >= 0).all() and list(promoted.scores) == sorted(promoted.scores)[::-1]
     phases = [u.phase for u in updates]
     assert phases[0] == "loading" and phases[-1] == "done"
     assert {"collecting", "metrics", "neighbours"} <= set(phases)
@@ -226,3 +232,36 @@ def test_headless_bad_input_exits_2_without_leaving_an_index(
     assert result.returncode == 2
     assert "blocks.7.hook_resid_post" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_forward_scan_matches_token_lookups(finished_index):
+    _, _, out = finished_index
+    with open_index(out) as index:
+        chunks = list(index.iter_forward(windows_per_chunk=8))
+        scanned = []
+        for chunk in chunks:
+            for t in range(len(chunk.offsets) - 1):
+                a, b = chunk.offsets[t], chunk.offsets[t + 1]
+                scanned.append(sorted(chunk.feature_ids[a:b].tolist()))
+        looked_up = []
+        for window in range(index.progress().windows):
+            for position in range(len(index.window(window).token_ids)):
+                token = index.token(window, position)
+                if token.counted:
+                    looked_up.append(sorted(token.feature_ids.tolist()))
+        assert scanned == looked_up
+        assert len(scanned) == index.progress().counted_tokens
+        # Co-occurrence agrees with a brute-force pass over the same tokens.
+        with_neighbours = [
+            (feature, index.neighbours(feature)["jaccard"])
+            for feature in range(index.meta.d_sae)
+        ]
+    with_neighbours = [(f, n) for f, n in with_neighbours if len(n.ids)]
+    assert with_neighbours
+    fired = [set(ids) for ids in scanned]
+    for feature, jaccard in with_neighbours[:10]:
+        best = int(jaccard.ids[0])
+        both = sum(1 for f in fired if feature in f and best in f)
+        either = sum(1 for f in fired if feature in f or best in f)
+        assert both >= 3  # the minimum count
+        assert jaccard.scores[0] == pytest.approx(both / either, rel=1e-5)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from saetui.collect.inputs import LoadedRun, RunInputs, load_run
@@ -322,11 +323,45 @@ def _density_over_collection(summaries: Any, d_sae: int) -> dict[str, Any]:
 def _neighbours_phase(
     config: CollectConfig, run: LoadedRun, writer: Any, report: _Reporter
 ) -> None:
-    from saetui.analysis.neighbours import decoder_cosine_neighbours
+    """Decoder-cosine and co-occurrence neighbours, and logit effects, into the index."""
+    from saetui.analysis.cooccurrence import METRICS, cooccurrence_neighbours
+    from saetui.analysis.neighbours import decoder_cosine_neighbours, logit_effects
+    from saetui.index import open_index
 
     report(CollectProgress("neighbours", message="decoder-cosine neighbours"), force=True)
-    ids, scores = decoder_cosine_neighbours(run.sae.W_dec.detach(), top_n=config.neighbours)
+    w_dec = run.sae.W_dec.detach()
+    ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours)
     writer.put_neighbours("decoder_cosine", ids, scores)
+    w_u = getattr(run.model.bridge, "W_U", None)
+    if w_u is not None and w_u.shape[0] == w_dec.shape[1]:
+        report(CollectProgress("neighbours", message="logit effects"), force=True)
+        up_ids, up_values, down_ids, down_values = logit_effects(w_dec, w_u.detach())
+        writer.put_neighbours("logit_promoted", up_ids, up_values)
+        writer.put_neighbours("logit_suppressed", down_ids, down_values)
+    # Co-occurrence reads the committed forward index: the writer's data must be on disk,
+    # and a reader may not be open in this process when the writer goes on writing.
+    writer.flush()
+    report(CollectProgress("neighbours", message="co-occurrence"), force=True)
+    with open_index(config.out) as index:
+        result = cooccurrence_neighbours(
+            lambda: _binary_chunks(index, run.sae.d_sae),
+            run.sae.d_sae,
+            top_n=config.neighbours,
+            min_count=config.cooccurrence_min_count,
+        )
+    for metric in METRICS:
+        writer.put_neighbours(metric, result.ids[metric], result.scores[metric])
+
+
+def _binary_chunks(index: Any, d_sae: int) -> Iterator[Any]:
+    """The forward index as binary CSR matrices [tokens, d_sae], one per chunk."""
+    import scipy.sparse as sp
+
+    for chunk in index.iter_forward():
+        data = np.ones(len(chunk.feature_ids), dtype=np.float32)
+        yield sp.csr_matrix(
+            (data, chunk.feature_ids, chunk.offsets), shape=(len(chunk.offsets) - 1, d_sae)
+        )
 
 
 def config_summary(config: CollectConfig) -> dict[str, Any]:

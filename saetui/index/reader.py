@@ -155,6 +155,17 @@ class FeatureDetail:
 
 
 @dataclass(frozen=True)
+class ForwardChunk:
+    """Counted tokens of consecutive windows: token t owns ids/values[offsets[t]:offsets[t+1]]."""
+
+    shard: int
+    first_window: int
+    offsets: np.ndarray  # int64 [n_tokens + 1]
+    feature_ids: np.ndarray  # int32 [nnz]
+    values: np.ndarray  # float32 [nnz]
+
+
+@dataclass(frozen=True)
 class TokenFeatures:
     shard: int
     window: int
@@ -465,6 +476,48 @@ class IndexReader:
             mask=rec.mask,
             segments=[Segment(*map(int, row)) for row in rec.segments],
         )
+
+    def iter_forward(self, windows_per_chunk: int = 256) -> Iterator[ForwardChunk]:
+        """Every committed window's sparse activations, shard by shard in window order,
+        in chunks of about ``windows_per_chunk`` windows, counted tokens only (BOS/pad
+        dropped). One short read transaction per chunk; the block cache is left alone."""
+        per_read = max(1, windows_per_chunk // codec.FWD_CHUNK)
+        for s in self._shards:
+            n_windows = self._window_count(s)
+            first_record = 0
+            while first_record * codec.FWD_CHUNK < n_windows:
+                offsets, ids, values = [np.zeros(1, np.int64)], [], []
+                with self._guard(s.path), s.env.begin() as txn:
+                    for record in range(first_record, first_record + per_read):
+                        chunk = txn.get(fmt.u64_key(record), db=s.dbs[fmt.DB_FWD])
+                        if chunk is None:
+                            break
+                        for i in range(codec.chunk_count(chunk)):
+                            window = record * codec.FWD_CHUNK + i
+                            if window >= n_windows:
+                                break
+                            tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
+                            block = codec.decode_forward(codec.chunk_blob(chunk, i))
+                            counted = np.flatnonzero(codec.decode_window(tok).mask)
+                            starts, ends = block.offsets[counted], block.offsets[counted + 1]
+                            lengths = ends - starts
+                            take = np.repeat(ends - np.cumsum(lengths), lengths) + np.arange(
+                                int(lengths.sum())
+                            )
+                            ids.append(block.feature_ids[take])
+                            values.append(block.values16[take])
+                            offsets.append(offsets[-1][-1] + np.cumsum(lengths))
+                first = first_record * codec.FWD_CHUNK
+                first_record += per_read
+                if not ids:
+                    continue
+                yield ForwardChunk(
+                    shard=s.index,
+                    first_window=first,
+                    offsets=np.concatenate(offsets),
+                    feature_ids=np.concatenate(ids),
+                    values=np.concatenate(values).astype(np.float32),
+                )
 
     def token(self, window: int, position: int, shard: int = 0) -> TokenFeatures:
         """All active features at one token, strongest first."""

@@ -35,6 +35,7 @@ from saetui.index.summary import (
     summary_record_chunks,
 )
 
+TOKEN_METRIC_PREFIX = "logit_"
 _SUMMARY_DBS = (fmt.DB_FSUM, fmt.DB_FHIST, fmt.DB_FTOPK, fmt.DB_FSAMP, fmt.DB_TTOK)
 
 
@@ -174,6 +175,7 @@ class IndexWriter:
         self.path, self.shard_path, self.shard = path, sdir, shard
         self._env = env
         self.d_sae, self.ctx_len = identity["d_sae"], identity["ctx_len"]
+        self.vocab_size = len(json.loads(vocab_json))
         self._dbs = {name: env.open_db(name) for name in fmt.SHARD_DBS}
         meta = self._dbs[fmt.DB_META]
         with env.begin() as txn:
@@ -401,7 +403,10 @@ class IndexWriter:
         self._last_checkpoint = time.monotonic()
 
     def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
-        """Store top-N neighbours per feature for `metric` (ids < 0 mark empty slots)."""
+        """Store top-N neighbours per feature for `metric` (ids < 0 mark empty slots).
+
+        Metrics named ``logit_*`` hold token ids (a feature's logit effects), not features.
+        """
         ids_np, scores_np = _as_numpy(ids), _as_numpy(scores).astype(np.float32)
         if ids_np.shape != scores_np.shape or ids_np.ndim != 2 or ids_np.shape[0] != self.d_sae:
             raise SaetuiInputError(
@@ -410,8 +415,9 @@ class IndexWriter:
             )
         if not metric or len(metric) > 64:
             raise SaetuiInputError("a neighbour metric needs a name of 1-64 characters.")
-        if ids_np.size and int(ids_np.max()) >= self.d_sae:
-            raise SaetuiInputError(f"neighbour ids must be below d_sae={self.d_sae}.")
+        bound = self.vocab_size if metric.startswith(TOKEN_METRIC_PREFIX) else self.d_sae
+        if ids_np.size and int(ids_np.max()) >= bound:
+            raise SaetuiInputError(f"{metric} ids must be below {bound}.")
         self._raise_pending()
         self._put(("nbrs", metric, ids_np.astype(np.int64), scores_np))
 

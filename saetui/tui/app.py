@@ -413,7 +413,7 @@ class SaetuiApp(App[int]):
             self.call_from_thread(self._feature_error, feature, str(error))
             return
         inputs = self._probe_inputs
-        if inputs is not None:
+        if inputs is not None and not (detail.promoted or detail.suppressed):
             try:
                 from saetui.analysis.probe import feature_logit_effects
 

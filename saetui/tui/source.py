@@ -26,6 +26,7 @@ from saetui.tui.model import (
 
 DENSE_THRESHOLD = 0.01  # "dense" = fires on more than 1% of tokens
 TOP_TOKENS_SHOWN = 3
+LOGIT_PREFIX = "logit_"  # neighbour metrics holding token ids: a feature's logit effects
 
 
 class IndexNotReady(Exception):
@@ -340,6 +341,19 @@ class IndexSource:
                 if f >= 0
             ]
             for metric, n in detail.neighbours.items()
+            if not metric.startswith(LOGIT_PREFIX)
+        }
+        # Logit effects stored by the collector hold token ids, not features.
+        effects = {
+            metric: list(
+                zip(
+                    self.reader.token_strings(n.ids[n.ids >= 0]),
+                    n.scores[n.ids >= 0].tolist(),
+                    strict=True,
+                )
+            )
+            for metric, n in detail.neighbours.items()
+            if metric.startswith(LOGIT_PREFIX)
         }
         return FeatureDetail(
             row=row,
@@ -353,6 +367,8 @@ class IndexSource:
             top_tokens=list(detail.top_tokens),
             neighbours=neighbours,
             tokens_seen=stats.counted_tokens,
+            promoted=effects.get("logit_promoted", []),
+            suppressed=effects.get("logit_suppressed", []),
         )
 
     @staticmethod

@@ -166,7 +166,7 @@ class FeatureView(OptionList):
                 + Text("  ".join(f"{show_token(t)} {v:+.2f}" for t, v in detail.suppressed))
             )
         else:
-            note("  computed once the model is loaded (run a probe, tab 4)")
+            note("  not stored in this index; computed once the model is loaded (tab 4)")
         if not detail.neighbours:
             heading("Related features")
             note("  no neighbours stored in this index yet")

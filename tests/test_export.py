@@ -47,6 +47,13 @@ def test_sae_core_export_has_the_old_files_and_key_names(tiny_index, tmp_path):
     assert [e["global_idx"] for e in record["top_examples"]] == [e.global_index for e in first_top]
     for example in record["top_examples"]:
         assert set(example) == OLD_EXAMPLE_KEYS
+    cooccurrence = np.load(next(out.glob("matrices/feature_cooccurrence_*.npy")))
+    assert cooccurrence.shape == (d_sae, d_sae)
+    assert (cooccurrence == cooccurrence.T).all()
+    with open_index(index_path) as index:
+        assert [int(cooccurrence[f, f]) for f in range(d_sae)] == [
+            index.stats(f).count for f in range(d_sae)
+        ]
     similarity = np.load(next(out.glob("matrices/feature_similarity_*.npy")))
     assert similarity.shape == (d_sae, d_sae)
     np.testing.assert_allclose(np.diag(similarity), 1.0, rtol=1e-5)

@@ -202,12 +202,27 @@ def _decoder_similarity(index: Any) -> np.ndarray:
     return (unit @ unit.T).numpy()
 
 
+def cooccurrence_counts(index: Any) -> np.ndarray:
+    """Dense [d_sae, d_sae] int32 counts of tokens on which both features fired (the
+    diagonal: tokens each feature fired on), from one scan of the forward index."""
+    import scipy.sparse as sp
+
+    d_sae = index.meta.d_sae
+    counts = np.zeros((d_sae, d_sae), dtype=np.int32)
+    for chunk in index.iter_forward():
+        fired = sp.csr_matrix(
+            (np.ones(len(chunk.feature_ids), np.int32), chunk.feature_ids, chunk.offsets),
+            shape=(len(chunk.offsets) - 1, d_sae),
+        )
+        counts += (fired.T @ fired).toarray().astype(np.int32)
+    return counts
+
+
 def export_sae_core(
     index_path: Path,
     out: Path,
     *,
     top_examples: int = 20,
-    cooccurrence: Callable[[Any], np.ndarray] | None = None,
     say: Callable[[str], None] = print,
 ) -> list[Path]:
     """Write the old pipeline's files for the index at ``index_path`` into ``out``."""
@@ -234,10 +249,9 @@ def export_sae_core(
                 name = f"matrices/feature_similarity_{ts}.npy"
                 np.save(staging / name, _decoder_similarity(index).astype(np.float32))
                 written.append(name)
-                if cooccurrence is not None:
-                    name = f"matrices/feature_cooccurrence_{ts}.npy"
-                    np.save(staging / name, cooccurrence(index))
-                    written.append(name)
+                name = f"matrices/feature_cooccurrence_{ts}.npy"
+                np.save(staging / name, cooccurrence_counts(index))
+                written.append(name)
             else:
                 say(
                     f"d_sae {d_sae} is above {DENSE_MATRIX_MAX_FEATURES}: dense similarity and "

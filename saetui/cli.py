@@ -136,6 +136,9 @@ def demo_index_path() -> Path:
 def _run_collection(args: argparse.Namespace, out: Path) -> int:
     """Headless, or the TUI with the collection in a background worker."""
     config = _collect_config(args, out)
+    if not args.headless and not _has_terminal():
+        _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
+        args.headless = True
     if args.headless:
         from saetui.collect.headless import run_headless
 
@@ -143,6 +146,11 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
     from saetui.tui.app import run_app
 
     return run_app(out, collect=config)
+
+
+def _has_terminal() -> bool:
+    """Whether the TUI can run: it reads keys from stdin and draws on stderr."""
+    return sys.stdin.isatty() and sys.stderr.isatty()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -163,6 +171,11 @@ def cmd_open(args: argparse.Namespace) -> int:
     from saetui.tui.app import run_app
 
     _check_index(args.index)
+    if not _has_terminal():
+        raise SaetuiInputError(
+            "saetui open needs a terminal (stdin and stderr must be a tty); run it in a "
+            "terminal, or use saetui export for a batch job."
+        )
     return run_app(args.index)
 
 

@@ -116,6 +116,7 @@ class SaetuiApp(App[int]):
         self._collect_done.set()
         self.collecting = False
         self.collection_error: str | None = None
+        self.input_error: str | None = None  # a bad command-line input found by the collector
         self.paused = False
         self._quit_when_stopped = False
         self._probe_lock = threading.Lock()
@@ -293,6 +294,8 @@ class SaetuiApp(App[int]):
         try:
             self.collect(progress=progress, should_stop=self._stop_collect.is_set)
         except SaetuiInputError as error:
+            # A mistake on the command line: leave the TUI and say it there (exit code 2).
+            self.input_error = str(error)
             self.post_message(CollectionFinished(self._stop_collect.is_set(), str(error)))
         except Exception as error:  # shown in the UI; the index keeps what was committed
             self.post_message(
@@ -324,6 +327,9 @@ class SaetuiApp(App[int]):
         self.source.resume()
         self.collection_error = message.error
         self.paused = message.stopped and message.error is None
+        if self.input_error is not None:
+            self.exit(return_code=SaetuiInputError.exit_code)
+            return
         if message.error:
             self.notify(f"Collection failed: {message.error}", severity="error", timeout=15)
         elif message.stopped:
@@ -697,4 +703,6 @@ def run_app(
         app.run()
     finally:
         app.shutdown()
+    if app.input_error is not None:
+        raise SaetuiInputError(app.input_error)
     return app.return_code or 0

@@ -39,12 +39,9 @@ _LAYER_NORM_EPS = 1e-5
 
 def best_device() -> torch.device:
     """The fastest device available here: cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    from saetui.lm.device import pick_device
+
+    return pick_device(None)
 
 
 class SparseAutoencoder(torch.nn.Module):

@@ -262,6 +262,7 @@ class IndexReader:
         self._columns: _Columns | None = None
         self._hist_cache: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
         self._vocab: list[str] | None = None
+        self._vocab_arr: np.ndarray | None = None
         self._vocab_lower: list[str] | None = None
         self._user_env: lmdb.Environment | None = None
         self._shards: list[_Shard] = []
@@ -388,9 +389,14 @@ class IndexReader:
         return self._vocab
 
     def token_strings(self, token_ids: np.ndarray | list[int]) -> list[str]:
-        vocab = self.vocab
+        if self._vocab_arr is None:
+            self._vocab_arr = np.array(self.vocab, dtype=object)
+        vocab = self._vocab_arr
         n = len(vocab)
-        return [vocab[t] if 0 <= t < n else f"<{t}>" for t in np.asarray(token_ids).tolist()]
+        ids = np.asarray(token_ids, dtype=np.int64).ravel()
+        if len(ids) == 0 or (int(ids.min()) >= 0 and int(ids.max()) < n):
+            return vocab[ids].tolist()  # one fancy index instead of a Python loop per token
+        return [vocab[t] if 0 <= t < n else f"<{t}>" for t in ids.tolist()]
 
     def progress(self) -> Progress:
         """Committed progress summed over shards (a fresh read each call)."""

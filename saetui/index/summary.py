@@ -314,14 +314,19 @@ class FeatureSummaries:
 
     # --- snapshots -------------------------------------------------------------------
 
-    def snapshot(self) -> SummarySnapshot:
-        """Copy the state to CPU numpy (for a checkpoint written by the writer thread)."""
+    def snapshot(self, copy: bool = True) -> SummarySnapshot:
+        """The state as CPU numpy (for a checkpoint written by the writer thread).
+
+        copy=False shares the tables on the CPU: only for a final checkpoint, after which
+        nothing updates the summaries.
+        """
 
         self.topk.flush()
         self.samples.flush()
 
         def n(t: torch.Tensor) -> np.ndarray:
-            return t.detach().to("cpu").numpy().copy()
+            a = t.detach().to("cpu").numpy()
+            return a.copy() if copy and t.device.type == "cpu" else a
 
         return SummarySnapshot(
             d_sae=self.d_sae,

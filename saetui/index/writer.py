@@ -17,7 +17,9 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +218,7 @@ class IndexWriter:
                 txn.put(fmt.META_SHAPE, fmt.dumps(shape), db=meta)
                 txn.put(fmt.META_VOCAB, codec.compress(vocab_json), db=meta)
                 txn.put(fmt.META_PROGRESS, fmt.dumps(self._progress), db=meta)
-        self.summaries = FeatureSummaries(
+        self._summaries = FeatureSummaries(
             self.d_sae,
             self.ctx_len,
             identity["top_k"],
@@ -224,6 +226,16 @@ class IndexWriter:
             summary_device,
         )
         self._restore_summaries()
+        # on the CPU the summary merge runs in its own thread (torch kernels release the
+        # GIL), overlapping the caller's next batch and the writer thread's encoding; on an
+        # accelerator it stays in the caller's thread, where it is cheap
+        self._sum_futures: deque[Future[None]] = deque()
+        self._sum_pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="saetui-index-summaries")
+            if self._summaries.device.type == "cpu"
+            else None
+        )
+        self._snapshot_window = int(self._progress["summary_windows"])
         # compressed blocks of the last, partly filled `fwd` chunk (rewritten as it fills)
         committed = int(self._progress["windows"])
         self._fwd_tail: list[bytes] = []
@@ -247,9 +259,9 @@ class IndexWriter:
         with self._env.begin() as txn:
             snap = load_snapshot_records(txn, self._dbs, self.d_sae)
         if snap is not None:
-            self.summaries.load_snapshot(snap)
+            self._summaries.load_snapshot(snap)
         end = int(self._progress["windows"])
-        start = self.summaries.next_window
+        start = self._summaries.next_window
         chunk = 256
         for a in range(start, end, chunk):
             b = min(end, a + chunk)
@@ -277,11 +289,26 @@ class IndexWriter:
         col = np.arange(int(counts.sum())) - np.repeat(starts, counts)
         ids[row, col] = np.concatenate([b.feature_ids for b in blocks])
         vals[row, col] = np.concatenate([b.values16 for b in blocks]).astype(np.float32)
-        self.summaries.update_windows(
+        self._summaries.update_windows(
             first, np.array(lengths), np.concatenate(tokens), ids, vals, np.concatenate(masks)
         )
 
     # ---------------------------------------------------------------- public API
+
+    @property
+    def summaries(self) -> FeatureSummaries:
+        """The running per-feature summaries, up to date with every window added so far."""
+        self._drain_summaries()
+        return self._summaries
+
+    def _drain_summaries(self, keep: int = 0) -> None:
+        """Wait until at most `keep` summary updates are still queued or running."""
+        while len(self._sum_futures) > keep:
+            fut = self._sum_futures.popleft()
+            exc = fut.exception()
+            if exc is not None:
+                self._sum_futures.clear()
+                raise exc
 
     @property
     def windows_committed(self) -> int:
@@ -387,8 +414,21 @@ class IndexWriter:
                     f"{self.summaries.next_window}, not {first + n_w}: call "
                     "writer.summaries.update_windows for exactly these windows first."
                 )
+        elif self._sum_pool is not None:
+            self._drain_summaries(keep=1)  # bounds the batches held for the summary thread
+            self._sum_futures.append(
+                self._sum_pool.submit(
+                    self._summaries.update_windows,
+                    first,
+                    lens,
+                    tokens_flat.astype(np.int64),
+                    ids_np,
+                    vals_np,
+                    mask_np,
+                )
+            )
         else:
-            self.summaries.update_windows(
+            self._summaries.update_windows(
                 first, lens, tokens_flat.astype(np.int64), feature_ids, values, mask_np
             )
         self._put(("data", first, lens, tokens_flat, seg_arrays, ids_np, vals_np, mask_np))
@@ -398,8 +438,20 @@ class IndexWriter:
 
     def checkpoint(self) -> None:
         """Queue a checkpoint of the summaries at the current window boundary."""
+        self._checkpoint(final=False)
+
+    def _checkpoint(self, final: bool) -> None:
+        """final: no window follows, so the records are built from the live tables
+        instead of a ~d_sae * 3.3 KB copy (the peak of a run's memory otherwise)."""
         self._raise_pending()
-        self._put(("ckpt", self.summaries.snapshot()))
+        if self._sum_pool is not None:
+            # snapshot in the summary thread, after the updates queued before it; the
+            # writer thread waits for it in queue order, so the caller does not
+            snap: Any = self._sum_pool.submit(self._summaries.snapshot, copy=not final)
+        else:
+            snap = self._summaries.snapshot(copy=not final)
+        self._put(("ckpt", snap))
+        self._snapshot_window = self.next_window
         self._last_checkpoint = time.monotonic()
 
     def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
@@ -451,7 +503,7 @@ class IndexWriter:
             return
         try:
             self._raise_pending()
-            self.checkpoint()
+            self._checkpoint(final=True)
             self._put(("finish",))
         finally:
             self.close()
@@ -463,11 +515,13 @@ class IndexWriter:
         self._closed = True
         try:
             if self._error is None and self._thread.is_alive():
-                if self.summaries.next_window > int(self._progress["summary_windows"]):
-                    self._put(("ckpt", self.summaries.snapshot()))
+                if self.next_window > self._snapshot_window:
+                    self._checkpoint(final=True)
                 self._put(("stop",))
         finally:
             self._thread.join()
+            if self._sum_pool is not None:
+                self._sum_pool.shutdown(wait=True)
             fmt.release_env(self._env)
         if self._error is not None and not self._error_raised:
             self._raise_pending()
@@ -526,7 +580,9 @@ class IndexWriter:
                 if kind == "data":
                     self._write_data(txn, pending, *item[1:])
                 elif kind == "ckpt":
-                    self._write_checkpoint(txn, pending, item[1])
+                    snap = item[1].result() if isinstance(item[1], Future) else item[1]
+                    self._write_checkpoint(txn, pending, snap)
+                    del snap
                 elif kind == "nbrs":
                     self._write_neighbours(txn, *item[1:])
                 elif kind == "meta":

@@ -711,9 +711,60 @@ class IndexReader:
         out.sort(key=lambda e: (-e[0], e[1], e[2]))
         return out[: self.meta.top_k]
 
-    def _example(self, f: int, shard: int, gidx: int, bits: int) -> Example:
+    def _contexts(
+        self, f: int, entries: list[tuple[int, int]]
+    ) -> dict[tuple[int, int], tuple[codec.WindowRecord, np.ndarray, list[str]]]:
+        """(window record, feature f on each token, token strings) per (shard, window).
+
+        Decoded blocks in the cache are used; the others are read in one transaction per
+        shard and only this feature is decoded from them (not cached: a feature's contexts
+        are scattered over the corpus and would only evict the blocks `token()` reuses).
+        """
+        ctx = self.meta.ctx_len
+        out: dict[tuple[int, int], tuple[codec.WindowRecord, np.ndarray, list[str]]] = {}
+        missing: dict[int, list[int]] = {}
+        for shard, gidx in entries:
+            key = (shard, gidx // ctx)
+            if key in out or key[1] in missing.get(shard, ()):
+                continue
+            with self._lock:
+                hit = self._blocks.get(key)
+            if hit is not None:
+                rec, blk = hit
+                out[key] = (rec, blk.feature_activations(f), self.token_strings(rec.token_ids))
+            else:
+                missing.setdefault(shard, []).append(key[1])
+        for shard, windows in missing.items():
+            s = self._shard(shard)
+            with self._guard(s.path), s.env.begin(buffers=True) as txn:
+                for window in windows:
+                    tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
+                    chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
+                    i = window % codec.FWD_CHUNK
+                    fwd = None if chunk is None else codec.chunk_blob(chunk, i)
+                    if tok is None or fwd is None:
+                        break
+                    rec = codec.decode_window(bytes(tok))
+                    acts = codec.feature_activations(fwd, f)
+                    out[(shard, window)] = (rec, acts, self.token_strings(rec.token_ids))
+            for window in windows:
+                if (shard, window) not in out:
+                    self._block(shard, window)  # raises the "not in the index" error
+        return out
+
+    def _example(
+        self,
+        f: int,
+        shard: int,
+        gidx: int,
+        bits: int,
+        context: tuple[codec.WindowRecord, np.ndarray, list[str]] | None = None,
+    ) -> Example:
         window, pos = divmod(gidx, self.meta.ctx_len)
-        rec, blk = self._block(shard, window)
+        if context is None:
+            rec, blk = self._block(shard, window)
+            context = (rec, blk.feature_activations(f), self.token_strings(rec.token_ids))
+        rec, activations, tokens = context
         seg = _segment_at(rec.segments, pos)
         doc_id, doc_off = (-1, pos) if seg is None else (int(seg[0]), int(seg[1] + pos - seg[2]))
         return Example(
@@ -726,14 +777,17 @@ class IndexReader:
             doc_id=doc_id,
             doc_offset=doc_off,
             token_ids=rec.token_ids,
-            tokens=self.token_strings(rec.token_ids),
-            activations=blk.feature_activations(f),
+            tokens=list(tokens),
+            activations=activations,
         )
 
     def top_examples(self, feature: int, n: int = 50) -> list[Example]:
         """The feature's strongest activations with their windows (ties: earliest token)."""
         f = self._check_feature(feature)
-        return [self._example(f, sh, g, b) for b, sh, g, _ in self._topk_entries(f)[:n]]
+        entries = self._topk_entries(f)[:n]
+        contexts = self._contexts(f, [(sh, g) for _, sh, g, _ in entries])
+        ctx = self.meta.ctx_len
+        return [self._example(f, sh, g, b, contexts[(sh, g // ctx)]) for b, sh, g, _ in entries]
 
     def top_tokens(self, feature: int) -> list[tuple[str, int]]:
         """Token strings the feature's top-K examples fire on, with counts, commonest first."""

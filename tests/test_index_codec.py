@@ -66,6 +66,11 @@ def test_forward_and_window_records_round_trip(batch):
             a, b = blk.offsets[t], blk.offsets[t + 1]
             np.testing.assert_array_equal(blk.feature_ids[a:b], ids[g][active][order])
             np.testing.assert_array_equal(blk.values16[a:b], v16[g][active][order])
+        # the single-feature decoder used by top_examples agrees with the full decode
+        for f in {*blk.feature_ids[:3].tolist(), int(ids.max()) + 1}:
+            np.testing.assert_array_equal(
+                codec.feature_activations(enc.fwd_records[w], f), blk.feature_activations(f)
+            )
         start += n
     assert enc.nnz == sum(int(((v16 != 0) & mask[:, None]).sum()) for _ in [0])
 
@@ -80,7 +85,11 @@ def test_corrupt_blocks_raise_corrupt_block_error():
         np.ones(2, bool),
     )
     for bad in (b"", b"garbage", enc.fwd_records[0][:-3], codec.compress(b"\x01\x00\x05")):
-        for decode in (codec.decode_forward, codec.decode_window):
+        for decode in (
+            codec.decode_forward,
+            codec.decode_window,
+            lambda b: codec.feature_activations(b, 1),
+        ):
             try:
                 decode(bad)
             except codec.CorruptBlockError:

@@ -103,6 +103,30 @@ def test_history_back_forward_and_branching():
     assert history.back() == 2
 
 
+def test_context_line_keeps_the_firing_token_centred_and_measures_only_what_shows():
+    from saetui.tui.render import context_line, context_span
+
+    tokens = [f" w{i}" for i in range(200)]
+    values = [0.0] * 200
+    values[150] = 2.0
+    line = context_line(tokens, values, 150, 40, max_value=2.0)
+    text = line.plain
+    assert len(text) <= 40 and text.startswith("…") and text.endswith("…")
+    middle = text.index(" w150")
+    assert abs(middle + 2 - len(text) / 2) <= 4  # centred
+    assert any(
+        span.style.underline for span in line.spans if text[span.start :].startswith(" w150")
+    )
+    shown: dict[int, str] = {}
+    context_span(tokens, 150, 40, shown)
+    assert len(shown) < 20  # only the tokens near the firing one were measured
+    # near the end of the window the right side runs out: the line fills from the left
+    start, stop = context_span(tokens, 199, 40)
+    assert stop == 200 and sum(len(t) for t in tokens[start:stop]) > 30
+    # a short context is shown whole, uncut
+    assert context_line(tokens[:5], values[:5], 2, 40).plain == "".join(tokens[:5])
+
+
 def test_binding_ids_are_unique_and_scoped():
     ids = [entry.id for entry in REGISTRY]
     assert len(ids) == len(set(ids))
@@ -276,7 +300,7 @@ def test_bad_states_are_messages_not_crashes(index_copy, tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("slash", *"#999999", "enter")
             view = app.query_one(FeatureView)
-            await wait_for(pilot, lambda: "out of range" in str(view.get_option_at_index(0).prompt))
+            await wait_for(pilot, lambda: "out of range" in view.line_text(0))
             await pilot.press("b")  # still responsive
             await pilot.press("question_mark")
             await wait_for(pilot, lambda: app.screen.__class__.__name__ == "HelpScreen")

@@ -535,6 +535,8 @@ class SaetuiApp(App[int]):
 
     def on_feature_table_highlighted(self, message: FeatureTable.Highlighted) -> None:
         table = self.query_one(FeatureTable)
+        # the rows' width is known only once a page is laid out (a scrollbar may appear)
+        self._update_table_header()
         status = Text.assemble(
             (f" {message.index + 1 if message.total else 0:,}/{message.total:,}", "bold"),
             ("  " + table.query_state.describe(), "dim"),

@@ -83,6 +83,10 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("feature.up", "k,up", "cursor_up", "Up", show=False, palette=False),
     KeyAction("feature.top", "g,home", "first", "Top", show=False, palette=False),
     KeyAction("feature.bottom", "G,end", "last", "Bottom", show=False, palette=False),
+    KeyAction(
+        "feature.page_down", "pagedown,ctrl+d", "page_down", "Page down", show=False, palette=False
+    ),
+    KeyAction("feature.page_up", "pageup,ctrl+u", "page_up", "Page up", show=False, palette=False),
     KeyAction("feature.open", "enter,l", "open", "Open", show=False),
     KeyAction("feature.bookmark", "m", "bookmark", "Bookmark"),
     KeyAction("feature.label", "e", "edit_label", "Label/notes"),

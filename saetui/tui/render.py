@@ -7,7 +7,10 @@ not make every repaint slow.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
+from rich.cells import cell_len
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
@@ -22,16 +25,28 @@ def show_token(token: str) -> str:
     return token.translate(_SPACE_GLYPHS) or "∅"
 
 
+HEAT_LEVELS = 48  # shades are quantised so each is one cached Style, not one per token
+
+
+@lru_cache(maxsize=HEAT_LEVELS + 1)
+def _heat_level(level: int) -> Style:
+    share = level / HEAT_LEVELS
+    rgb = tuple(int(b + (h - b) * share) for b, h in zip(_BASE, _HOT, strict=True))
+    colour = f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
+    return Style(bgcolor=colour, color="white" if share < 0.6 else "black")
+
+
 def heat(value: float, max_value: float) -> Style | None:
     """Background shade for an activation; None for zero (no style, cheaper to render)."""
     if value <= 0 or max_value <= 0:
         return None
-    share = min(1.0, value / max_value)
     # sqrt so small activations are still visible
-    share = math.sqrt(share)
-    rgb = tuple(int(b + (h - b) * share) for b, h in zip(_BASE, _HOT, strict=True))
-    colour = f"rgb({rgb[0]},{rgb[1]},{rgb[2]})"
-    return Style(bgcolor=colour, color="white" if share < 0.6 else "black")
+    share = math.sqrt(min(1.0, value / max_value))
+    return _heat_level(max(1, round(share * HEAT_LEVELS)))
+
+
+_MARK = Style(bold=True, underline=True)
+_ELLIPSIS = Style(dim=True)
 
 
 def shaded_tokens(
@@ -59,6 +74,84 @@ def shaded_tokens(
     return text
 
 
+def context_span(
+    tokens: list[str], mark: int, width: int, shown: dict[int, str] | None = None
+) -> tuple[int, int]:
+    """Tokens ``start:stop`` that fit in ``width`` cells, token ``mark`` in the middle
+    (shifted to one side when the other runs out; all tokens when they fit). Only the tokens
+    it walks over are measured, so a long window costs what one line shows; ``shown``
+    collects their display forms."""
+    n = len(tokens)
+    shown = {} if shown is None else shown
+    if not 0 <= mark < n:
+        mark = 0 if n else -1
+        if mark < 0:
+            return 0, 0
+
+    def cells(pos: int) -> int:
+        text = shown.get(pos)
+        if text is None:
+            text = shown[pos] = show_token(tokens[pos])
+        return cell_len(text)
+
+    used = cells(mark)
+    start, stop = mark, mark + 1
+    half = (width - used) // 2
+    left = 0
+    while start > 0:
+        step = cells(start - 1)
+        if left + step > half:
+            break
+        start -= 1
+        left += step
+    used += left
+    while stop < n:
+        step = cells(stop)
+        if used + step > width:
+            break
+        used += step
+        stop += 1
+    while start > 0:  # the right side ran out: give its room to the left
+        step = cells(start - 1)
+        if used + step > width:
+            break
+        start -= 1
+        used += step
+    return start, stop
+
+
+def context_segments(
+    tokens: list[str],
+    values: list[float],
+    mark: int,
+    width: int,
+    *,
+    max_value: float | None = None,
+) -> list[Segment]:
+    """One line of at most ``width`` cells of ``tokens``, shaded by ``values``, the marked
+    token bold and underlined and kept in view (centred when the line must be cut; an
+    ellipsis shows a cut side)."""
+    width = max(8, min(width, MAX_LINE))
+    top = max_value if max_value is not None else max(values, default=0.0)
+    shown: dict[int, str] = {}
+    start, stop = context_span(tokens, mark, width, shown)
+    if start > 0 or stop < len(tokens):  # cut: make room for an ellipsis each side
+        start, stop = context_span(tokens, mark, width - 2, shown)
+    n_values = len(values)
+    segments: list[Segment] = []
+    if start > 0:
+        segments.append(Segment("…", _ELLIPSIS))
+    for pos in range(start, stop):
+        style = heat(values[pos], top) if pos < n_values else None
+        if pos == mark:
+            style = style + _MARK if style is not None else _MARK
+        segments.append(Segment(shown[pos], style))
+    if stop < len(tokens):
+        segments.append(Segment("…", _ELLIPSIS))
+    # crop: a single token can be wider than the line
+    return list(Segment.adjust_line_length(segments, width, pad=False))
+
+
 def context_line(
     tokens: list[str],
     values: list[float],
@@ -66,24 +159,11 @@ def context_line(
     width: int,
     *,
     max_value: float | None = None,
-    lead: float = 0.35,
 ) -> Text:
-    """One line of at most ``width`` cells around token ``mark`` (placed about ``lead`` of the
-    way in), shaded, the marked token emphasised."""
-    width = max(8, min(width, MAX_LINE))
-    shown = [show_token(t) for t in tokens]
-    left_budget = int(width * lead)
-    start = mark
-    used = len(shown[mark]) if 0 <= mark < len(shown) else 0
-    while start > 0 and used + len(shown[start - 1]) <= left_budget:
-        start -= 1
-        used += len(shown[start])
-    stop = mark + 1
-    while stop < len(shown) and used + len(shown[stop]) <= width:
-        used += len(shown[stop])
-        stop += 1
-    text = shaded_tokens(tokens, values, max_value=max_value, mark=mark, start=start, stop=stop)
-    text.truncate(width, overflow="ellipsis")
+    """:func:`context_segments` as one Text (no wrapping)."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    for segment in context_segments(tokens, values, mark, width, max_value=max_value):
+        text.append(segment.text, segment.style)
     return text
 
 

@@ -1,23 +1,32 @@
 """The feature view: one scrolling list of everything about a feature.
 
 Sections (top contexts, interval samples, histogram, top tokens, logit effects, neighbours)
-are headings in one OptionList, so j/k walks through all of them and Enter acts on the row:
-a context opens the context view, a neighbour opens that feature.
+are headings in one list, so j/k walks through all of them and Enter acts on the row: a
+context opens the context view, a neighbour opens that feature.
+
+Drawn with the Line API: :meth:`FeatureView.show` only records what each row is (a cheap
+list of painters); a row becomes segments when it is first painted, and the strip is cached
+until the next feature or resize. Switching features therefore costs the rows on screen,
+not the ~120 rows of the whole view.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
+from textual import events
+from textual.geometry import Region, Size
 from textual.message import Message
-from textual.widgets import OptionList
-from textual.widgets.option_list import Option
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 
 from saetui.tui.bindings import bindings
 from saetui.tui.model import Context, FeatureDetail
-from saetui.tui.render import context_line, format_value, show_token, sparkline
+from saetui.tui.render import context_segments, format_value, show_token, sparkline
 
 NEIGHBOUR_TITLES = {
     "cosine": "Nearest features by decoder cosine",
@@ -27,6 +36,11 @@ NEIGHBOUR_TITLES = {
     "p_g_given_f": "Co-occurring features (P(g|f))",
 }
 HEADING = Style(bold=True, color="bright_cyan")
+VALUE = Style(bold=True)
+CACHED_STRIPS = 512
+
+Painter = Callable[[int], list[Segment]]  # width -> the row's segments
+Row = Text | Painter  # a Text row is rendered through the app's console
 
 
 @dataclass(frozen=True)
@@ -38,13 +52,26 @@ class Target:
     context: Context | None = None
 
 
-class FeatureView(OptionList):
+def _context_painter(context: Context, top: float) -> Painter:
+    def paint(width: int) -> list[Segment]:
+        value = Segment(f"{format_value(context.value):>6} ", VALUE)
+        line = context_segments(
+            context.tokens, context.values, context.position, width - 8, max_value=top
+        )
+        return [value, *line]
+
+    return paint
+
+
+class FeatureView(ScrollView, can_focus=True):
     """Shows a :class:`FeatureDetail`; posts OpenFeature / OpenContext."""
 
     BINDINGS = bindings("feature")
+    COMPONENT_CLASSES = {"feature-view--cursor"}
     DEFAULT_CSS = """
-    FeatureView { height: 1fr; border: none; padding: 0; }
-    FeatureView:focus { border: none; }
+    FeatureView { height: 1fr; }
+    FeatureView > .feature-view--cursor { background: $accent 40%; }
+    FeatureView:focus > .feature-view--cursor { background: $accent; }
     """
 
     class OpenFeature(Message):
@@ -62,16 +89,45 @@ class FeatureView(OptionList):
         super().__init__(id=id)
         self.detail: FeatureDetail | None = None
         self.targets: list[Target | None] = []
-        self._built_width = 0
+        self._painters: list[Row] = []
+        self._strips: dict[tuple[int, int], Strip] = {}
+        self._highlighted: int | None = None
+        self._base_style = Style()
+        self._cursor_style = Style()
         self.message_text = "Choose a feature in the table (2) or search with /."
 
     # ------------------------------------------------------------------ content
 
+    @property
+    def option_count(self) -> int:
+        return len(self._painters)
+
+    @property
+    def highlighted(self) -> int | None:
+        """The row under the cursor (None when no row can be acted on)."""
+        return self._highlighted
+
+    @highlighted.setter
+    def highlighted(self, index: int | None) -> None:
+        if index is not None and not 0 <= index < len(self._painters):
+            index = None
+        self._highlighted = index
+        self._scroll_to_cursor()
+        self.refresh()
+
+    def _set_rows(self, painters: list[Row], targets: list[Target | None]) -> None:
+        self._painters = painters
+        self.targets = targets
+        self._strips.clear()
+        self.virtual_size = Size(self.scrollable_content_region.width, len(painters))
+
     def show_message(self, text: str) -> None:
         self.detail = None
         self.message_text = text
-        self.targets = [None]
-        self.set_options([Option(Text(text, style="italic"), disabled=True)])
+        self._set_rows([Text(text, style="italic")], [None])
+        self._highlighted = None
+        self.scroll_to(y=0, animate=False)
+        self.refresh()
 
     def show(self, detail: FeatureDetail, keep_position: bool = False) -> None:
         """Display ``detail``; with ``keep_position`` (a live refresh of the same feature)
@@ -83,14 +139,15 @@ class FeatureView(OptionList):
             and self.detail.row.feature == detail.row.feature
         )
         self.detail = detail
-        self._build()
+        self._build(detail)
         if same:
             if highlighted is not None and highlighted < self.option_count:
-                self.highlighted = highlighted
+                self._highlighted = highlighted
             self.scroll_to(y=scroll_y, animate=False)
         else:
-            self.highlighted = self._first_enabled()
+            self._highlighted = self._first_enabled()
             self.scroll_to(y=0, animate=False)
+        self.refresh()
 
     def _first_enabled(self) -> int | None:
         for index, target in enumerate(self.targets):
@@ -98,31 +155,23 @@ class FeatureView(OptionList):
                 return index
         return None
 
-    def _build(self) -> None:
-        detail = self.detail
-        if detail is None:
-            return
-        width = max(20, self.scrollable_content_region.width or self.size.width or 80)
-        self._built_width = width
-        options: list[Option] = []
+    def _build(self, detail: FeatureDetail) -> None:
+        painters: list[Row] = []
         targets: list[Target | None] = []
         feature = detail.row.feature
 
+        def text_row(text: Text, target: Target | None = None) -> None:
+            painters.append(text)
+            targets.append(target)
+
         def heading(text: str) -> None:
-            options.append(Option(Text(text, style=HEADING), disabled=True))
-            targets.append(None)
+            text_row(Text(text, style=HEADING))
 
         def note(text: str | Text) -> None:
-            line = text if isinstance(text, Text) else Text(text, style="dim")
-            options.append(Option(line, disabled=True))
-            targets.append(None)
+            text_row(text if isinstance(text, Text) else Text(text, style="dim"))
 
         def context_row(context: Context, top: float) -> None:
-            value = Text(f"{format_value(context.value):>6} ", style="bold")
-            line = context_line(
-                context.tokens, context.values, context.position, width - 8, max_value=top
-            )
-            options.append(Option(value + line))
+            painters.append(_context_painter(context, top))
             targets.append(Target("context", feature, context))
 
         top = detail.row.max or max((c.value for c in detail.contexts), default=0.0)
@@ -149,7 +198,12 @@ class FeatureView(OptionList):
             heading("Activation histogram (log-spaced bins)")
             counts = [c for _, c in detail.histogram]
             lo, hi = detail.histogram[0][0], detail.histogram[-1][0]
-            note(Text(sparkline(counts, width - 2), style="green"))
+
+            def spark(width: int, counts: list[int] = counts) -> list[Segment]:
+                return [Segment(sparkline(counts, width - 2), Style(color="green"))]
+
+            painters.append(spark)
+            targets.append(None)
             note(f"{format_value(lo)} … {format_value(hi)}   peak {max(counts):,} tokens")
         if detail.top_tokens:
             heading("Top tokens (in the top activations)")
@@ -174,15 +228,119 @@ class FeatureView(OptionList):
             heading(NEIGHBOUR_TITLES.get(metric, f"Related features ({metric})"))
             for entry in entries:
                 label = f"  {entry.label}" if entry.label else ""
-                options.append(Option(Text(f"  #{entry.feature:<7} {entry.value:7.3f}{label}")))
-                targets.append(Target("feature", entry.feature))
-        self.targets = targets
-        self.set_options(options)
+                text_row(
+                    Text(f"  #{entry.feature:<7} {entry.value:7.3f}{label}"),
+                    Target("feature", entry.feature),
+                )
+        self._set_rows(painters, targets)
 
-    def on_resize(self) -> None:
+    # ------------------------------------------------------------------ drawing
+
+    def line_text(self, index: int) -> str:
+        """The plain text of row ``index`` as drawn at the current width (for tests)."""
+        width = max(20, self.scrollable_content_region.width or 80)
+        return "".join(segment.text for segment in self._strip(index, width)._segments)
+
+    def _strip(self, index: int, width: int) -> Strip:
+        key = (index, width)
+        strip = self._strips.get(key)
+        if strip is None:
+            if len(self._strips) >= CACHED_STRIPS:
+                self._strips.clear()
+            row = self._painters[index]
+            if isinstance(row, Text):
+                segments = list(row.render(self.app.console))
+            else:
+                segments = row(width)
+            strip = Strip(Segment.adjust_line_length(segments, width), width)
+            strip = self._strips[key] = strip
+        return strip
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # the widget's style, looked up once per paint instead of once per line
+        self._base_style = self.rich_style
+        self._cursor_style = self.get_component_rich_style("feature-view--cursor")
+        return super().render_lines(crop)
+
+    def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        if self.detail is not None and width and abs(width - self._built_width) > 0:
-            self.show(self.detail, keep_position=True)
+        index = int(self.scroll_offset.y) + y
+        base = self._base_style
+        if index >= len(self._painters) or width <= 0:
+            return Strip.blank(width, base)
+        strip = self._strip(index, width)
+        if index == self._highlighted:
+            strip = strip.apply_style(self._cursor_style)
+        return strip.apply_style(base)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._strips.clear()
+        self.virtual_size = Size(self.scrollable_content_region.width, len(self._painters))
+        self._scroll_to_cursor()
+
+    # ------------------------------------------------------------------ cursor
+
+    def _scroll_to_cursor(self) -> None:
+        index = self._highlighted
+        if index is None:
+            return
+        height = max(1, self.scrollable_content_region.height)
+        top = int(self.scroll_offset.y)
+        if index < top:
+            self.scroll_to(y=index, animate=False)
+        elif index >= top + height:
+            self.scroll_to(y=index - height + 1, animate=False)
+
+    def _move(self, start: int, step: int) -> None:
+        """Highlight the first row acted on from ``start`` in direction ``step``; at an
+        end, scroll so the last headings and notes show too."""
+        index = start
+        while 0 <= index < len(self.targets):
+            if self.targets[index] is not None:
+                self.highlighted = index
+                return
+            index += step
+        self.scroll_to(y=0 if step < 0 else self.max_scroll_y, animate=False)
+
+    def action_cursor_down(self) -> None:
+        self._move((self._highlighted if self._highlighted is not None else -1) + 1, 1)
+
+    def action_cursor_up(self) -> None:
+        current = self._highlighted if self._highlighted is not None else len(self.targets)
+        self._move(current - 1, -1)
+
+    def action_first(self) -> None:
+        self._move(0, 1)
+        self.scroll_to(y=0, animate=False)
+
+    def action_last(self) -> None:
+        self._move(len(self.targets) - 1, -1)
+        self.scroll_to(y=self.max_scroll_y, animate=False)
+
+    def action_page_down(self) -> None:
+        page = max(1, self.scrollable_content_region.height - 1)
+        current = self._highlighted if self._highlighted is not None else 0
+        target = min(len(self.targets) - 1, current + page)
+        if any(self.targets[target:]):
+            self._move(target, 1)
+        else:
+            self.action_last()
+
+    def action_page_up(self) -> None:
+        page = max(1, self.scrollable_content_region.height - 1)
+        current = self._highlighted if self._highlighted is not None else 0
+        target = max(0, current - page)
+        if any(self.targets[: target + 1]):
+            self._move(target, -1)
+        else:
+            self.action_first()
+
+    async def _on_click(self, event: events.Click) -> None:
+        index = int(self.scroll_offset.y) + event.y
+        if 0 <= index < len(self.targets) and self.targets[index] is not None:
+            self.highlighted = index
+            if event.chain >= 2:
+                self.action_open()
 
     # ------------------------------------------------------------------ actions
 
@@ -201,10 +359,6 @@ class FeatureView(OptionList):
             self.post_message(self.OpenFeature(target.feature))
         elif target.context is not None:
             self.post_message(self.OpenContext(target.feature, target.context))
-
-    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
-        event.stop()
-        self.action_open()
 
     def action_copy(self) -> None:
         target = self.current_target

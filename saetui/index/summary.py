@@ -226,6 +226,7 @@ class FeatureSummaries:
         feature_ids: Any,
         values: Any,
         mask: Any = None,
+        _checked: bool = False,
     ) -> None:
         """Merge consecutive windows starting at `first_window` (must equal next_window).
 
@@ -250,23 +251,35 @@ class FeatureSummaries:
         pos = torch.arange(n_tokens, device=dev) - torch.repeat_interleave(starts, lengths_t)
         gidx = wid * self.ctx_len + pos
         k = ids.shape[1]
-        bits = fp16_bits(vals).reshape(-1)
-        active = bits != 0
         if mask is not None:
             m = torch.as_tensor(mask, device=dev).bool()
-            active = (active.view(-1, k) & m[:, None]).view(-1)
             n_counted = int(m.sum())
+            # masked tokens drop whole rows: select counted rows first (row copies are cheap)
+            if n_counted < n_tokens:
+                rows = m.nonzero().squeeze(1)
+                ids, vals = ids.index_select(0, rows), vals.index_select(0, rows)
+                gidx, toks = gidx.index_select(0, rows), toks.index_select(0, rows)
         else:
             n_counted = n_tokens
-        # flat index + index_select: boolean / 2-D advanced indexing is slow on CPU
-        idx = active.nonzero().squeeze(1)
-        row = torch.div(idx, k, rounding_mode="floor")
-        f = ids.reshape(-1).index_select(0, idx).long()
-        b = bits.index_select(0, idx)
-        g = gidx.index_select(0, row)
-        tok = toks.index_select(0, row)
-        hash_token = token_hash(gidx).index_select(0, row)
-        self._merge(f, b, g, tok, hash_token, n_tokens)
+        bits = fp16_bits(vals).reshape(-1)
+        hash_tok = token_hash(gidx)
+        if bool((bits != 0).all()):
+            # every slot active (the usual TopK case): per-token values broadcast to slots
+            f = ids.reshape(-1).long()
+            b = bits
+            g = gidx[:, None].expand(-1, k).reshape(-1)
+            tok = toks[:, None].expand(-1, k).reshape(-1)
+            hash_token = hash_tok[:, None].expand(-1, k).reshape(-1)
+        else:
+            # flat index + index_select: boolean / 2-D advanced indexing is slow on CPU
+            idx = (bits != 0).nonzero().squeeze(1)
+            row = torch.div(idx, k, rounding_mode="floor")
+            f = ids.reshape(-1).index_select(0, idx).long()
+            b = bits.index_select(0, idx)
+            g = gidx.index_select(0, row)
+            tok = toks.index_select(0, row)
+            hash_token = hash_tok.index_select(0, row)
+        self._merge(f, b, g, tok, hash_token, n_tokens, checked=_checked)
         self.n_counted += n_counted
         self.n_tokens += n_tokens
         self.next_window = first_window + len(lengths_t)
@@ -279,26 +292,30 @@ class FeatureSummaries:
         tok: torch.Tensor,
         hash_token: torch.Tensor,
         n_tokens: int,
+        checked: bool = False,
     ) -> None:
         if len(f) == 0:
             return
-        if int(f.min()) < 0 or int(f.max()) >= self.d_sae:
+        # checked: the writer validated the ids of active slots already
+        if not checked and (int(f.min()) < 0 or int(f.max()) >= self.d_sae):
             raise ValueError(f"feature ids must lie in [0, {self.d_sae})")
         d = self.d_sae
         self.count += torch.bincount(f, minlength=d)
         v = (b.to(torch.int16)).view(torch.float16).double()
-        fx = (v * float(1 << SUM_UNIT_LOG2)).long()
-        fx2 = torch.round(v * v * float(1 << SUMSQ_UNIT_LOG2)).long()
+        # integers held exactly in float64: fp16 values are multiples of 2**-24
+        fx = v * float(1 << SUM_UNIT_LOG2)
+        fx2 = torch.round(v * v * float(1 << SUMSQ_UNIT_LOG2))
         # one float64 bincount is exact while every per-feature batch sum stays below 2**52
         vmax = float(v.max())
         if (vmax * vmax * 2.0**SUMSQ_UNIT_LOG2 + vmax * 2.0**SUM_UNIT_LOG2) * n_tokens < 2.0**52:
-            self.sum_fx += torch.bincount(f, weights=fx.double(), minlength=d).long()
-            self.sumsq_fx += torch.bincount(f, weights=fx2.double(), minlength=d).long()
+            self.sum_fx += torch.bincount(f, weights=fx, minlength=d).long()
+            self.sumsq_fx += torch.bincount(f, weights=fx2, minlength=d).long()
         else:
-            self._add_exact(self.sum_fx, f, fx)
-            self._add_exact(self.sumsq_fx, f, fx2)
+            self._add_exact(self.sum_fx, f, fx.long())
+            self._add_exact(self.sumsq_fx, f, fx2.long())
         self.max_bits.scatter_reduce_(0, f, b, reduce="amax")
-        self.hist.index_add_(0, f * N_HIST_BINS + _hist_bin(b), torch.ones_like(f))
+        # scatter_add_ beats index_add_ on the CPU for this random-access update
+        self.hist.scatter_add_(0, f * N_HIST_BINS + _hist_bin(b), torch.ones_like(f))
         self.topk.add(f, (b << GIDX_BITS) | (GIDX_MASK - g), [tok])
         self.samples.add(
             f * N_SAMPLE_BINS + _octave(b), _HASH_MASK - mix_feature(hash_token, f), [g, b, tok]

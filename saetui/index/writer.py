@@ -425,6 +425,7 @@ class IndexWriter:
                     ids_np,
                     vals_np,
                     mask_np,
+                    _checked=True,
                 )
             )
         else:

@@ -127,6 +127,35 @@ def test_context_line_keeps_the_firing_token_centred_and_measures_only_what_show
     assert context_line(tokens[:5], values[:5], 2, 40).plain == "".join(tokens[:5])
 
 
+def test_contexts_are_cut_to_their_document_without_bos(collected):
+    from saetui.tui.source import IndexSource
+
+    source = IndexSource(collected[0])
+    try:
+        reader = source.reader
+        page = reader.features(sort="density", descending=True, page_size=20)
+        packed = cut = 0
+        for feature in page.feature.tolist():
+            for context in source.feature(feature).contexts:
+                window = reader.window(context.window)
+                packed += len(window.segments) > 1
+                start = context.window_position - context.position
+                stop = start + len(context.tokens)
+                segment = next(
+                    s
+                    for s in window.segments
+                    if s.start <= context.window_position < s.start + s.length
+                )
+                assert segment.start <= start and stop <= segment.start + segment.length
+                assert window.mask[start:stop].all()  # no BOS / padding shown as text
+                assert context.tokens[context.position] == window.tokens[context.window_position]
+                assert context.values[context.position] == pytest.approx(context.value, rel=1e-2)
+                cut += stop - start < len(window.tokens)
+        assert packed and cut  # the corpus packs documents, so some contexts were cut
+    finally:
+        source.close()
+
+
 def test_binding_ids_are_unique_and_scoped():
     ids = [entry.id for entry in REGISTRY]
     assert len(ids) == len(set(ids))

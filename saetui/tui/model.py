@@ -60,7 +60,8 @@ class TablePage:
 
 @dataclass(frozen=True)
 class Context:
-    """A stretch of a window around one token, with one feature's activation per token."""
+    """A stretch of a window around one token, with one feature's activation per token:
+    the part of the window that belongs to the token's document, without BOS/padding."""
 
     window: int
     position: int  # the marked token's position within `tokens`
@@ -68,6 +69,8 @@ class Context:
     tokens: list[str]
     values: list[float]
     window_position: int = 0  # the marked token's position within the window
+    document: int = -1  # the document the tokens belong to (-1: unknown)
+    document_offset: int = -1  # the marked token's offset within its document
 
 
 @dataclass(frozen=True)

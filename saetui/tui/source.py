@@ -371,15 +371,36 @@ class IndexSource:
             suppressed=effects.get("logit_suppressed", []),
         )
 
-    @staticmethod
-    def _context(example: Any) -> Context:
+    def _context(self, example: Any) -> Context:
+        """An example cut to its document: a window may pack several documents, and the
+        BOS / padding tokens that the index does not count are not text to show."""
+        tokens = list(example.tokens)
+        values = example.activations.astype(float).tolist()
+        position = int(example.position)
+        start, stop = 0, len(tokens)
+        try:
+            window = self.reader.window(int(example.window), int(example.shard))
+        except Exception:  # an older reader or a damaged record: show the whole window
+            window = None
+        if window is not None:
+            for segment in window.segments:
+                if segment.start <= position < segment.start + segment.length:
+                    start, stop = segment.start, segment.start + segment.length
+                    break
+            counted = window.mask
+            while start < position and not counted[start]:
+                start += 1
+            while stop - 1 > position and not counted[stop - 1]:
+                stop -= 1
         return Context(
             window=int(example.window),
-            position=int(example.position),
+            position=position - start,
             value=float(example.value),
-            tokens=list(example.tokens),
-            values=example.activations.astype(float).tolist(),
-            window_position=int(example.position),
+            tokens=tokens[start:stop],
+            values=values[start:stop],
+            window_position=position,
+            document=int(getattr(example, "doc_id", -1)),
+            document_offset=int(getattr(example, "doc_offset", -1)),
         )
 
     def token_features(self, window: int, position: int) -> list[ActiveFeature]:

@@ -40,7 +40,13 @@ class ContextScreen(Screen[int | None]):
         yield Static(
             Text.assemble(
                 (f" #{self.feature} ", "bold reverse"),
-                f" window {ctx.window} · token {ctx.window_position} · "
+                f" window {ctx.window} · token {ctx.window_position}"
+                + (
+                    f" · document {ctx.document} token {ctx.document_offset}"
+                    if ctx.document >= 0
+                    else ""
+                )
+                + " · "
                 f"act {format_value(ctx.value)} · h/l move, ⏎ open",
             ),
             id="context-title",

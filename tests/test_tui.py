@@ -156,6 +156,56 @@ def test_contexts_are_cut_to_their_document_without_bos(collected):
         source.close()
 
 
+def test_density_range_parsing():
+    from saetui.tui.model import parse_density_range
+
+    assert parse_density_range("") == (None, None)
+    assert parse_density_range("1e-4..0.01") == (1e-4, 0.01)
+    assert parse_density_range("0.1%..5%") == pytest.approx((0.001, 0.05))
+    assert parse_density_range("..1e-3") == (None, 1e-3)
+    assert parse_density_range("0.5") == (0.5, None)
+    for bad in ("a..b", "0.2..0.1", "2..3", "1..2..3"):
+        with pytest.raises(SaetuiInputError):
+            parse_density_range(bad)
+
+
+def test_density_filter_box_and_user_key_bindings(index_copy, tmp_path):
+    from saetui.tui.bindings import load_keymap
+
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"table.sort": "o", "table.density": "D"}')
+    assert load_keymap(keys) == {"table.sort": "o", "table.density": "D"}
+    (tmp_path / "bad.json").write_text('{"table.nope": "z"}')
+    with pytest.raises(SaetuiInputError, match="unknown binding ids table.nope"):
+        load_keymap(tmp_path / "bad.json")
+
+    async def flow():
+        app = make_app(index_copy, keys_path=keys)
+        async with app.run_test(size=SIZE) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: app.run_state and table.total == app.run_state.d_sae)
+            table.focus()
+            await pilot.press("s")  # rebound: s no longer sorts
+            await pilot.press("o")
+            await wait_for(pilot, lambda: table.query_state.sort == "label")
+            await pilot.press("D", *"0.05..", "enter")
+            await wait_for(pilot, lambda: table.query_state.density_min == 0.05)
+            await wait_for(pilot, lambda: table.total is not None and table.current_row)
+            assert 0 < table.total < app.run_state.d_sae
+            assert table.current_row.density >= 0.05
+            assert app.focused is table and not app.query_one("#density").display
+            await pilot.press("D", *"x..y", "enter")  # a message, the range stays
+            await pilot.pause(0.2)
+            assert table.query_state.density_min == 0.05
+            await pilot.press("escape")
+            assert app.focused is table
+            await pilot.press("D", "ctrl+u", "enter")  # empty clears
+            await wait_for(pilot, lambda: table.query_state.density_min is None)
+            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+
+    asyncio.run(flow())
+
+
 def test_binding_ids_are_unique_and_scoped():
     ids = [entry.id for entry in REGISTRY]
     assert len(ids) == len(set(ids))

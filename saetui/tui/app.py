@@ -29,10 +29,10 @@ from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from saetui.errors import SaetuiInputError
-from saetui.tui.bindings import bindings
+from saetui.tui.bindings import bindings, load_keymap
 from saetui.tui.commands import SaetuiCommands
 from saetui.tui.history import History
-from saetui.tui.model import FeatureDetail, RunState
+from saetui.tui.model import FeatureDetail, RunState, parse_density_range
 from saetui.tui.render import format_density, format_value
 from saetui.tui.screens.context import ContextScreen
 from saetui.tui.screens.help import HelpScreen
@@ -97,6 +97,7 @@ class SaetuiApp(App[int]):
         model_loader: Callable[[], Any] | None = None,
         *,
         watch_terminal: bool = True,
+        keys_path: Path | None = None,
     ) -> None:
         super().__init__()
         self.index_path = Path(index_path)
@@ -122,6 +123,12 @@ class SaetuiApp(App[int]):
         self._probe_lock = threading.Lock()
         self._probe_inputs: Any = None
         self._progress: Any = None
+        self.user_keymap: dict[str, str] = {}
+        self._keymap_error: str | None = None
+        try:
+            self.user_keymap = load_keymap(keys_path)
+        except SaetuiInputError as error:  # a bad config file is a message, not a crash
+            self._keymap_error = str(error)
 
     # ------------------------------------------------------------------ layout
 
@@ -133,6 +140,11 @@ class SaetuiApp(App[int]):
                 yield RunPane(id="run-pane")
             with TabPane("2 Features", id="features"):
                 yield Input(placeholder="/ search: feature id, label text or token", id="search")
+                yield Input(
+                    placeholder="density range MIN..MAX, e.g. 1e-4..0.01 or 0.1%..5% "
+                    "(empty clears, esc cancels)",
+                    id="density",
+                )
                 yield Static("", id="table-header")
                 yield FeatureTable(self.source.page, id="table")
                 yield Static("", id="table-status")
@@ -144,6 +156,11 @@ class SaetuiApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.user_keymap:
+            self.set_keymap(self.user_keymap)
+        if self._keymap_error:
+            self.notify(self._keymap_error, severity="error", timeout=15)
+        self.query_one("#density", Input).display = False
         self.query_one(FeatureView).show_message(
             "Choose a feature in the table (2), search with /, or use ctrl+p → feature N."
         )
@@ -509,10 +526,35 @@ class SaetuiApp(App[int]):
         if (
             event.key == "escape"
             and isinstance(self.focused, Input)
-            and self.focused.id == "search"
+            and self.focused.id in ("search", "density")
         ):
+            self.query_one("#density", Input).display = False
             self.query_one(FeatureTable).focus()
             event.stop()
+
+    def action_density_filter(self) -> None:
+        """Show the density-range box under the search box, filled with the current range."""
+        table = self.query_one(FeatureTable)
+        query = table.query_state
+        box = self.query_one("#density", Input)
+        low = "" if query.density_min is None else f"{query.density_min:g}"
+        high = "" if query.density_max is None else f"{query.density_max:g}"
+        box.value = f"{low}..{high}" if low or high else ""
+        box.display = True
+        box.focus()
+        box.select_all()
+
+    @on(Input.Submitted, "#density")
+    def _density(self, event: Input.Submitted) -> None:
+        try:
+            low, high = parse_density_range(event.value)
+        except SaetuiInputError as error:
+            self.notify(str(error), severity="warning")
+            return
+        event.input.display = False
+        table = self.query_one(FeatureTable)
+        table.apply_query(replace(table.query_state, density_min=low, density_max=high))
+        table.focus()
 
     def on_feature_table_open_feature(self, message: FeatureTable.OpenFeature) -> None:
         self.open_feature(message.feature)
@@ -536,7 +578,7 @@ class SaetuiApp(App[int]):
     def on_feature_table_highlighted(self, message: FeatureTable.Highlighted) -> None:
         table = self.query_one(FeatureTable)
         # the rows' width is known only once a page is laid out (a scrollbar may appear)
-        self._update_table_header()
+        self.call_after_refresh(self._update_table_header)
         status = Text.assemble(
             (f" {message.index + 1 if message.total else 0:,}/{message.total:,}", "bold"),
             ("  " + table.query_state.describe(), "dim"),

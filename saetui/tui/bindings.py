@@ -7,9 +7,14 @@ Every binding has an id (``scope.name``), so users can rebind keys by id through
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from textual.binding import Binding
+
+from saetui.errors import SaetuiInputError
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("table.sort", "s", "next_sort", "Sort"),
     KeyAction("table.reverse", "S", "reverse_sort", "Reverse sort", show=False),
     KeyAction("table.filter", "x", "next_filter", "Filter"),
+    KeyAction("table.density", "d", "app.density_filter", "Density range", show=False),
     KeyAction("table.bookmark", "m", "bookmark", "Bookmark", show=False),
     KeyAction("table.label", "e", "edit_label", "Label", show=False),
     # feature view
@@ -140,3 +146,56 @@ def key_label(key: str) -> str:
         "pageup": "PgUp",
     }
     return " ".join(names.get(part, part) for part in key.split(","))
+
+
+def keys_path() -> Path:
+    """Where user key bindings live: $XDG_CONFIG_HOME/saetui/keys.toml (or keys.json)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    folder = Path(base) / "saetui"
+    toml = folder / "keys.toml"
+    json_path = folder / "keys.json"
+    return json_path if json_path.exists() and not toml.exists() else toml
+
+
+def load_keymap(path: Path | None = None) -> dict[str, str]:
+    """Binding id -> key string from a user file (``{"table.sort": "o"}`` in JSON, or a
+    ``[keys]`` table / top-level keys in TOML); {} when there is no file."""
+    path = keys_path() if path is None else path
+    if not path.exists():
+        return {}
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise SaetuiInputError(
+                    f"{path}: reading TOML needs Python 3.11; write the same mapping to "
+                    f"{path.with_suffix('.json')} instead."
+                ) from None
+            raw = tomllib.loads(text)
+    except (OSError, ValueError) as error:
+        raise SaetuiInputError(
+            f"{path} is not a readable key-binding file ({error}): fix or delete it."
+        ) from None
+    raw = raw.get("keys", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in raw.items()
+    ):
+        raise SaetuiInputError(
+            f'{path} should map binding ids to keys, e.g. "table.sort" = "o": fix it.'
+        )
+    unknown = sorted(set(raw) - set(_BY_ID))
+    if unknown:
+        raise SaetuiInputError(
+            f"{path} names unknown binding ids {', '.join(unknown)}: use ids from the help "
+            "screen's table (docs/TUI.md lists them)."
+        )
+    return {k: v.strip() for k, v in raw.items()}
+
+
+def effective_key(entry: KeyAction, keymap: dict[str, str] | None = None) -> str:
+    """The key that triggers ``entry`` after the user's remapping."""
+    return (keymap or {}).get(entry.id, entry.key)

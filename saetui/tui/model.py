@@ -38,6 +38,52 @@ class TableQuery:
         return " · ".join(parts)
 
 
+def parse_density_range(text: str) -> tuple[float | None, float | None]:
+    """``"1e-4..0.01"``, ``"0.1%..5%"``, ``"..1e-3"``, ``"1e-3.."`` or two numbers -> (min, max)
+    as fractions of tokens; empty text clears the range."""
+    from saetui.errors import SaetuiInputError
+
+    text = text.strip()
+    if not text:
+        return None, None
+    if ".." in text:
+        parts = text.split("..", 1)
+    else:
+        parts = text.replace(",", " ").split()
+        if len(parts) == 1:
+            parts = [parts[0], ""]
+
+    def number(part: str) -> float | None:
+        part = part.strip()
+        if not part:
+            return None
+        scale = 0.01 if part.endswith("%") else 1.0
+        try:
+            value = float(part.rstrip("%")) * scale
+        except ValueError:
+            raise SaetuiInputError(
+                f"density range {text!r}: {part!r} is not a number; type e.g. 1e-4..0.01 or "
+                "0.1%..5%."
+            ) from None
+        if not 0.0 <= value <= 1.0:
+            raise SaetuiInputError(
+                f"density range {text!r}: {part!r} is outside 0..1 (a fraction of tokens, or "
+                "0%..100%); type e.g. 1e-4..0.01."
+            )
+        return value
+
+    if len(parts) != 2:
+        raise SaetuiInputError(
+            f"density range {text!r} should be MIN..MAX, e.g. 1e-4..0.01 or 0.1%..5%."
+        )
+    low, high = number(parts[0]), number(parts[1])
+    if low is not None and high is not None and low > high:
+        raise SaetuiInputError(
+            f"density range {text!r} has its minimum above its maximum: swap them."
+        )
+    return low, high
+
+
 @dataclass(frozen=True)
 class FeatureRow:
     feature: int

@@ -10,11 +10,12 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from saetui.tui.bindings import REGISTRY, SCOPE_TITLES, key_label
+from saetui.tui.bindings import REGISTRY, SCOPE_TITLES, effective_key, key_label
 
 
-def help_table() -> Table:
-    """The registry as one table (also used by the README's key list)."""
+def help_table(keymap: dict[str, str] | None = None) -> Table:
+    """The registry as one table (also used by the README's key list), with the user's
+    remapped keys."""
     table = Table(box=None, show_header=False, padding=(0, 1), expand=True)
     table.add_column("key", style="bold cyan", no_wrap=True, min_width=10)
     table.add_column("action")
@@ -24,7 +25,7 @@ def help_table() -> Table:
             continue
         table.add_row(Text(title, style="bold underline"), "")
         for entry in entries:
-            table.add_row(key_label(entry.key), entry.description)
+            table.add_row(key_label(effective_key(entry, keymap)), entry.description)
     table.add_row(Text("Command palette", style="bold underline"), "")
     table.add_row("ctrl+p", "feature N · sort by … · filter … · export … · every action above")
     return table
@@ -47,7 +48,7 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll():
             yield Static(Text("saetui keys  (esc closes)", style="bold"))
-            yield Static(help_table())
+            yield Static(help_table(getattr(self.app, "user_keymap", None)))
 
     def action_scroll(self, direction: str) -> None:
         scroll = self.query_one(VerticalScroll)

@@ -24,6 +24,7 @@ from typing import Any
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
@@ -576,7 +577,10 @@ class SaetuiApp(App[int]):
         self._update_table_header()
 
     def on_feature_table_highlighted(self, message: FeatureTable.Highlighted) -> None:
-        table = self.query_one(FeatureTable)
+        try:
+            table = self.query_one(FeatureTable)
+        except NoMatches:  # a page that arrived while the app closed
+            return
         # the rows' width is known only once a page is laid out (a scrollbar may appear)
         self.call_after_refresh(self._update_table_header)
         status = Text.assemble(
@@ -587,7 +591,10 @@ class SaetuiApp(App[int]):
         self.query_one("#table-status", Static).update(status)
 
     def _update_table_header(self) -> None:
-        table = self.query_one(FeatureTable)
+        try:
+            table = self.query_one(FeatureTable)
+        except NoMatches:  # called after a refresh that came after the app closed
+            return
         width = max(20, (table.scrollable_content_region.width or self.size.width) - 0)
         self.query_one("#table-header", Static).update(
             Text(format_header(width, table.query_state), style="bold")

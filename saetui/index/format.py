@@ -158,6 +158,30 @@ _ENV_LOCK = threading.RLock()
 _ENVS: dict[str, list[Any]] = {}
 
 
+def unmap_file_pages(data_files: list[Path]) -> None:
+    """Drop this process's mappings of LMDB data files' pages (Linux; else no-op).
+
+    Reads fault index pages into the process (and fault-around maps their neighbours):
+    the writer's file-backed RSS grew with the index, a reader's by ~170 KB per context
+    window. MADV_DONTNEED on a shared read-only file map only unmaps: the pages stay in
+    the page cache and the next read faults them back in, with the same data.
+    """
+    try:
+        import ctypes
+
+        targets = {str(p.resolve()) for p in data_files}
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") in targets:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def acquire_env(
     path: Path,
     *,

@@ -600,7 +600,7 @@ class IndexWriter:
                     if kind == "ckpt":
                         del item
                     _return_free_heap()
-                    _unmap_index_pages(self.shard_path / "data.mdb")
+                    fmt.unmap_file_pages([self.shard_path / "data.mdb"])
                     last_trim = time.monotonic()
                 if kind == "flush":
                     item[1].set()
@@ -706,28 +706,6 @@ def _return_free_heap() -> None:
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
-        pass
-
-
-def _unmap_index_pages(data_file: Path) -> None:
-    """Drop this process's mappings of the shard's pages (Linux; clean, read-only map).
-
-    Each commit faults in the pages LMDB reads at the end of the file, and the kernel maps
-    the just-written neighbours with them (fault-around): the writer's file-backed RSS grew
-    by ~55% of the index size. MADV_DONTNEED on a shared read-only file map only unmaps:
-    the pages stay in the page cache and the next read faults them back in.
-    """
-    try:
-        target = str(data_file.resolve())
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as f:
-            for line in f:
-                if not line.rstrip().endswith(target):
-                    continue
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
-    except (OSError, AttributeError, ValueError):
         pass
 
 

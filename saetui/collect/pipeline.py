@@ -198,6 +198,7 @@ def run_collection(
         estimated = estimate_tokens(run.corpus, model.tokenizer)
         total = min(estimated, inputs.max_tokens) if inputs.max_tokens else estimated
         first_tokens = writer.summaries.n_tokens
+        done = first_tokens
         windows = iter_windows(
             run.corpus,
             model.tokenizer,
@@ -222,7 +223,8 @@ def run_collection(
                 mask=counted,
                 lengths=batch.lengths,
             )
-            done = writer.summaries.n_tokens
+            # Counted here: reading writer.summaries would wait for its merge thread.
+            done += int(batch.lengths.sum())
             rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
             report(
                 CollectProgress(

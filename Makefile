@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -30,13 +30,16 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 
-bench: bench-index bench-collect
+bench: bench-index bench-collect bench-tui
 
 bench-index: install
 	$(PY) benchmarks/bench_index.py
 
 bench-collect: install
 	$(PY) benchmarks/bench_collect.py
+
+bench-tui: install
+	$(PY) benchmarks/bench_tui.py
 
 sample-corpus: install
 	$(PY) scripts/make_sample_corpus.py

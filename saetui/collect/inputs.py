@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,11 @@ class RunInputs:
     max_tokens: int | None = None
     batchtopk_mode: str | None = None
     threshold: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_namespace(cls, args: Any) -> RunInputs:
         """From parsed command-line options (unknown attributes are ignored)."""
-        names = cls.__dataclass_fields__.keys() - {"extra"}
+        names = cls.__dataclass_fields__.keys()
         return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
     def check(self) -> None:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from saetui.collect.inputs import LoadedRun, RunInputs, load_run
 from saetui.lm.device import dtype_name
 
-PHASES = ("loading", "collecting", "metrics", "neighbours", "done")
+PHASES = ("loading", "collecting", "metrics", "neighbours", "done")  # CollectProgress.phase
 
 
 @dataclass
@@ -364,11 +364,3 @@ def _binary_chunks(index: Any, d_sae: int) -> Iterator[Any]:
         yield sp.csr_matrix(
             (data, chunk.feature_ids, chunk.offsets), shape=(len(chunk.offsets) - 1, d_sae)
         )
-
-
-def config_summary(config: CollectConfig) -> dict[str, Any]:
-    """The configuration as plain JSON values (for logs and the TUI's run pane)."""
-    summary = asdict(config)
-    summary["out"] = str(config.out)
-    summary["inputs"]["sae"] = str(config.inputs.sae)
-    return summary

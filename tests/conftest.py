@@ -148,3 +148,27 @@ def tiny_index(tmp_path_factory, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file):
     config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
     result = run_collection(config, progress=updates.append)
     return result, updates, out
+
+
+def random_relu_sae(
+    d_in: int = 576,
+    d_sae: int = 256,
+    bias: float = -0.5,
+    seed: int = 0,
+    hook: str = "blocks.9.hook_resid_post",
+):
+    """A random ReLU SAE whose features fire on a fair share of real residual activations."""
+    import torch
+
+    from saetui.sae.model import SparseAutoencoder
+
+    gen = torch.Generator().manual_seed(seed)
+    return SparseAutoencoder(
+        architecture="relu",
+        format="saelens",
+        W_enc=torch.randn(d_in, d_sae, generator=gen) * d_in**-0.5,
+        W_dec=torch.randn(d_sae, d_in, generator=gen) * d_sae**-0.5,
+        b_dec=torch.zeros(d_in),
+        b_enc=torch.full((d_sae,), bias),
+        hook_name=hook,
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_relu_sae
 
 from saetui.analysis.probe import probe, probe_loader
 from saetui.errors import SaetuiInputError
@@ -17,19 +18,7 @@ SAMPLE_SAE = Path(__file__).resolve().parent.parent / "sample_data" / "sae"
 
 
 def random_sae(d_in: int = 576, d_sae: int = 256, seed: int = 0):
-    """A ReLU SAE whose features fire on a fair share of real residual activations."""
-    from saetui.sae.model import SparseAutoencoder
-
-    gen = torch.Generator().manual_seed(seed)
-    return SparseAutoencoder(
-        architecture="relu",
-        format="saelens",
-        W_enc=torch.randn(d_in, d_sae, generator=gen) * d_in**-0.5,
-        W_dec=torch.randn(d_sae, d_in, generator=gen) * d_sae**-0.5,
-        b_dec=torch.zeros(d_in),
-        b_enc=torch.full((d_sae,), -0.5),
-        hook_name=HOOK,
-    )
+    return random_relu_sae(d_in, d_sae, -0.5, seed, HOOK)
 
 
 @pytest.fixture(scope="module")

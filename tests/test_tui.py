@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import random_relu_sae
 
 from saetui.errors import SaetuiInputError
 from saetui.tui.app import SaetuiApp, run_app
@@ -23,18 +23,7 @@ SIZE = (100, 32)
 
 
 def random_sae(d_in: int = 576, d_sae: int = 512, seed: int = 0):
-    from saetui.sae.model import SparseAutoencoder
-
-    gen = torch.Generator().manual_seed(seed)
-    return SparseAutoencoder(
-        architecture="relu",
-        format="saelens",
-        W_enc=torch.randn(d_in, d_sae, generator=gen) * d_in**-0.5,
-        W_dec=torch.randn(d_sae, d_in, generator=gen) * d_sae**-0.5,
-        b_dec=torch.zeros(d_in),
-        b_enc=torch.full((d_sae,), -1.0),
-        hook_name=HOOK,
-    )
+    return random_relu_sae(d_in, d_sae, -1.0, seed, HOOK)
 
 
 @pytest.fixture(scope="module")

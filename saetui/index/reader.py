@@ -113,6 +113,9 @@ class Example:
     token_ids: np.ndarray
     tokens: list[str]
     activations: np.ndarray  # float32, this feature on each token of the window
+    mask: np.ndarray  # bool, the window's counted tokens (False: BOS / padding)
+    segment_start: int  # the firing token's document occupies window positions
+    segment_length: int  # [segment_start, segment_start + segment_length)
 
 
 @dataclass(frozen=True)
@@ -794,6 +797,9 @@ class IndexReader:
         rec, activations, tokens = context
         seg = _segment_at(rec.segments, pos)
         doc_id, doc_off = (-1, pos) if seg is None else (int(seg[0]), int(seg[1] + pos - seg[2]))
+        seg_start, seg_length = (
+            (0, len(rec.token_ids)) if seg is None else (int(seg[2]), int(seg[3]))
+        )
         return Example(
             feature=f,
             value=float(np.uint16(bits).view(np.float16)),
@@ -806,6 +812,9 @@ class IndexReader:
             token_ids=rec.token_ids,
             tokens=list(tokens),
             activations=activations,
+            mask=rec.mask,
+            segment_start=seg_start,
+            segment_length=seg_length,
         )
 
     def top_examples(self, feature: int, n: int = 50) -> list[Example]:

@@ -377,21 +377,13 @@ class IndexSource:
         tokens = list(example.tokens)
         values = example.activations.astype(float).tolist()
         position = int(example.position)
-        start, stop = 0, len(tokens)
-        try:
-            window = self.reader.window(int(example.window), int(example.shard))
-        except Exception:  # an older reader or a damaged record: show the whole window
-            window = None
-        if window is not None:
-            for segment in window.segments:
-                if segment.start <= position < segment.start + segment.length:
-                    start, stop = segment.start, segment.start + segment.length
-                    break
-            counted = window.mask
-            while start < position and not counted[start]:
-                start += 1
-            while stop - 1 > position and not counted[stop - 1]:
-                stop -= 1
+        start = int(example.segment_start)
+        stop = start + int(example.segment_length)
+        counted = example.mask
+        while start < position and not counted[start]:
+            start += 1
+        while stop - 1 > position and not counted[stop - 1]:
+            stop -= 1
         return Context(
             window=int(example.window),
             position=position - start,

@@ -225,38 +225,9 @@ class ForwardBlock:
         return out
 
 
-def feature_activations(blob: bytes, feature: int) -> np.ndarray:
-    """One feature's activation on every token of a window straight from its block
-    (float32, 0 when off): the ids are rebuilt, values only where the feature fires."""
-    try:
-        raw = decompress(blob)
-        version, flags, n, nnz = _FWD_HEAD.unpack_from(raw)
-        if version != FWD_VERSION:
-            raise CorruptBlockError(f"forward block version {version}")
-        off = _FWD_HEAD.size
-        cdt = np.uint16 if flags & 1 else np.uint8
-        counts = np.frombuffer(raw, cdt, n, off)
-        off += n * np.dtype(cdt).itemsize
-        dp = np.frombuffer(raw, np.uint8, 4 * nnz, off).reshape(4, nnz).astype(np.uint32)
-        vp = np.frombuffer(raw, np.uint8, 2 * nnz, off + 4 * nnz).reshape(2, nnz)
-        if off + 6 * nnz != len(raw) or int(counts.sum(dtype=np.int64)) != nnz:
-            raise CorruptBlockError("forward block sizes disagree")
-    except (zstandard.ZstdError, struct.error, ValueError) as exc:
-        raise CorruptBlockError(str(exc)) from None
-    cs = np.cumsum(dp[0] | (dp[1] << 8) | (dp[2] << 16) | (dp[3] << 24), dtype=np.int64)
-    tok = np.repeat(np.arange(n), counts)
-    starts = np.cumsum(counts, dtype=np.int64) - counts
-    # ids restart at each token: subtract the running sum before the token's first nonzero
-    base = np.concatenate([[0], cs])[starts]
-    hit = np.flatnonzero(cs == base[tok] + feature)
-    out = np.zeros(n, dtype=np.float32)
-    if len(hit):
-        bits = vp[0][hit].astype(np.uint16) | (vp[1][hit].astype(np.uint16) << 8)
-        out[tok[hit]] = bits.view(np.float16).astype(np.float32)
-    return out
-
-
-def decode_forward(blob: bytes) -> ForwardBlock:
+def _forward_planes(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token counts (int64 [n]), id deltas (uint32 [nnz]) and value byte planes
+    (uint8 [2, nnz]) of a compressed forward block, with its sizes checked."""
     try:
         raw = decompress(blob)
         version, flags, n, nnz = _FWD_HEAD.unpack_from(raw)
@@ -270,13 +241,37 @@ def decode_forward(blob: bytes) -> ForwardBlock:
         dp = np.frombuffer(raw, np.uint8, 4 * nnz, off).reshape(4, nnz).astype(np.uint32)
         deltas = dp[0] | (dp[1] << 8) | (dp[2] << 16) | (dp[3] << 24)
         off += 4 * nnz
-        vp = np.frombuffer(raw, np.uint8, 2 * nnz, off).reshape(2, nnz).astype(np.uint16)
-        vals = (vp[0] | (vp[1] << 8)).view("<f2")
+        value_planes = np.frombuffer(raw, np.uint8, 2 * nnz, off).reshape(2, nnz)
         if off + 2 * nnz != len(raw) or counts.sum() != nnz:
             raise CorruptBlockError("forward block sizes disagree")
     except (zstandard.ZstdError, struct.error, ValueError) as exc:
         raise CorruptBlockError(str(exc)) from None
-    offsets = np.zeros(n + 1, dtype=np.int64)
+    return counts, deltas, value_planes
+
+
+def feature_activations(blob: bytes, feature: int) -> np.ndarray:
+    """One feature's activation on every token of a window straight from its block
+    (float32, 0 when off): the ids are rebuilt, values only where the feature fires."""
+    counts, deltas, vp = _forward_planes(blob)
+    n = len(counts)
+    cs = np.cumsum(deltas, dtype=np.int64)
+    tok = np.repeat(np.arange(n), counts)
+    starts = np.cumsum(counts, dtype=np.int64) - counts
+    # ids restart at each token: subtract the running sum before the token's first nonzero
+    base = np.concatenate([[0], cs])[starts]
+    hit = np.flatnonzero(cs == base[tok] + feature)
+    out = np.zeros(n, dtype=np.float32)
+    if len(hit):
+        bits = vp[0][hit].astype(np.uint16) | (vp[1][hit].astype(np.uint16) << 8)
+        out[tok[hit]] = bits.view(np.float16).astype(np.float32)
+    return out
+
+
+def decode_forward(blob: bytes) -> ForwardBlock:
+    counts, deltas, planes = _forward_planes(blob)
+    vp = planes.astype(np.uint16)
+    vals = (vp[0] | (vp[1] << 8)).view("<f2")
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     cs = np.cumsum(deltas, dtype=np.int64)
     # ids restart at each token: subtract the running sum before the token's first nonzero

@@ -167,40 +167,35 @@ class RunPane(VerticalScroll, can_focus=True):
                         )
                     )
 
+    def _blank_plot(self, selector: str) -> tuple[PlotextPlot, Any]:
+        """The plot widget at ``selector`` and its plotext handle, cleared for redrawing."""
+        widget = self.query_one(selector, PlotextPlot)
+        widget.plt.clear_data()
+        widget.plt.clear_figure()
+        return widget, widget.plt
+
     def show_plots(self, plots: RunPlots, history: dict[str, list[Any]] | None) -> None:
-        density = self.query_one("#density-plot", PlotextPlot)
-        plt = density.plt
-        plt.clear_data()
-        plt.clear_figure()
+        density, plt = self._blank_plot("#density-plot")
         plt.title("feature density (log10)")
         if plots.log10_density:
             plt.hist(plots.log10_density, bins=30)
         density.refresh()
 
-        l0 = self.query_one("#l0-plot", PlotextPlot)
-        plt = l0.plt
-        plt.clear_data()
-        plt.clear_figure()
-        plt.title("L0 per token")
+        l0, plt = self._blank_plot("#l0-plot")
         if plots.l0_histogram:
+            plt.title("L0 per token")
             plt.bar([e for e, _ in plots.l0_histogram], [c for _, c in plots.l0_histogram])
         else:
             plt.title("L0 per token (not recorded yet)")
         l0.refresh()
 
-        scatter = self.query_one("#scatter-plot", PlotextPlot)
-        plt = scatter.plt
-        plt.clear_data()
-        plt.clear_figure()
+        scatter, plt = self._blank_plot("#scatter-plot")
         plt.title("log10 density vs mean activation")
         if plots.log10_density:
             plt.scatter(plots.log10_density, plots.mean_activation, marker="dot")
         scatter.refresh()
 
-        hist_plot = self.query_one("#history-plot", PlotextPlot)
-        plt = hist_plot.plt
-        plt.clear_data()
-        plt.clear_figure()
+        hist_plot, plt = self._blank_plot("#history-plot")
         series = {k: v for k, v in (history or {}).items() if isinstance(v, list) and v}
         if series:
             plt.title("SAE training history")

@@ -172,3 +172,45 @@ def random_relu_sae(
         b_enc=torch.full((d_sae,), bias),
         hook_name=hook,
     )
+
+
+@pytest.fixture
+def busy_cores():
+    """Both cores kept busy by two spinning processes while the test runs: races between
+    threads hide on a quiet machine and show under load."""
+    import os
+    import subprocess
+    import sys
+
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+        for _ in range(max(2, os.cpu_count() or 2))
+    ]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def run_with_watchdog(target, timeout: float, name: str = "watched") -> None:
+    """Run ``target`` in a thread; fail (instead of hanging) if it does not end in time,
+    and re-raise what it raised."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            target()
+        except BaseException as error:  # handed to the test thread
+            failure.append(error)
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise AssertionError(f"{name} did not finish within {timeout} s: a hang or a deadlock")
+    if failure:
+        raise failure[0]

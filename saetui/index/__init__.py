@@ -6,7 +6,8 @@ does not import torch; `IndexWriter` and `FeatureSummaries` load it on first use
 
 from typing import Any
 
-from saetui.index.reader import (
+from saetui.index.reader import IndexReader, open_index
+from saetui.index.types import (
     Bookmark,
     DocumentContext,
     Example,
@@ -15,7 +16,6 @@ from saetui.index.reader import (
     FeaturePage,
     FeatureStats,
     IndexMeta,
-    IndexReader,
     IntervalSamples,
     Label,
     Neighbours,
@@ -24,8 +24,8 @@ from saetui.index.reader import (
     TokenFeatures,
     TokenMatch,
     WindowView,
-    open_index,
 )
+from saetui.index.user import UserStore
 
 __all__ = [
     "Bookmark",
@@ -46,6 +46,7 @@ __all__ = [
     "Segment",
     "TokenFeatures",
     "TokenMatch",
+    "UserStore",
     "WindowView",
     "open_index",
 ]

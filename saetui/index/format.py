@@ -152,12 +152,6 @@ def write_marker(index_path: Path) -> None:
     os.replace(tmp, index_path / MARKER_FILE)
 
 
-# LMDB refuses to open one environment twice in a process (its fcntl locks belong to the
-# process), so writers and readers in one process share one Environment, reference-counted.
-_ENV_LOCK = threading.RLock()
-_ENVS: dict[str, list[Any]] = {}
-
-
 def unmap_file_pages(data_files: list[Path]) -> None:
     """Drop this process's mappings of LMDB data files' pages (Linux; else no-op).
 
@@ -180,97 +174,6 @@ def unmap_file_pages(data_files: list[Path]) -> None:
                     libc.madvise(lo, hi - lo, 4)  # MADV_DONTNEED
     except (OSError, AttributeError, ValueError):
         pass
-
-
-def acquire_env(
-    path: Path,
-    *,
-    create: bool,
-    readonly: bool = False,
-    map_size: int = DEFAULT_MAP_SIZE,
-    max_dbs: int = MAX_DBS,
-) -> lmdb.Environment:
-    """Open (or share) the LMDB environment in directory `path` with the pinned engine."""
-    key = str(path.resolve())
-    with _ENV_LOCK:
-        entry = _ENVS.get(key)
-        if entry is not None:
-            if entry[2] and not readonly:
-                raise SaetuiInputError(
-                    f"{path} is open read-only in this process (an open_index reader): close "
-                    "it before writing to the index from the same process."
-                )
-            entry[1] += 1
-            return entry[0]
-        check_data_file(path)
-        try:
-            env = lmdb.open(
-                str(path),
-                map_size=map_size,
-                subdir=True,
-                readonly=readonly,
-                create=create,
-                max_dbs=max_dbs,
-                max_readers=MAX_READERS,
-                metasync=False,
-                sync=True,
-                # read-around fetches a whole multi-page forward block in one I/O; with
-                # readahead=False (MADV_RANDOM) a cold top-50 query took ~200 ms, not ~10 ms
-                readahead=True,
-                lock=True,
-                lib_version=LMDB_LIB_VERSION,
-            )
-        except lmdb.InvalidError:
-            raise SaetuiInputError(
-                f"{path} is not an LMDB 0.9 environment written by saetui (damaged, or made by "
-                "another tool): rebuild the index."
-            ) from None
-        except lmdb.Error as exc:
-            raise SaetuiInputError(
-                f"cannot open the index environment {path}: {exc}; check the path and its "
-                "permissions."
-            ) from None
-        _ENVS[key] = [env, 1, readonly]
-        try:
-            check_data_file(path, env)
-        except SaetuiInputError:
-            release_env(env)
-            raise
-        return env
-
-
-def release_env(env: lmdb.Environment) -> None:
-    with _ENV_LOCK:
-        for key, entry in list(_ENVS.items()):
-            if entry[0] is env:
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del _ENVS[key]
-                    env.close()
-                return
-
-
-def check_data_file(path: Path, env: lmdb.Environment | None = None) -> None:
-    """Refuse a truncated data file: LMDB would map pages past its end and crash on access."""
-    data = path / "data.mdb"
-    if not data.exists():
-        return
-    size = data.stat().st_size
-    if env is None:
-        if 0 < size < 2 * 4096:
-            raise _truncated(path)
-        return
-    info = env.info()
-    psize = env.stat()["psize"]
-    if size < (info["last_pgno"] + 1) * psize:
-        raise _truncated(path)
-
-
-def _truncated(path: Path) -> SaetuiInputError:
-    return SaetuiInputError(
-        f"{path / 'data.mdb'} is truncated (shorter than its own page table says): the file is "
-        "damaged; restore it from a copy or rebuild the index."
-    )
 
 
 def translate_lmdb_error(exc: BaseException, path: Path) -> BaseException:

@@ -8,7 +8,6 @@ transactions are per call and the caches are guarded by a lock.
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -23,6 +22,7 @@ import numpy as np
 
 from saetui.errors import SaetuiInputError
 from saetui.index import codec
+from saetui.index import env as envs
 from saetui.index import format as fmt
 from saetui.index.records import (
     SUM_UNIT_LOG2,
@@ -33,197 +33,28 @@ from saetui.index.records import (
     decode_ttok,
     feature_blob,
 )
+from saetui.index.types import (
+    Bookmark,
+    DocumentContext,
+    Example,
+    FeatureDetail,
+    FeatureFilter,
+    FeaturePage,
+    FeatureStats,
+    ForwardChunk,
+    IndexMeta,
+    IntervalSamples,
+    Label,
+    Neighbours,
+    Progress,
+    Segment,
+    TokenFeatures,
+    TokenMatch,
+    WindowView,
+)
+from saetui.index.user import UserStore
 
 SORT_KEYS = ("id", "count", "density", "mean", "std", "max", "label")
-
-
-# ------------------------------------------------------------------ result types
-
-
-@dataclass(frozen=True)
-class IndexMeta:
-    path: Path
-    format_version: int
-    run_config: dict[str, Any]
-    d_sae: int
-    ctx_len: int
-    top_k: int
-    samples_per_bin: int
-    n_shards: int
-    lmdb_engine: str
-    hist_bin_edges: np.ndarray
-    vocab_size: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    windows: int
-    tokens: int
-    counted_tokens: int
-    nonzeros: int
-    summary_windows: int
-    finished: bool
-    updated: float
-    shards: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
-class FeatureStats:
-    feature: int
-    count: int
-    density: float  # fraction of counted (non-BOS/pad) tokens on which it fires
-    mean: float
-    std: float
-    max: float
-    histogram: np.ndarray  # int64 [n_bins]
-    bin_edges: np.ndarray  # float [n_bins + 1]
-    counted_tokens: int
-
-
-@dataclass(frozen=True)
-class Segment:
-    doc_id: int
-    doc_offset: int
-    start: int
-    length: int
-
-
-@dataclass(frozen=True)
-class WindowView:
-    shard: int
-    window: int
-    token_ids: np.ndarray
-    tokens: list[str]
-    mask: np.ndarray
-    segments: list[Segment]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One activation in context: the window around it and the feature on every token."""
-
-    feature: int
-    value: float
-    shard: int
-    window: int
-    position: int  # the firing token inside the window
-    global_index: int  # window * ctx_len + position
-    doc_id: int
-    doc_offset: int  # the firing token's offset inside its document
-    token_ids: np.ndarray
-    tokens: list[str]
-    activations: np.ndarray  # float32, this feature on each token of the window
-    mask: np.ndarray  # bool, the window's counted tokens (False: BOS / padding)
-    segment_start: int  # the firing token's document occupies window positions
-    segment_length: int  # [segment_start, segment_start + segment_length)
-
-
-@dataclass(frozen=True)
-class IntervalSamples:
-    low: float
-    high: float
-    examples: list[Example]
-
-
-@dataclass(frozen=True)
-class Neighbours:
-    metric: str
-    ids: np.ndarray
-    scores: np.ndarray
-
-
-@dataclass(frozen=True)
-class Label:
-    feature: int
-    label: str
-    notes: str
-    updated: float
-
-
-@dataclass(frozen=True)
-class Bookmark:
-    feature: int
-    note: str
-    created: float
-
-
-@dataclass(frozen=True)
-class FeatureDetail:
-    stats: FeatureStats
-    examples: list[Example]
-    samples: list[IntervalSamples]
-    top_tokens: list[tuple[str, int]]
-    neighbours: dict[str, Neighbours]
-    label: Label | None
-
-
-@dataclass(frozen=True)
-class ForwardChunk:
-    """Counted tokens of consecutive windows: token t owns ids/values[offsets[t]:offsets[t+1]]."""
-
-    shard: int
-    first_window: int
-    offsets: np.ndarray  # int64 [n_tokens + 1]
-    feature_ids: np.ndarray  # int32 [nnz]
-    values: np.ndarray  # float32 [nnz]
-
-
-@dataclass(frozen=True)
-class TokenFeatures:
-    shard: int
-    window: int
-    position: int
-    token_id: int
-    token: str
-    counted: bool  # False for BOS/pad positions, which carry no features
-    feature_ids: np.ndarray  # sorted by value, largest first
-    values: np.ndarray
-
-
-@dataclass(frozen=True)
-class DocumentContext:
-    shard: int
-    doc_id: int
-    doc_offset: int  # offset of token_ids[0] inside the document
-    token_ids: np.ndarray
-    tokens: list[str]
-    focus: int  # index of the requested token in token_ids
-
-
-@dataclass(frozen=True)
-class FeatureFilter:
-    """Row filter for `features()`; None fields do not filter."""
-
-    min_density: float | None = None
-    max_density: float | None = None
-    min_max: float | None = None
-    alive: bool | None = None  # True: fired at least once; False: dead only
-    labelled: bool | None = None
-    label_contains: str | None = None
-
-
-@dataclass(frozen=True)
-class FeaturePage:
-    total: int  # rows passing the filter
-    page: int
-    page_size: int
-    sort: str
-    descending: bool
-    feature: np.ndarray
-    count: np.ndarray
-    density: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    max: np.ndarray
-    labels: list[str]
-    counted_tokens: int  # density denominator of the summaries this page comes from
-
-
-@dataclass(frozen=True)
-class TokenMatch:
-    feature: int
-    count: int  # top examples of the feature that fire on a matching token
-    tokens: list[str]
 
 
 @dataclass
@@ -239,8 +70,9 @@ class _Columns:
 
 
 class _Shard:
-    def __init__(self, index: int, path: Path, env: lmdb.Environment, dbs: dict[bytes, Any]):
-        self.index, self.path, self.env, self.dbs = index, path, env, dbs
+    def __init__(self, index: int, path: Path, shared: envs.SharedEnv):
+        self.index, self.path, self.shared = index, path, shared
+        self.env, self.dbs = shared.env, shared.dbs
 
 
 # ------------------------------------------------------------------ reader
@@ -267,12 +99,11 @@ class IndexReader:
         self._vocab: list[str] | None = None
         self._vocab_arr: np.ndarray | None = None
         self._reads_since_unmap = 0
-        # held while unmapping so close() cannot unmap the env (and let the range be reused)
-        # under a madvise running in the background
-        self._unmap_lock = threading.Lock()
         self._vocab_lower: list[str] | None = None
-        self._user_env: lmdb.Environment | None = None
         self._shards: list[_Shard] = []
+        # reads in flight: close() waits for them before it releases the environments
+        self._reads = threading.Condition()
+        self._in_flight = 0
         self._closed = False
         shape = None
         try:
@@ -283,25 +114,19 @@ class IndexReader:
                 if not (d / "data.mdb").exists():
                     continue
                 shard_id = int(d.name[len(fmt.SHARD_PREFIX) :])
-                # read-only: DB handles opened in a read-only env outlive their transaction
-                env = fmt.acquire_env(d, create=False, readonly=True)
                 try:
                     with self._guard(d):
-                        dbs = {n: env.open_db(n, create=False) for n in fmt.SHARD_DBS}
-                        with env.begin() as txn:
-                            raw = txn.get(fmt.META_SHAPE, db=dbs[fmt.DB_META])
-                        if raw is None:  # a writer created it but has not committed yet
-                            raise _NotReady
-                except _NotReady:
-                    fmt.release_env(env)
+                        shared = envs.acquire(d, fmt.SHARD_DBS, write=False)
+                except lmdb.NotFoundError:  # a writer created it but has not committed yet
                     continue
-                except lmdb.NotFoundError:
-                    fmt.release_env(env)
+                shard = _Shard(shard_id, d, shared)
+                self._shards.append(shard)
+                with self._read(shard) as txn:
+                    raw = txn.get(fmt.META_SHAPE, db=shard.dbs[fmt.DB_META])
+                if raw is None:
+                    self._shards.pop()
+                    envs.release(shared)
                     continue
-                except BaseException:
-                    fmt.release_env(env)
-                    raise
-                self._shards.append(_Shard(shard_id, d, env, dbs))
                 s = json.loads(raw)
                 if shape is None:
                     shape = s
@@ -330,29 +155,52 @@ class IndexReader:
             n_shards=len(self._shards),
             lmdb_engine=shape.get("lmdb_engine", ""),
             hist_bin_edges=np.asarray(shape["hist_bin_edges"]),
-            vocab_size=-1,
         )
+        self.user = UserStore(self.path, self.meta.d_sae)
         self.open_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------ plumbing
 
     def close(self) -> None:
-        if self._closed:
-            return
-        with self._unmap_lock:
+        """Wait for reads in flight in other threads, then release the environments; later
+        calls raise a SaetuiInputError sentence."""
+        with self._reads:
+            if self._closed:
+                return
             self._closed = True
-        for s in self._shards:
-            fmt.release_env(s.env)
-        self._shards = []
-        if self._user_env is not None:
-            fmt.release_env(self._user_env)
-            self._user_env = None
+            while self._in_flight:
+                self._reads.wait()
+        for s in self._shards:  # kept: every later read refuses in _counted()
+            envs.release(s.shared)
+        if hasattr(self, "user"):
+            self.user.close()
 
     def __enter__(self) -> IndexReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Work on the environments that close() must wait for."""
+        with self._reads:
+            if self._closed:
+                raise SaetuiInputError(f"the index reader of {self.path} is closed.")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._reads:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._reads.notify_all()
+
+    @contextmanager
+    def _read(self, s: _Shard, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """One short read transaction on a shard (counted, errors as sentences)."""
+        with self._counted(), self._guard(s.path), s.env.begin(buffers=buffers) as txn:
+            yield txn
 
     @contextmanager
     def _guard(self, where: Path | str) -> Iterator[None]:
@@ -390,7 +238,7 @@ class IndexReader:
     def vocab(self) -> list[str]:
         if self._vocab is None:
             s = self._shards[0]
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 raw = txn.get(fmt.META_VOCAB, db=s.dbs[fmt.DB_META])
                 vocab = json.loads(codec.decompress(raw))
             self._vocab = vocab
@@ -410,7 +258,7 @@ class IndexReader:
         """Committed progress summed over shards (a fresh read each call)."""
         shards = []
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 shards.append(json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META])))
         return Progress(
             windows=sum(p["windows"] for p in shards),
@@ -426,7 +274,7 @@ class IndexReader:
     def metrics(self) -> dict[str, Any]:
         """Run metrics stored by the collector (first shard that has them)."""
         for s in self._shards:
-            with s.env.begin() as txn:
+            with self._read(s) as txn:
                 raw = txn.get(fmt.META_METRICS, db=s.dbs[fmt.DB_META])
             if raw is not None:
                 return json.loads(raw)
@@ -435,7 +283,7 @@ class IndexReader:
     def get_meta(self, name: str) -> Any:
         """A JSON value stored with `IndexWriter.put_meta(name, ...)`, or None."""
         for s in self._shards:
-            with s.env.begin() as txn:
+            with self._read(s) as txn:
                 raw = txn.get(fmt.USER_META_PREFIX + name.encode(), db=s.dbs[fmt.DB_META])
             if raw is not None:
                 return json.loads(raw)
@@ -444,7 +292,7 @@ class IndexReader:
     # ------------------------------------------------------------ windows & tokens
 
     def _window_count(self, s: _Shard) -> int:
-        with s.env.begin() as txn:
+        with self._read(s) as txn:
             return int(json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META]))["windows"])
 
     def _block(self, shard: int, window: int) -> tuple[codec.WindowRecord, codec.ForwardBlock]:
@@ -456,7 +304,7 @@ class IndexReader:
                 return hit
         s = self._shard(shard)
         with self._guard(s.path):
-            with s.env.begin(buffers=True) as txn:  # zero-copy: slice one window out
+            with self._read(s, buffers=True) as txn:  # zero-copy: slice one window out
                 tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
                 chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
                 fwd = None if chunk is None else codec.chunk_blob(chunk, window % codec.FWD_CHUNK)
@@ -484,15 +332,10 @@ class IndexReader:
             if self._reads_since_unmap < 2048:
                 return
             self._reads_since_unmap = 0
-        paths = [s.path / "data.mdb" for s in self._shards]
-
-        def unmap() -> None:
-            with self._unmap_lock:
-                if not self._closed:
-                    fmt.unmap_file_pages(paths)
-
-        # in the background: the query that crosses the mark does not pay for the unmap
-        threading.Thread(target=unmap, name="saetui-index-unmap", daemon=True).start()
+        # inline (well under a millisecond) and counted as a read, so close() cannot unmap
+        # the environment, and let the address range be reused, under the madvise
+        with self._counted():
+            fmt.unmap_file_pages([s.path / "data.mdb" for s in self._shards])
 
     def _check_window(self, window: int) -> int:
         if not isinstance(window, (int, np.integer)) or window < 0:
@@ -521,7 +364,7 @@ class IndexReader:
             first_record = 0
             while first_record * codec.FWD_CHUNK < n_windows:
                 offsets, ids, values = [np.zeros(1, np.int64)], [], []
-                with self._guard(s.path), s.env.begin() as txn:
+                with self._read(s) as txn:
                     for record in range(first_record, first_record + per_read):
                         chunk = txn.get(fmt.u64_key(record), db=s.dbs[fmt.DB_FWD])
                         if chunk is None:
@@ -636,7 +479,7 @@ class IndexReader:
     def _load_columns(self) -> _Columns:
         serial = []
         for s in self._shards:
-            with s.env.begin() as txn:
+            with self._read(s) as txn:
                 p = json.loads(txn.get(fmt.META_PROGRESS, db=s.dbs[fmt.DB_META]))
             serial.append(int(p["summary_serial"]))
         key = tuple(serial)
@@ -650,7 +493,7 @@ class IndexReader:
         max_bits = np.zeros(d, np.int64)
         counted = 0
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 blob = txn.get(b"columns", db=s.dbs[fmt.DB_FSUM])
                 info = txn.get(b"info", db=s.dbs[fmt.DB_FSUM])
                 if blob is None or info is None:
@@ -690,7 +533,7 @@ class IndexReader:
             with self._lock:
                 arr = self._hist_cache.get(hkey)
             if arr is None:
-                with self._guard(s.path), s.env.begin() as txn:
+                with self._read(s) as txn:
                     blob = txn.get(fmt.u32_key(chunk), db=s.dbs[fmt.DB_FHIST])
                     arr = (
                         np.frombuffer(codec.decompress(blob), "<i8").reshape(-1, fmt.N_HIST_BINS)
@@ -719,7 +562,7 @@ class IndexReader:
         """(value bits, shard, global index, token) of the feature's top-K, best first."""
         out = []
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 blob = feature_blob(txn, s.dbs[fmt.DB_FTOPK], f)
             if blob is None:
                 continue
@@ -764,7 +607,7 @@ class IndexReader:
                 missing.setdefault(shard, []).append(key[1])
         for shard, windows in missing.items():
             s = self._shard(shard)
-            with self._guard(s.path), s.env.begin(buffers=True) as txn:
+            with self._read(s, buffers=True) as txn:
                 for window in windows:
                     tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
                     chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
@@ -837,7 +680,7 @@ class IndexReader:
         f = self._check_feature(feature)
         per_bin: dict[int, list[tuple[int, int, int]]] = {}
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 blob = feature_blob(txn, s.dbs[fmt.DB_FSAMP], f)
             if blob is None:
                 continue
@@ -860,7 +703,7 @@ class IndexReader:
         f = self._check_feature(feature)
         out: dict[str, Neighbours] = {}
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 raw = txn.get(fmt.META_NBR_METRICS, db=s.dbs[fmt.DB_META])
                 names = json.loads(raw) if raw else []
                 for mid, name in enumerate(names):
@@ -987,7 +830,7 @@ class IndexReader:
         counts: Counter[int] = Counter()
         tokens_of: dict[int, set[int]] = {}
         for s in self._shards:
-            with self._guard(s.path), s.env.begin() as txn:
+            with self._read(s) as txn:
                 db = s.dbs[fmt.DB_TTOK]
                 for t in matches:
                     blob = txn.get(fmt.u32_key(t), db=db)
@@ -1000,101 +843,33 @@ class IndexReader:
         best = sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:limit]
         return [TokenMatch(f, c, self.token_strings(sorted(tokens_of[f]))) for f, c in best]
 
-    # ------------------------------------------------------------ user data
-
-    def _user(self, create: bool) -> lmdb.Environment | None:
-        if self._user_env is None:
-            udir = self.path / fmt.USER_ENV
-            if not (udir / "data.mdb").exists():
-                if not create:
-                    return None
-                udir.mkdir(exist_ok=True)
-            env = fmt.acquire_env(udir, create=True, map_size=1 << 30, max_dbs=4)
-            self._user_dbs = {n: env.open_db(n) for n in (fmt.DB_LABELS, fmt.DB_BOOKMARKS)}
-            self._user_env = env
-        return self._user_env
+    # ------------------------------------------------------------ user data (UserStore)
 
     def set_label(self, feature: int, label: str, notes: str = "") -> None:
         """Store (or replace) the user's label and notes for a feature."""
-        self.set_labels({self._check_feature(feature): (label, notes)})
+        self.user.set_labels({self._check_feature(feature): (label, notes)})
 
     def set_labels(self, labels: dict[int, str | tuple[str, str]]) -> None:
         """Store many labels in one short write transaction (e.g. `saetui labels import`)."""
-        rows = []
-        now = time.time()
-        for f, v in sorted(labels.items()):
-            f = self._check_feature(f)
-            label, notes = (v, "") if isinstance(v, str) else v
-            rows.append(
-                (struct.pack(">I", f), fmt.dumps({"label": label, "notes": notes, "t": now}))
-            )
-        env = self._user(create=True)
-        assert env is not None
-        with env.begin(write=True) as txn:
-            db = self._user_dbs[fmt.DB_LABELS]
-            for k, v in rows:
-                txn.put(k, v, db=db)
+        self.user.set_labels(labels)
 
     def delete_label(self, feature: int) -> None:
-        f = self._check_feature(feature)
-        env = self._user(create=False)
-        if env is not None:
-            with env.begin(write=True) as txn:
-                txn.delete(struct.pack(">I", f), db=self._user_dbs[fmt.DB_LABELS])
+        self.user.delete_label(feature)
 
     def label(self, feature: int) -> Label | None:
-        f = self._check_feature(feature)
-        env = self._user(create=False)
-        if env is None:
-            return None
-        with env.begin() as txn:
-            raw = txn.get(struct.pack(">I", f), db=self._user_dbs[fmt.DB_LABELS])
-        if raw is None:
-            return None
-        d = json.loads(raw)
-        return Label(f, d["label"], d["notes"], d["t"])
+        return self.user.label(feature)
 
     def labels(self) -> dict[int, Label]:
-        env = self._user(create=False)
-        if env is None:
-            return {}
-        out = {}
-        with env.begin() as txn:
-            for k, raw in txn.cursor(db=self._user_dbs[fmt.DB_LABELS]):
-                f = struct.unpack(">I", k)[0]
-                d = json.loads(raw)
-                out[f] = Label(f, d["label"], d["notes"], d["t"])
-        return out
+        return self.user.labels()
 
     def add_bookmark(self, feature: int, note: str = "") -> None:
-        f = self._check_feature(feature)
-        env = self._user(create=True)
-        assert env is not None
-        with env.begin(write=True) as txn:
-            db = self._user_dbs[fmt.DB_BOOKMARKS]
-            txn.put(struct.pack(">I", f), fmt.dumps({"note": note, "t": time.time()}), db=db)
+        self.user.add_bookmark(feature, note)
 
     def remove_bookmark(self, feature: int) -> None:
-        f = self._check_feature(feature)
-        env = self._user(create=False)
-        if env is not None:
-            with env.begin(write=True) as txn:
-                txn.delete(struct.pack(">I", f), db=self._user_dbs[fmt.DB_BOOKMARKS])
+        self.user.remove_bookmark(feature)
 
     def bookmarks(self) -> list[Bookmark]:
-        env = self._user(create=False)
-        if env is None:
-            return []
-        with env.begin() as txn:
-            rows = list(txn.cursor(db=self._user_dbs[fmt.DB_BOOKMARKS]))
-        return [
-            Bookmark(struct.unpack(">I", k)[0], json.loads(v)["note"], json.loads(v)["t"])
-            for k, v in rows
-        ]
-
-
-class _NotReady(Exception):
-    pass
+        return self.user.bookmarks()
 
 
 def _segment_at(segments: np.ndarray, pos: int) -> np.ndarray | None:

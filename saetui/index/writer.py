@@ -10,6 +10,7 @@ committed windows after it from the forward index. Summaries are batch-order ind
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -29,7 +30,9 @@ import torch
 
 from saetui.errors import SaetuiInputError
 from saetui.index import codec
+from saetui.index import env as envs
 from saetui.index import format as fmt
+from saetui.index.env import WriterLock
 from saetui.index.summary import (
     FeatureSummaries,
     SummarySnapshot,
@@ -128,24 +131,31 @@ class IndexWriter:
                     "or empty directory."
                 )
         sdir = fmt.shard_dir(path, shard)
+        lock: WriterLock | None = None
+        shared: envs.SharedEnv | None = None
         try:
             path.mkdir(parents=True, exist_ok=True)
-            if overwrite and sdir.exists():
-                shutil.rmtree(sdir)
             sdir.mkdir(exist_ok=True)
+            lock = WriterLock(sdir, path)  # before anything is deleted or written
+            if overwrite:
+                for name in ("data.mdb", "lock.mdb"):
+                    (sdir / name).unlink(missing_ok=True)
             if not (path / fmt.MARKER_FILE).exists():
                 fmt.write_marker(path)
-            env = fmt.acquire_env(sdir, create=True, map_size=map_size)
+            shared = envs.acquire(sdir, fmt.SHARD_DBS, write=True, map_size=map_size)
         except BaseException:
+            if lock is not None:
+                lock.release()
             if created_dir:
                 shutil.rmtree(path, ignore_errors=True)
             raise
         self = object.__new__(cls)
+        self._lock = lock
         try:
             self._init(
                 path,
                 sdir,
-                env,
+                shared,
                 shard,
                 identity,
                 vocab_json,
@@ -155,7 +165,8 @@ class IndexWriter:
                 queue_size,
             )
         except BaseException:
-            fmt.release_env(env)
+            envs.release(shared)
+            lock.release()
             if created_dir:
                 shutil.rmtree(path, ignore_errors=True)
             raise
@@ -165,7 +176,7 @@ class IndexWriter:
         self,
         path: Path,
         sdir: Path,
-        env: lmdb.Environment,
+        shared: envs.SharedEnv,
         shard: int,
         identity: dict[str, Any],
         vocab_json: bytes,
@@ -175,10 +186,11 @@ class IndexWriter:
         queue_size: int,
     ) -> None:
         self.path, self.shard_path, self.shard = path, sdir, shard
-        self._env = env
+        self._shared = shared
+        self._env = env = shared.env
         self.d_sae, self.ctx_len = identity["d_sae"], identity["ctx_len"]
         self.vocab_size = len(json.loads(vocab_json))
-        self._dbs = {name: env.open_db(name) for name in fmt.SHARD_DBS}
+        self._dbs = shared.dbs
         meta = self._dbs[fmt.DB_META]
         with env.begin() as txn:
             stored_shape = txn.get(fmt.META_SHAPE, db=meta)
@@ -212,7 +224,7 @@ class IndexWriter:
                 "hist_bin_edges": fmt.hist_bin_edges(),
                 "n_sample_bins": fmt.N_SAMPLE_BINS,
             }
-            with env.begin(write=True) as txn:
+            with shared.write_lock, env.begin(write=True) as txn:
                 txn.put(fmt.META_FORMAT, fmt.dumps(fmt.marker_content()), db=meta)
                 txn.put(fmt.META_CONFIG, fmt.dumps(identity["run_config"]), db=meta)
                 txn.put(fmt.META_SHAPE, fmt.dumps(shape), db=meta)
@@ -252,6 +264,7 @@ class IndexWriter:
         self._error: BaseException | None = None
         self._error_raised = False
         self._closed = False
+        self._holds_write_lock = False
         self._thread = threading.Thread(target=self._run, name="saetui-index-writer", daemon=True)
         self._thread.start()
 
@@ -523,7 +536,8 @@ class IndexWriter:
             self._thread.join()
             if self._sum_pool is not None:
                 self._sum_pool.shutdown(wait=True)
-            fmt.release_env(self._env)
+            envs.release(self._shared)
+            self._lock.release()
         if self._error is not None and not self._error_raised:
             self._raise_pending()
 
@@ -575,7 +589,7 @@ class IndexWriter:
                     txn = None
                     continue
                 if txn is None:
-                    txn = self._env.begin(write=True)
+                    txn = self._begin()
                     started = time.monotonic()
                 kind = item[0]
                 if kind == "data":
@@ -608,9 +622,26 @@ class IndexWriter:
                     return
         except BaseException as exc:  # re-raised in the caller's thread
             if txn is not None:
-                txn.abort()
+                with contextlib.suppress(lmdb.Error):
+                    txn.abort()
+            self._end()
             self._error = fmt.translate_lmdb_error(exc, self.path)
             self._progress = dict(self._committed)
+
+    def _begin(self) -> lmdb.Transaction:
+        """A write transaction, begun under the environment's write lock (see env.py)."""
+        self._shared.write_lock.acquire()
+        self._holds_write_lock = True
+        try:
+            return self._env.begin(write=True)
+        except BaseException:
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        if self._holds_write_lock:
+            self._holds_write_lock = False
+            self._shared.write_lock.release()
 
     def _commit(self, txn: lmdb.Transaction | None, pending: dict[str, Any]) -> None:
         if txn is None:
@@ -618,7 +649,10 @@ class IndexWriter:
         pending["commits"] += 1
         pending["updated"] = time.time()
         txn.put(fmt.META_PROGRESS, fmt.dumps(pending), db=self._dbs[fmt.DB_META])
-        txn.commit()
+        try:
+            txn.commit()
+        finally:
+            self._end()
         self._committed = dict(pending)
         self._progress = dict(pending)
         self.tokens_committed = int(pending["tokens"])

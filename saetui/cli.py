@@ -23,7 +23,7 @@ def _say(message: str) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from saetui.lm.model import DEFAULT_MODEL, NUMERICS, NUMERICS_HELP
+    from saetui.lm.names import DEFAULT_MODEL, NUMERICS, NUMERICS_HELP
 
     group = parser.add_argument_group("model")
     group.add_argument(

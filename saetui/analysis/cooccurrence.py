@@ -33,15 +33,19 @@ def cooccurrence_neighbours(
     top_n: int = 16,
     min_count: int = 3,
     stripe: int = 2048,
+    check_stop: Callable[[], None] | None = None,
 ) -> CooccurrenceNeighbours:
     """Jaccard, NPMI and P(g|f) neighbours of every feature.
 
     ``chunks()`` yields binary CSR matrices [tokens, d_sae] (a feature fired on a token);
     it is called once per stripe. Pairs seen on fewer than ``min_count`` tokens are ignored.
+    ``check_stop`` is called between chunks and raises to stop.
     """
+    check = check_stop or (lambda: None)
     counts = np.zeros(d_sae, dtype=np.int64)
     tokens = 0
     for chunk in chunks():
+        check()
         counts += np.asarray((chunk > 0).sum(axis=0)).ravel()
         tokens += chunk.shape[0]
     ids = {m: np.full((d_sae, top_n), -1, dtype=np.int64) for m in METRICS}
@@ -52,6 +56,7 @@ def cooccurrence_neighbours(
         stop = min(start + stripe, d_sae)
         pair_counts = np.zeros((stop - start, d_sae), dtype=np.int64)
         for chunk in chunks():
+            check()
             binary = (chunk > 0).astype(np.int32).tocsc()
             pair_counts += (binary[:, start:stop].T @ binary).toarray()
         own = np.arange(stop - start)

@@ -3,17 +3,23 @@ tokens each feature's decoder direction promotes or suppresses through the unemb
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
 @torch.no_grad()
 def decoder_cosine_neighbours(
-    w_dec: torch.Tensor, top_n: int = 16, chunk: int = 4096
+    w_dec: torch.Tensor,
+    top_n: int = 16,
+    chunk: int = 4096,
+    check_stop: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_n`` other features by cosine of decoder rows, for every feature.
 
     ``w_dec`` is [d_sae, d_in]. Works in chunks of rows so memory is O(chunk * d_sae)
     whatever d_sae is. Returns (ids int64 [d_sae, n], scores float32 [d_sae, n]).
+    ``check_stop`` is called between chunks and raises to stop.
     """
     d_sae = w_dec.shape[0]
     n = min(top_n, d_sae - 1)
@@ -21,6 +27,8 @@ def decoder_cosine_neighbours(
     ids = torch.empty(d_sae, n, dtype=torch.int64)
     scores = torch.empty(d_sae, n, dtype=torch.float32)
     for start in range(0, d_sae, chunk):
+        if check_stop is not None:
+            check_stop()
         rows = unit[start : start + chunk]
         cosine = rows @ unit.T
         own = torch.arange(start, start + rows.shape[0], device=unit.device)
@@ -33,7 +41,11 @@ def decoder_cosine_neighbours(
 
 @torch.no_grad()
 def logit_effects(
-    w_dec: torch.Tensor, w_u: torch.Tensor, top_n: int = 10, chunk: int = 1024
+    w_dec: torch.Tensor,
+    w_u: torch.Tensor,
+    top_n: int = 10,
+    chunk: int = 1024,
+    check_stop: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens each feature promotes and suppresses: top/bottom of ``w_dec @ w_u``.
 
@@ -47,6 +59,8 @@ def logit_effects(
     ]
     w_u = w_u.float()
     for start in range(0, d_sae, chunk):
+        if check_stop is not None:
+            check_stop()
         effects = w_dec[start : start + chunk].float() @ w_u
         up = effects.topk(top_n, dim=-1)
         down = effects.topk(top_n, dim=-1, largest=False)

@@ -24,15 +24,19 @@ def evaluate_sae(
     max_tokens: int | None = None,
     with_ce: bool = True,
     progress: Callable[[int], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``sae`` at ``hook`` over window batches (``tokens`` [b, t], ``mask`` [b, t]
     true on real non-BOS tokens). The SAE replaces the activation only at masked positions,
-    so BOS and padding keep their clean values in the spliced forward pass."""
+    so BOS and padding keep their clean values in the spliced forward pass.
+    ``check_stop`` is called between batches and raises to stop."""
     reconstruction = ReconstructionMetrics(d_sae=sae.d_sae)
     behaviour = ModelBehaviourMetrics()
     device = model.device
     sae_dtype = sae.dtype
     for batch in batches:
+        if check_stop is not None:
+            check_stop()
         tokens = torch.as_tensor(batch.tokens, device=device)
         mask = torch.as_tensor(batch.mask, device=device)
         if with_ce:

@@ -1,16 +1,20 @@
 """Headless collection: a progress bar on a terminal, plain lines every few seconds in logs
-(tmux, nohup, slurm), a metrics summary at the end; SIGINT/SIGTERM stop resumably."""
+(tmux, nohup, slurm), a metrics summary at the end; SIGINT/SIGTERM stop resumably in
+every phase (exit 130 / 143) and the last line says how to go on."""
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-from saetui.collect.pipeline import CollectConfig, CollectProgress, CollectResult, run_collection
+from saetui.collect.job import CollectConfig, CollectProgress, CollectResult, resume_command
+from saetui.collect.pipeline import run_collection
 
 LOG_INTERVAL_S = 5.0
 EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -104,6 +108,88 @@ def format_metrics(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+@dataclass
+class Outcome:
+    """How a job run under signal handling ended."""
+
+    exit_code: int
+    result: CollectResult | None  # None when it stopped before collecting anything
+    phase: str  # the phase it was in when it ended
+    tokens: int  # tokens in the index afterwards
+
+    def summary(self, out: Any) -> str:
+        """One line for the user: what the index holds and how to go on."""
+        if self.exit_code == 0 and self.result is not None:
+            done_before = "collecting" in self.result.skipped
+            already = " (already finished: nothing to do)" if done_before else ""
+            return f"the index {out} holds {self.tokens:,} tokens{already}; browse it with: " + (
+                f"saetui open {shlex.quote(str(out))}"
+            )
+        return (
+            f"stopped while {self.phase} with {self.tokens:,} tokens in the index {out}; it is "
+            f"resumable: run `{resume_command()}` again to continue."
+        )
+
+
+def run_with_signals(
+    config: CollectConfig,
+    *,
+    progress: Callable[[CollectProgress], None] | None = None,
+    say: Callable[[str], None] | None = None,
+    notice: Callable[[str], None] | None = None,
+) -> Outcome:
+    """Run a collection in the main thread with SIGINT/SIGTERM as stop requests.
+
+    While collecting, the first signal stops at the next commit and a second one at once.
+    In the other phases nothing is left uncommitted, so the first signal stops at once.
+    Either way the index stays resumable and the exit code is 130 (SIGINT) or 143
+    (SIGTERM). SaetuiInputError passes through (the caller prints it, exit code 2).
+    """
+    stop = threading.Event()
+    received: list[int] = []
+    phase = ["loading"]
+
+    def on_progress(update: CollectProgress) -> None:
+        phase[0] = update.phase
+        if progress is not None:
+            progress(update)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if stop.is_set() or phase[0] != "collecting":
+            raise KeyboardInterrupt
+        stop.set()
+        if notice is not None:
+            notice("stopping at the next commit (signal again to stop at once)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in EXIT_STOPPED}
+    result: CollectResult | None = None
+    try:
+        result = run_collection(config, progress=on_progress, should_stop=stop.is_set, say=say)
+    except KeyboardInterrupt:
+        result = None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = EXIT_STOPPED.get(received[0], 130) if received else 130
+    if result is not None and result.status == "finished":
+        return Outcome(0, result, "done", result.tokens)
+    where = result.phase if result is not None else phase[0]
+    return Outcome(code, result, where, _tokens_in(config.out))
+
+
+def _tokens_in(path: Any) -> int:
+    """Tokens committed to the index at ``path`` (0 when there is none yet)."""
+    from saetui.errors import SaetuiInputError
+    from saetui.index import open_index
+
+    try:
+        with open_index(path) as index:
+            return index.progress().tokens
+    except (SaetuiInputError, OSError):
+        return 0
+
+
 def run_headless(
     config: CollectConfig,
     *,
@@ -112,34 +198,22 @@ def run_headless(
 ) -> int:
     """Run a collection without the TUI; returns the process exit code."""
     out = stream or sys.stdout
-    stop = threading.Event()
-    received: list[int] = []
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():  # a second signal: stop now, the last commit is still intact
-            raise KeyboardInterrupt
-        received.append(signum)
-        stop.set()
-        out.write("\nstopping at the next commit (signal again to stop at once)\n")
+    def notice(text: str) -> None:
+        out.write(f"\n{text}\n")
+        out.flush()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in EXIT_STOPPED}
-    try:
-        result: CollectResult = run_collection(
-            config, progress=ProgressPrinter(out), should_stop=stop.is_set, say=say
-        )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if result.status == "stopped":
-        out.write(
-            f"stopped after {result.tokens:,} tokens; the index at {result.out} is resumable: "
-            "run the same command again to continue.\n"
-        )
-        return EXIT_STOPPED.get(received[0], 130) if received else 130
-    out.write(
-        f"collected {result.tokens:,} tokens into {result.out} in {_duration(result.seconds)} "
-        f"({result.collect_tokens_per_s:,.0f} tokens/s while collecting)\n"
-    )
-    out.write("metrics:\n" + "\n".join(format_metrics(result.metrics)) + "\n")
+    outcome = run_with_signals(config, progress=ProgressPrinter(out), say=say, notice=notice)
+    result = outcome.result
+    if outcome.exit_code == 0 and result is not None:
+        if "collecting" not in result.skipped:
+            out.write(
+                f"collected {result.tokens:,} tokens into {result.out} in "
+                f"{_duration(result.seconds)} ({result.collect_tokens_per_s:,.0f} tokens/s "
+                "while collecting)\n"
+            )
+        if result.metrics:
+            out.write("metrics:\n" + "\n".join(format_metrics(result.metrics)) + "\n")
+    out.write(outcome.summary(config.out) + "\n")
     out.flush()
-    return 0
+    return outcome.exit_code

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from saetui.errors import SaetuiInputError
-from saetui.lm.model import DEFAULT_MODEL
+from saetui.lm.names import DEFAULT_MODEL
 
 
 @dataclass
@@ -41,9 +41,7 @@ class RunInputs:
 
     def check(self) -> None:
         if self.ctx_len < 2:
-            raise SaetuiInputError(
-                f"--ctx-len {self.ctx_len} is too small; use at least 2 tokens."
-            )
+            raise SaetuiInputError(f"--ctx-len {self.ctx_len} is too small; use at least 2 tokens.")
         if self.batch_size < 1:
             raise SaetuiInputError(f"--batch-size {self.batch_size} must be at least 1.")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -59,22 +57,31 @@ class LoadedRun:
     numerics: str
 
 
-def load_run(inputs: RunInputs, say: Callable[[str], None] | None = None) -> LoadedRun:
-    """Read the corpus, load the SAE and the model, resolve and check the hook."""
+def load_run(
+    inputs: RunInputs,
+    say: Callable[[str], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
+) -> LoadedRun:
+    """Read the corpus, load the SAE and the model, resolve and check the hook;
+    ``check_stop`` is called between these steps and raises to stop."""
     from saetui.corpus import read_corpus
     from saetui.lm import load_model, resolve_hook
     from saetui.sae import load_sae
 
+    check = check_stop or (lambda: None)
     inputs.check()
     corpus = read_corpus(inputs.data, text_field=inputs.text_field)
+    check()
     sae = load_sae(inputs.sae, batchtopk_mode=inputs.batchtopk_mode, threshold=inputs.threshold)
     numerics = inputs.numerics or sae.default_numerics()
+    check()
     started = time.perf_counter()
     model = load_model(
         inputs.model, device=inputs.device, dtype=inputs.dtype, numerics=numerics, progress=say
     )
     if say:
         say(f"loaded {inputs.model} ({numerics} numerics) in {time.perf_counter() - started:.1f} s")
+    check()
     hook = resolve_hook(
         model,
         hook=inputs.hook,

@@ -14,50 +14,33 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from saetui.collect.inputs import LoadedRun, RunInputs, load_run
+from saetui.collect.inputs import LoadedRun, load_run
+from saetui.collect.job import (
+    PHASES,
+    CollectConfig,
+    CollectProgress,
+    CollectResult,
+    StopRequested,
+    finished_result,
+    request_record,
+)
 from saetui.lm.device import dtype_name
 
-PHASES = ("loading", "collecting", "metrics", "neighbours", "done")  # CollectProgress.phase
-
-
-@dataclass
-class CollectConfig:
-    """Everything a collection run needs; the run-identity part is recorded in the index."""
-
-    out: Path
-    inputs: RunInputs
-    metrics_tokens: int = 20_000
-    overwrite: bool = False
-    neighbours: int = 16
-    cooccurrence_min_count: int = 3
-    top_k_examples: int = 64
-
-
-@dataclass
-class CollectProgress:
-    phase: str
-    tokens_done: int = 0
-    tokens_total: int | None = None
-    tokens_per_s: float = 0.0
-    eta_s: float | None = None
-    message: str = ""
-
-
-@dataclass
-class CollectResult:
-    out: Path
-    status: str  # "finished" | "stopped"
-    tokens: int
-    seconds: float
-    collect_tokens_per_s: float
-    metrics: dict[str, Any] = field(default_factory=dict)
+__all__ = [
+    "PHASES",
+    "CollectConfig",
+    "CollectProgress",
+    "CollectResult",
+    "StopRequested",
+    "encode_batch",
+    "run_collection",
+]
 
 
 class _Reporter:
@@ -172,102 +155,160 @@ def run_collection(
     should_stop: Callable[[], bool] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> CollectResult:
-    """Collect (or resume collecting) the index at ``config.out``; see the module docstring."""
-    from saetui.corpus import batch_windows, estimate_tokens, iter_windows
-    from saetui.index import IndexWriter
-
+    """Collect (or resume) the index at ``config.out``: loading, collecting, metrics,
+    neighbours. Each phase records its completion in the index and is skipped when a
+    later run finds it done; a finished index of the same request returns at once,
+    without loading the model. ``should_stop`` is checked at safe points in every phase
+    (between loading steps, batches and stripes): the result then says "stopped" and
+    where, and running the same config again resumes."""
     started = time.perf_counter()
     report = _Reporter(progress)
     stop_requested = should_stop or (lambda: False)
-    report(CollectProgress("loading", message="loading corpus, SAE and model"), force=True)
-    run = load_run(config.inputs, say)
-    inputs = config.inputs
-    model, sae = run.model, run.sae
-    writer = IndexWriter.create_or_resume(
-        config.out,
-        run_config_of(config, run),
-        d_sae=sae.d_sae,
-        ctx_len=inputs.ctx_len,
-        vocab=model.vocabulary(),
-        overwrite=config.overwrite,
-        top_k=config.top_k_examples,
-        summary_device=model.device,
-    )
+
+    def check_stop() -> None:
+        if stop_requested():
+            raise StopRequested
+
+    report(CollectProgress("loading", message="checking the index"), force=True)
+    done = finished_result(config)
+    if done is not None:
+        report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
+        return done
+    phase = "loading"
+    writer: Any = None
+    collect_rate = 0.0
     try:
-        writer.put_meta("run_details", {**model.describe(), "sae": _sae_facts(sae)})
-        estimated = estimate_tokens(run.corpus, model.tokenizer)
-        total = min(estimated, inputs.max_tokens) if inputs.max_tokens else estimated
-        first_tokens = writer.summaries.n_tokens
-        done = first_tokens
-        windows = iter_windows(
-            run.corpus,
-            model.tokenizer,
-            ctx_len=inputs.ctx_len,
-            max_tokens=inputs.max_tokens,
-            start_window=writer.next_window,
-        )
-        stop_tokeniser = threading.Event()
-        collect_started = time.perf_counter()
-        stopped = False
-        for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
-            ids, values, counted = encode_batch(run, batch)
-            writer.add_windows(
-                batch.window_ids,
-                batch.tokens,
-                [
-                    [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                    for window in batch.segments
-                ],
-                ids,
-                values,
-                mask=counted,
-                lengths=batch.lengths,
-            )
-            # Counted here: reading writer.summaries would wait for its merge thread.
-            done += int(batch.lengths.sum())
-            rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
-            report(
-                CollectProgress(
-                    "collecting",
-                    tokens_done=done,
-                    tokens_total=max(total, done),
-                    tokens_per_s=rate,
-                    eta_s=max(total - done, 0) / rate if rate > 0 else None,
-                )
-            )
-            if stop_requested():
-                stopped = True
-                break
-        stop_tokeniser.set()
-        collected = writer.summaries.n_tokens - first_tokens
-        collect_rate = collected / max(time.perf_counter() - collect_started, 1e-9)
-        if stopped:
-            writer.close()
-            report(
-                CollectProgress(
-                    "done", writer.summaries.n_tokens, total, message="stopped; run again to resume"
-                ),
-                force=True,
-            )
-            return CollectResult(
-                config.out,
-                "stopped",
-                writer.summaries.n_tokens,
-                time.perf_counter() - started,
-                collect_rate,
-            )
+        report(CollectProgress("loading", message="loading corpus, SAE and model"), force=True)
+        run = load_run(config.inputs, say, check_stop=check_stop)
+        writer = _open_writer(config, run)
+        phase = "collecting"
+        collect_rate = _collecting_phase(config, run, writer, report, check_stop)
         writer.flush()
-        metrics = _metrics_phase(config, run, writer, report)
-        _neighbours_phase(config, run, writer, report)
+        skipped = []
+        phases = writer.get_meta("phases") or {}
+        windows = writer.next_window
+        phase = "metrics"
+        if phases.get("metrics", {}).get("windows") == windows:
+            skipped.append("metrics")
+            metrics = writer.get_meta("metrics") or {}
+        else:
+            metrics = _metrics_phase(config, run, writer, report, check_stop)
+            phases["metrics"] = {"windows": windows, "finished": time.time()}
+            writer.put_meta("phases", phases)
+        phase = "neighbours"
+        if phases.get("neighbours", {}).get("windows") == windows:
+            skipped.append("neighbours")
+        else:
+            _neighbours_phase(config, run, writer, report, check_stop)
+            phases["neighbours"] = {"windows": windows, "finished": time.time()}
+            writer.put_meta("phases", phases)
         tokens = writer.summaries.n_tokens
         writer.finish()
+    except StopRequested:
+        tokens = 0
+        if writer is not None:
+            writer.close()
+            tokens = writer.tokens_committed
+        message = f"stopped while {phase}; run the same command again to resume"
+        report(CollectProgress("done", tokens, None, message=message), force=True)
+        return CollectResult(
+            config.out,
+            "stopped",
+            tokens,
+            time.perf_counter() - started,
+            collect_rate,
+            phase=phase,
+        )
     except BaseException:
-        writer.close()
+        if writer is not None:
+            writer.close()
         raise
     report(CollectProgress("done", tokens, tokens, message="finished"), force=True)
     return CollectResult(
-        config.out, "finished", tokens, time.perf_counter() - started, collect_rate, metrics
+        config.out,
+        "finished",
+        tokens,
+        time.perf_counter() - started,
+        collect_rate,
+        metrics,
+        skipped=tuple(skipped),
     )
+
+
+def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
+    from saetui.index import IndexWriter
+
+    writer = IndexWriter.create_or_resume(
+        config.out,
+        run_config_of(config, run),
+        d_sae=run.sae.d_sae,
+        ctx_len=config.inputs.ctx_len,
+        vocab=run.model.vocabulary(),
+        overwrite=config.overwrite,
+        top_k=config.top_k_examples,
+        summary_device=run.model.device,
+    )
+    try:
+        writer.put_meta("run_details", {**run.model.describe(), "sae": _sae_facts(run.sae)})
+        writer.put_meta("request", request_record(config))
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _collecting_phase(
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
+) -> float:
+    """Every window after the index's last commit; returns tokens/s while collecting."""
+    from saetui.corpus import batch_windows, estimate_tokens, iter_windows
+
+    inputs = config.inputs
+    estimated = estimate_tokens(run.corpus, run.model.tokenizer)
+    total = min(estimated, inputs.max_tokens) if inputs.max_tokens else estimated
+    first_tokens = done = writer.summaries.n_tokens
+    report(CollectProgress("collecting", done, max(total, done)), force=True)
+    windows = iter_windows(
+        run.corpus,
+        run.model.tokenizer,
+        ctx_len=inputs.ctx_len,
+        max_tokens=inputs.max_tokens,
+        start_window=writer.next_window,
+    )
+    stop_tokeniser = threading.Event()
+    collect_started = time.perf_counter()
+    for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
+        ids, values, counted = encode_batch(run, batch)
+        writer.add_windows(
+            batch.window_ids,
+            batch.tokens,
+            [
+                [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
+                for window in batch.segments
+            ],
+            ids,
+            values,
+            mask=counted,
+            lengths=batch.lengths,
+        )
+        # Counted here: reading writer.summaries would wait for its merge thread.
+        done += int(batch.lengths.sum())
+        rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
+        report(
+            CollectProgress(
+                "collecting",
+                tokens_done=done,
+                tokens_total=max(total, done),
+                tokens_per_s=rate,
+                eta_s=max(total - done, 0) / rate if rate > 0 else None,
+            )
+        )
+        check_stop()
+    return (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
 
 
 def _sae_facts(sae: Any) -> dict[str, Any]:
@@ -277,7 +318,11 @@ def _sae_facts(sae: Any) -> dict[str, Any]:
 
 
 def _metrics_phase(
-    config: CollectConfig, run: LoadedRun, writer: Any, report: _Reporter
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
 ) -> dict[str, Any]:
     """SAE quality on the first ``metrics_tokens`` tokens, plus density over the whole run."""
     from saetui.collect.evaluate import evaluate_sae
@@ -289,13 +334,15 @@ def _metrics_phase(
     windows = iter_windows(
         run.corpus, run.model.tokenizer, ctx_len=inputs.ctx_len, max_tokens=budget
     )
+    # small batches: a stop request waits for at most one batch of three forward passes
     metrics = evaluate_sae(
         run.model,
         run.sae,
         run.hook,
-        batch_windows(windows, inputs.batch_size),
+        batch_windows(windows, max(1, inputs.batch_size // 4)),
         max_tokens=budget,
         progress=lambda n: report(CollectProgress("metrics", n, budget)),
+        check_stop=check_stop,
     )
     metrics = {
         f"sample_{key}" if key in _DENSITY_KEYS else key: value for key, value in metrics.items()
@@ -323,7 +370,11 @@ def _density_over_collection(summaries: Any, d_sae: int) -> dict[str, Any]:
 
 
 def _neighbours_phase(
-    config: CollectConfig, run: LoadedRun, writer: Any, report: _Reporter
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
 ) -> None:
     """Decoder-cosine and co-occurrence neighbours, and logit effects, into the index."""
     from saetui.analysis.cooccurrence import METRICS, cooccurrence_neighbours
@@ -332,16 +383,15 @@ def _neighbours_phase(
 
     report(CollectProgress("neighbours", message="decoder-cosine neighbours"), force=True)
     w_dec = run.sae.W_dec.detach()
-    ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours)
-    writer.put_neighbours("decoder_cosine", ids, scores)
+    ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours, check_stop=check_stop)
     w_u = getattr(run.model.bridge, "W_U", None)
     if w_u is not None and w_u.shape[0] == w_dec.shape[1]:
         report(CollectProgress("neighbours", message="logit effects"), force=True)
-        up_ids, up_values, down_ids, down_values = logit_effects(w_dec, w_u.detach())
-        writer.put_neighbours("logit_promoted", up_ids, up_values)
-        writer.put_neighbours("logit_suppressed", down_ids, down_values)
-    # Co-occurrence reads the committed forward index: the writer's data must be on disk,
-    # and a reader may not be open in this process when the writer goes on writing.
+        effects = logit_effects(w_dec, w_u.detach(), check_stop=check_stop)
+    else:
+        effects = None
+    # Co-occurrence reads the committed forward index: the writer's data must be on disk.
+    # The reader shares the writer's environment (see index/env.py).
     writer.flush()
     report(CollectProgress("neighbours", message="co-occurrence"), force=True)
     with open_index(config.out) as index:
@@ -350,7 +400,14 @@ def _neighbours_phase(
             run.sae.d_sae,
             top_n=config.neighbours,
             min_count=config.cooccurrence_min_count,
+            check_stop=check_stop,
         )
+    # every list is computed before any is stored: a stop leaves none half-written
+    writer.put_neighbours("decoder_cosine", ids, scores)
+    if effects is not None:
+        up_ids, up_values, down_ids, down_values = effects
+        writer.put_neighbours("logit_promoted", up_ids, up_values)
+        writer.put_neighbours("logit_suppressed", down_ids, down_values)
     for metric in METRICS:
         writer.put_neighbours(metric, result.ids[metric], result.scores[metric])
 

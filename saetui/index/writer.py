@@ -501,6 +501,14 @@ class IndexWriter:
         self._raise_pending()
         self._put(("meta", key, blob))
 
+    def get_meta(self, name: str) -> Any:
+        """A JSON value committed with `put_meta` (or `put_metrics` for "metrics"), or None;
+        call `flush` first to see what is still queued."""
+        key = fmt.META_METRICS if name == "metrics" else fmt.USER_META_PREFIX + name.encode()
+        with self._env.begin() as txn:
+            raw = txn.get(key, db=self._dbs[fmt.DB_META])
+        return None if raw is None else json.loads(raw)
+
     def flush(self) -> None:
         """Block until everything queued so far is committed."""
         self._raise_pending()

@@ -16,14 +16,8 @@ import torch
 from saetui.errors import SaetuiInputError
 from saetui.lm.device import dtype_name, pick_device, pick_dtype
 from saetui.lm.embedded import EMBEDDED_MODELS, embedded_model_dir
+from saetui.lm.names import DEFAULT_MODEL, NUMERICS, NUMERICS_HELP  # noqa: F401 - re-exported
 
-DEFAULT_MODEL = "smollm2-135m"
-NUMERICS = ("raw", "hooked")
-NUMERICS_HELP = (
-    "raw: Hugging Face numerics as the model ships; hooked: TransformerLens compatibility mode "
-    "(LayerNorm folded, writing weights centred), the activations HookedTransformer gave and "
-    "SAEs trained with HookedTransformer/SAELens saw"
-)
 DEFAULT_HOOK_NAME = "hook_resid_post"
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 

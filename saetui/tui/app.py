@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -29,6 +30,8 @@ from textual.message import Message
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from saetui.collect.job import CollectConfig, finished_result
+from saetui.collect.process import CollectionProcess
 from saetui.errors import SaetuiInputError
 from saetui.tui.bindings import bindings, load_keymap
 from saetui.tui.commands import SaetuiCommands
@@ -46,41 +49,24 @@ from saetui.tui.widgets.run_pane import RunPane
 
 POLL_SECONDS = 1.0
 PLOT_SECONDS = 5.0
-PROGRESS_INTERVAL = 0.25  # at most ~4 progress messages a second from the collector
-
-CollectFn = Callable[..., Any]  # collect(progress=..., should_stop=...) -> result
+STOP_GRACE_SECONDS = 3.0  # a stopped collector that has not ended by then is killed
 
 
-class CollectionProgress(Message):
-    """Posted by the collection worker; a newer one replaces an unprocessed older one."""
+class CollectionEvent(Message):
+    """What the collection process reported (see saetui.collect.process); a newer progress
+    update replaces an unprocessed older one."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, kind: str, payload: Any) -> None:
         super().__init__()
-        self.progress = progress
+        self.kind = kind
+        self.payload = payload
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, CollectionProgress)
-
-
-class CollectionFinished(Message):
-    def __init__(self, stopped: bool, error: str | None = None) -> None:
-        super().__init__()
-        self.stopped = stopped
-        self.error = error
-
-
-def _collect_callable(collect: Any) -> CollectFn | None:
-    """Accept a CollectConfig (run through the pipeline) or a callable taking
-    ``progress=`` and ``should_stop=``."""
-    if collect is None or callable(collect):
-        return collect
-
-    def run(progress: Any = None, should_stop: Any = None) -> Any:
-        from saetui.collect.pipeline import run_collection
-
-        return run_collection(collect, progress=progress, should_stop=should_stop)
-
-    return run
+        return (
+            self.kind == "progress"
+            and isinstance(message, CollectionEvent)
+            and message.kind == "progress"
+        )
 
 
 class SaetuiApp(App[int]):
@@ -94,7 +80,7 @@ class SaetuiApp(App[int]):
     def __init__(
         self,
         index_path: str | Path,
-        collect: Any = None,
+        collect: CollectConfig | None = None,
         model_loader: Callable[[], Any] | None = None,
         *,
         watch_terminal: bool = True,
@@ -103,7 +89,7 @@ class SaetuiApp(App[int]):
         super().__init__()
         self.index_path = Path(index_path)
         self.source = IndexSource(self.index_path)
-        self.collect = _collect_callable(collect)
+        self.collect: CollectConfig | None = collect
         self.model_loader = model_loader
         self.watch_terminal = watch_terminal
         self.history = History()
@@ -113,14 +99,14 @@ class SaetuiApp(App[int]):
         self.current_detail: FeatureDetail | None = None
         self._generation: int | None = None
         self._last_plot = 0.0
-        self._stop_collect = threading.Event()
-        self._collect_done = threading.Event()
-        self._collect_done.set()
+        self.job: CollectionProcess | None = None
         self.collecting = False
         self.collection_error: str | None = None
         self.input_error: str | None = None  # a bad command-line input found by the collector
+        self.outcome: tuple[int, str, str, int] | None = None  # exit code, status, phase, tokens
         self.paused = False
         self._quit_when_stopped = False
+        self._last_total: int | None = None
         self._probe_lock = threading.Lock()
         self._probe_inputs: Any = None
         self._progress: Any = None
@@ -191,9 +177,10 @@ class SaetuiApp(App[int]):
             self._terminal_gone()
 
     def _terminal_gone(self) -> None:
-        """ssh dropped: stop collecting at the next commit and exit instead of spinning."""
-        self._stop_collect.set()
-        self.exit(0)
+        """ssh dropped: stop the collector (resumable) and exit instead of spinning."""
+        if self.job is not None:
+            self.job.request_stop()
+        self.exit(self.exit_code())
 
     # ------------------------------------------------------------------ polling
 
@@ -288,100 +275,131 @@ class SaetuiApp(App[int]):
     # ------------------------------------------------------------------ collection
 
     def start_collection(self) -> None:
+        """Run the collection in a child process (saetui.collect.process)."""
         if self.collect is None or self.collecting:
             return
-        self._stop_collect.clear()
-        self._collect_done.clear()
-        self.source.suspend()
         self.collecting = True
         self.paused = False
-        self._collection_worker()
+        self.outcome = None
+        self.collection_error = None
+        self.job = CollectionProcess(
+            self.collect, lambda kind, payload: self.post_message(CollectionEvent(kind, payload))
+        )
+        self._launch_collector(self.job)
         self._update_status_line()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="collect")
-    def _collection_worker(self) -> None:
+    def _launch_collector(self, job: CollectionProcess) -> None:
+        """Start the child, unless this very request already finished (no model load)."""
         assert self.collect is not None
-        last = [0.0]
-
-        def progress(update: Any) -> None:
-            now = time.monotonic()
-            if now - last[0] >= PROGRESS_INTERVAL or getattr(update, "phase", "") == "done":
-                last[0] = now
-                self.post_message(CollectionProgress(update))
-
+        done = finished_result(self.collect)
+        if done is not None:
+            job.on_message("outcome", (0, "finished", "done", done.tokens))
+            job.on_message("exit", 0)
+            return
         try:
-            self.collect(progress=progress, should_stop=self._stop_collect.is_set)
-        except SaetuiInputError as error:
-            # A mistake on the command line: leave the TUI and say it there (exit code 2).
-            self.input_error = str(error)
-            self.post_message(CollectionFinished(self._stop_collect.is_set(), str(error)))
-        except Exception as error:  # shown in the UI; the index keeps what was committed
-            self.post_message(
-                CollectionFinished(self._stop_collect.is_set(), f"{type(error).__name__}: {error}")
-            )
-        else:
-            self.post_message(CollectionFinished(self._stop_collect.is_set()))
-        finally:
-            self._collect_done.set()
+            job.start()
+        except OSError as error:
+            job.on_message("error", f"the collector could not start: {error}")
+            job.on_message("exit", 1)
 
-    def on_collection_progress(self, message: CollectionProgress) -> None:
-        progress = message.progress
+    def on_collection_event(self, event: CollectionEvent) -> None:
+        kind, payload = event.kind, event.payload
+        if kind == "progress":
+            self._show_progress(payload)
+        elif kind == "say":
+            self.query_one(RunPane).show_note(str(payload))
+        elif kind == "outcome":
+            self.outcome = tuple(payload)
+        elif kind == "input_error":
+            self.input_error = str(payload)
+        elif kind == "error":
+            log = self.job.log_path if self.job is not None else None
+            self.collection_error = f"{payload} (details in {log})"
+        elif kind == "exit":
+            self._collection_ended(int(payload))
+
+    def _show_progress(self, progress: Any) -> None:
         self._progress = progress
-        if getattr(progress, "phase", "loading") != "loading":
-            self.source.resume()  # the collector's writer has the index open by now
+        if progress.tokens_total:
+            self._last_total = progress.tokens_total
         self.query_one(RunPane).show_progress(
-            phase=getattr(progress, "phase", ""),
-            tokens=int(getattr(progress, "tokens_done", 0) or 0),
-            tokens_total=getattr(progress, "tokens_total", None),
-            tokens_per_s=float(getattr(progress, "tokens_per_s", 0.0) or 0.0),
-            eta_s=getattr(progress, "eta_s", None),
-            message=getattr(progress, "message", "") or "",
+            phase=progress.phase,
+            tokens=int(progress.tokens_done or 0),
+            tokens_total=progress.tokens_total,
+            tokens_per_s=float(progress.tokens_per_s or 0.0),
+            eta_s=progress.eta_s,
+            message=progress.message or "",
             running=True,
         )
         self._update_status_line()
 
-    def on_collection_finished(self, message: CollectionFinished) -> None:
+    def _collection_ended(self, exit_code: int) -> None:
         self.collecting = False
-        self.source.resume()
-        self.collection_error = message.error
-        self.paused = message.stopped and message.error is None
         if self.input_error is not None:
             self.exit(return_code=SaetuiInputError.exit_code)
             return
-        if message.error:
-            self.notify(f"Collection failed: {message.error}", severity="error", timeout=15)
-        elif message.stopped:
-            self.notify("Collection paused at a commit; resumable (p resumes).")
-        else:
+        finished = self.outcome is not None and self.outcome[1] == "finished"
+        if self.collection_error is None and self.outcome is None and exit_code not in (
+            130,
+            143,
+            -9,
+            -15,
+        ):
+            self.collection_error = f"the collector ended with exit code {exit_code}"
+        self.paused = not finished and self.collection_error is None
+        tokens = self.outcome[3] if self.outcome else getattr(self.run_state, "tokens", 0)
+        if self.collection_error:
+            self.notify(f"Collection failed: {self.collection_error}", severity="error", timeout=20)
+        elif finished:
             self.notify("Collection finished.")
-        state = self.run_state
+        else:
+            phase = self.outcome[2] if self.outcome else "running"
+            self.notify(f"Collection stopped while {phase} at {tokens:,} tokens; p resumes.")
         self.query_one(RunPane).show_progress(
-            phase="failed" if message.error else ("paused" if self.paused else "done"),
-            tokens=state.tokens if state else 0,
-            tokens_total=None,
-            message=message.error or "",
+            phase="failed" if self.collection_error else ("done" if finished else "paused"),
+            tokens=tokens,
+            tokens_total=None if finished else self._last_total,
+            message=self.collection_error or "",
             paused=self.paused,
         )
         self._update_status_line()
         self.poll()
         if self._quit_when_stopped:
-            self.exit(0)
+            self.exit(self.exit_code())
+
+    def _enforce_stop(self) -> None:
+        """A stop request the collector has not honoured within the grace time: kill it
+        (the index keeps everything up to its last commit)."""
+        job = self.job
+        if job is not None and job.running:
+            job.kill()
 
     def action_toggle_collection(self) -> None:
         if self.collect is None:
             self.notify("No collection in this session (saetui open only browses).")
             return
-        if self.collecting:
-            self._stop_collect.set()
-            self.notify("Pausing: the collector stops at its next commit.")
+        if self.collecting and self.job is not None:
+            self.job.request_stop()
+            self.set_timer(STOP_GRACE_SECONDS, self._enforce_stop)
+            self.notify("Pausing: the collector stops at its next safe point (resumable).")
         else:
             self.start_collection()
             self.notify("Collection resumed from the last commit.")
 
-    def stop_collection(self, timeout: float | None = None) -> bool:
-        """Ask the collector to stop at its next commit and wait for it; True when stopped."""
-        self._stop_collect.set()
-        return self._collect_done.wait(timeout)
+    def exit_code(self) -> int:
+        """0 when nothing was collected here or the collection finished; 130 when it was
+        stopped (it resumes from the index); 1 when it failed."""
+        if self.collect is None:
+            return 0
+        if self.collection_error is not None:
+            return 1
+        if self.outcome is not None and self.outcome[1] == "finished":
+            return 0
+        state = self.run_state
+        if not self.collecting and self.outcome is None and state is not None and state.finished:
+            return 0  # an index that was already finished when the app opened
+        return 130
 
     # ------------------------------------------------------------------ navigation
 
@@ -711,44 +729,46 @@ class SaetuiApp(App[int]):
     # ------------------------------------------------------------------ quitting
 
     def action_quit_app(self) -> None:
-        if self.collecting and not self._quit_when_stopped:
+        if self.collecting and self.job is not None and not self._quit_when_stopped:
             self._quit_when_stopped = True
-            self._stop_collect.set()
+            self.job.request_stop()
+            self.set_timer(STOP_GRACE_SECONDS, self._enforce_stop)
             self.notify(
-                "Stopping the collection at its next commit; it is resumable (run the same "
-                "command again). Press q again to quit without waiting.",
+                "Stopping the collection at its next safe point; it stays resumable (run the "
+                "same command again). Press q again to quit at once.",
                 timeout=30,
             )
             return
-        self._stop_collect.set()
-        self.exit(0)
+        if self.job is not None and self.job.running:
+            self.job.kill()  # the index survives a kill: it resumes after its last commit
+        self.exit(self.exit_code())
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.state == WorkerState.ERROR and event.worker.group not in ("collect",):
+        if event.state == WorkerState.ERROR:
             self.notify(f"{event.worker.name}: {event.worker.error}", severity="error")
 
-    def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the collector (at its next commit), wait for it, close the index."""
-        self._stop_collect.set()
-        self._collect_done.wait(timeout)
+    def shutdown(self) -> None:
+        """Stop the collector (killed after the grace time) and join its reader thread,
+        then close the index."""
+        if self.job is not None:
+            self.job.close(STOP_GRACE_SECONDS)
         self.source.close()
 
 
 def run_app(
     index_path: str | Path,
-    collect: Any = None,
+    collect: CollectConfig | None = None,
     model_loader: Callable[[], Any] | None = None,
 ) -> int:
-    """Run the TUI on ``index_path``; with ``collect`` (a CollectConfig or a callable taking
-    ``progress=`` and ``should_stop=``) the collection runs in a worker meanwhile;
-    ``model_loader`` returns the probe's model, SAE and hook (default: from the run config
-    stored in the index). Returns the exit code; every thread is joined before returning."""
+    """Run the TUI on ``index_path``; with ``collect`` the collection runs in a child
+    process meanwhile; ``model_loader`` returns the probe's model, SAE and hook (default:
+    from the run config stored in the index). Returns the exit code after printing one
+    line on what the index holds and how to go on; every thread is joined first."""
     index_path = Path(index_path)
-    if collect is None and not index_path.exists():
-        raise SaetuiInputError(
-            f"{index_path} does not exist: pass the directory of a saetui index (made by "
-            "`saetui collect` or `saetui demo`)."
-        )
+    if collect is None:
+        from saetui.index.format import read_marker
+
+        read_marker(index_path)  # a missing or non-index path: one sentence, exit 2
     app = SaetuiApp(index_path, collect=collect, model_loader=model_loader)
     try:
         app.run()
@@ -756,4 +776,30 @@ def run_app(
         app.shutdown()
     if app.input_error is not None:
         raise SaetuiInputError(app.input_error)
-    return app.return_code or 0
+    code = app.return_code or 0
+    if collect is not None:
+        _print_summary(app, index_path, code)
+    return code
+
+
+def _print_summary(app: SaetuiApp, index_path: Path, code: int) -> None:
+    from saetui.collect.headless import _tokens_in
+    from saetui.collect.job import resume_command
+
+    tokens = _tokens_in(index_path)
+    if app.collection_error is not None:
+        line = f"saetui: internal error in the collector: {app.collection_error}"
+    elif code == 0:
+        line = (
+            f"the index {index_path} holds {tokens:,} tokens; browse it again with: "
+            f"saetui open {shlex.quote(str(index_path))}"
+        )
+    else:
+        line = (
+            f"stopped with {tokens:,} tokens in the index {index_path}; it is resumable: "
+            f"run `{resume_command()}` again to continue."
+        )
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # the terminal is gone

@@ -44,7 +44,6 @@ class IndexSource:
         self._user_generation = 0
         self._cache: dict[tuple[Any, ...], Any] = {}
         self._closed = False
-        self._suspended = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -55,8 +54,6 @@ class IndexSource:
         with self._lock:
             if self._closed:
                 raise IndexNotReady("the index is closed")
-            if self._suspended:
-                raise IndexNotReady("waiting for the collector to open the index")
             if self._reader is None:
                 from saetui.index import open_index
 
@@ -69,21 +66,6 @@ class IndexSource:
                         raise IndexNotReady(str(error)) from None
                     raise
             return self._reader
-
-    def suspend(self) -> None:
-        """Close the reader until :meth:`resume`: a collector in this process must open the
-        index for writing before any read-only reader does (LMDB shares one environment per
-        process, and a read-only one cannot be upgraded)."""
-        with self._lock:
-            self._suspended = True
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            self._cache.clear()
-
-    def resume(self) -> None:
-        # no lock: the event loop must never wait on a reader that is opening
-        self._suspended = False
 
     def is_open(self) -> bool:
         return self._reader is not None

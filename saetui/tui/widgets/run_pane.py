@@ -68,6 +68,7 @@ class RunPane(VerticalScroll, can_focus=True):
             with VerticalScroll(id="run-progress"):
                 yield Static("", id="progress-text")
                 yield ProgressBar(total=None, show_eta=False, id="progress-bar")
+                yield Static("", id="run-note")
         with Grid(id="cards"):
             for number, (title, _) in enumerate(CARDS):
                 yield Static(title, classes="card", id=f"card-{number}")
@@ -106,6 +107,10 @@ class RunPane(VerticalScroll, can_focus=True):
         for card, (title, names) in zip(cards, CARDS, strict=True):
             value = _metric(state.metrics, names)
             card.update(Text.assemble((title, "dim"), " ", (value, "bold"), justify="center"))
+
+    def show_note(self, text: str) -> None:
+        """The collector's latest remark (e.g. how long the model took to load)."""
+        self.query_one("#run-note", Static).update(Text(text, style="dim italic"))
 
     def show_progress(
         self,

@@ -1,0 +1,117 @@
+"""What a collection job is — its config, progress updates, result and request record —
+in a module that imports neither torch nor Textual, so the TUI process and the command
+line can describe, start and judge a job without loading a model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saetui.collect.inputs import RunInputs
+
+PHASES = ("loading", "collecting", "metrics", "neighbours", "done")  # CollectProgress.phase
+EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised at a safe point (between batches, stripes or loading steps) when the job was
+    asked to stop; everything committed so far stays and the job resumes from it."""
+
+
+@dataclass
+class CollectConfig:
+    """Everything a collection run needs; the run-identity part is recorded in the index."""
+
+    out: Path
+    inputs: RunInputs
+    metrics_tokens: int = 20_000
+    overwrite: bool = False
+    neighbours: int = 16
+    cooccurrence_min_count: int = 3
+    top_k_examples: int = 64
+
+
+@dataclass
+class CollectProgress:
+    phase: str
+    tokens_done: int = 0
+    tokens_total: int | None = None
+    tokens_per_s: float = 0.0
+    eta_s: float | None = None
+    message: str = ""
+
+
+@dataclass
+class CollectResult:
+    out: Path
+    status: str  # "finished" | "stopped"
+    tokens: int
+    seconds: float
+    collect_tokens_per_s: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    phase: str = "done"  # where a stopped job stopped
+    skipped: tuple[str, ...] = ()  # phases already done by an earlier run
+
+
+def request_record(config: CollectConfig) -> dict[str, Any]:
+    """What the user asked for, with the size and mtime of every input file: a finished
+    index whose stored record equals this one needs no model load to be reopened."""
+    inputs = asdict(config.inputs)
+    inputs["sae"] = str(Path(config.inputs.sae).expanduser().resolve())
+    files: dict[str, list[int]] = {}
+    for root in (Path(inputs["sae"]), Path(str(config.inputs.data)).expanduser()):
+        for path in sorted(root.rglob("*")) if root.is_dir() else [root]:
+            if path.is_file():
+                stat = path.stat()
+                files[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    return {
+        "inputs": {
+            key: str(value) if isinstance(value, Path) else value for key, value in inputs.items()
+        },
+        "files": files,
+        "metrics_tokens": config.metrics_tokens,
+        "neighbours": config.neighbours,
+        "cooccurrence_min_count": config.cooccurrence_min_count,
+        "top_k_examples": config.top_k_examples,
+    }
+
+
+def finished_result(config: CollectConfig) -> CollectResult | None:
+    """The result of an earlier run of exactly this request if it finished, else None."""
+    from saetui.errors import SaetuiInputError
+    from saetui.index import open_index
+
+    if config.overwrite or not (Path(config.out) / "saetui-index.json").is_file():
+        return None
+    try:
+        with open_index(config.out) as index:
+            progress = index.progress()
+            stored = index.get_meta("request")
+            metrics = index.metrics()
+    except (SaetuiInputError, OSError):
+        return None  # the full path gives the precise sentence
+    if not progress.finished or stored != request_record(config):
+        return None
+    return CollectResult(
+        Path(config.out),
+        "finished",
+        progress.tokens,
+        0.0,
+        0.0,
+        metrics,
+        skipped=("collecting", "metrics", "neighbours"),
+    )
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that runs this job again (and so resumes it)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    program = os.path.basename(sys.argv[0]) if argv is None else "saetui"
+    if program in ("__main__.py", "-m", "-c") or not program:
+        program = "saetui"
+    return shlex.join([program, *args])

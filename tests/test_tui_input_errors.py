@@ -6,37 +6,42 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import tiny_collect_config
 
 from saetui.errors import SaetuiInputError
 from saetui.tui.app import SaetuiApp
 
 
-def test_collector_input_error_exits_the_app_with_code_2(tmp_path):
-    def collect(progress, should_stop):
-        raise SaetuiInputError("Hook blocks.99.hook_resid_post does not exist in tiny.")
+def test_collector_input_error_exits_the_app_with_code_2(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
+):
+    config = tiny_collect_config(
+        tmp_path / "index", tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file,
+        hook="blocks.99.hook_resid_post",
+    )  # fmt: skip
 
     async def flow():
-        app = SaetuiApp(tmp_path / "index", collect=collect, watch_terminal=False)
-        codes = []
+        app = SaetuiApp(tmp_path / "index", collect=config, watch_terminal=False)
         async with app.run_test(size=(80, 24)) as pilot:
-            for _ in range(200):
+            for _ in range(1200):
                 if app.return_code is not None:
                     break
                 await pilot.pause(0.05)
-            codes.append(app.return_code)
-        return app, codes
+        return app
 
-    app, codes = asyncio.run(flow())
-    assert codes == [2]
-    assert app.input_error == "Hook blocks.99.hook_resid_post does not exist in tiny."
+    app = asyncio.run(flow())
+    app.shutdown()
+    assert app.return_code == 2
+    assert "blocks.99.hook_resid_post" in app.input_error
+    assert not (tmp_path / "index").exists()
 
 
 def test_run_app_turns_the_input_error_into_the_cli_sentence(tmp_path, monkeypatch):
     from saetui.tui import app as app_module
 
-    def collect(progress, should_stop):
-        raise SaetuiInputError("Corpus corpus.json does not exist.")
-
+    config = tiny_collect_config(
+        tmp_path / "index", tmp_path / "no-model", tmp_path / "no-sae", tmp_path / "no.json"
+    )
     # run_app drives the real app headlessly here: the test has no terminal.
     original_run = SaetuiApp.run
 
@@ -44,5 +49,5 @@ def test_run_app_turns_the_input_error_into_the_cli_sentence(tmp_path, monkeypat
         return original_run(self, *args, headless=True, **kwargs)
 
     monkeypatch.setattr(SaetuiApp, "run", run_headless)
-    with pytest.raises(SaetuiInputError, match="corpus.json does not exist"):
-        app_module.run_app(tmp_path / "index", collect=collect)
+    with pytest.raises(SaetuiInputError, match="no.json"):
+        app_module.run_app(tmp_path / "index", collect=config)

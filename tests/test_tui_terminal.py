@@ -163,3 +163,87 @@ def test_real_terminal_open_browse_and_quit(synthetic_index):
         assert "EXITED 0" in tmux.wait_for("EXITED")
     finally:
         tmux.close()
+
+
+def _collect_in_tmux(session: str, out: Path, model: Path, sae: Path, corpus: Path) -> Tmux:
+    command = (
+        f"{sys.executable} -m saetui collect --model {model} --sae {sae} --data {corpus} "
+        f"--out {out} --ctx-len 24 --batch-size 2 --device cpu --metrics-tokens 400"
+    )
+    return Tmux(session, command)
+
+
+def _processes_of(out: Path) -> list[str]:
+    """The saetui process collecting into ``out`` and its children (not the tmux shell)."""
+    pattern = f"^{sys.executable} -m saetui collect .*--out {out}"
+    apps = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    children = [
+        child
+        for app in apps
+        for child in subprocess.run(
+            ["pgrep", "-P", app], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    return apps + children
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_terminal_collect_stays_responsive_and_q_stops_it(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, busy_cores
+):
+    """`saetui collect` with its TUI, both cores busy: tabs answer within 2 s while the
+    child collects, q ends everything within 10 s with exit 130 and the resume line."""
+    import json
+
+    from conftest import tiny_documents
+
+    from saetui.index import open_index
+
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(tiny_documents(3000, seed=6)))
+    out = tmp_path / "index"
+    tmux = _collect_in_tmux(
+        f"saetui-live-{time.monotonic_ns()}", out, tiny_gpt2_dir, tiny_sae_dir, corpus
+    )
+    try:
+        tmux.wait_for("phase collecting", timeout=120)
+        for key, text in (("2", "top tokens"), ("1", "phase collecting"), ("2", "density")):
+            tmux.keys(key)
+            tmux.wait_for(text, timeout=2.0)
+        tmux.keys("q")
+        screen = tmux.wait_for("EXITED", timeout=10.0)
+        assert "EXITED 130" in screen
+        assert "resumable" in screen and "saetui collect" in screen
+        assert not _processes_of(out)  # the collector child is gone too
+        with open_index(out) as index:
+            assert 0 < index.progress().tokens and not index.progress().finished
+    finally:
+        tmux.close()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_terminal_gone_stops_the_app_and_its_collector(tmp_path, tiny_gpt2_dir, tiny_sae_dir):
+    """ssh drops (the terminal sends SIGHUP): the app and its collector end, resumable."""
+    import json
+
+    from conftest import tiny_documents
+
+    from saetui.index import open_index
+
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(tiny_documents(3000, seed=7)))
+    out = tmp_path / "index"
+    tmux = _collect_in_tmux(
+        f"saetui-hup-{time.monotonic_ns()}", out, tiny_gpt2_dir, tiny_sae_dir, corpus
+    )
+    try:
+        tmux.wait_for("phase collecting", timeout=120)
+        assert _processes_of(out)
+    finally:
+        tmux.close()  # kills the pane: SIGHUP to the app
+    deadline = time.monotonic() + 15
+    while _processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_of(out)
+    with open_index(out) as index:
+        assert index.progress().tokens > 0

@@ -151,12 +151,10 @@ def probe_loader(
     return load
 
 
-def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInputs]:
-    """The probe loader for the model and SAE a collection run recorded in its index.
-
-    Accepts the run config as the index stores it; raises SaetuiInputError when it names no
-    model or SAE (the probe then says so instead of crashing).
-    """
+def probe_spec_from_run(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`probe_loader` keywords for the model and SAE a collection run recorded in
+    its index; raises SaetuiInputError when it names no model or SAE (the probe then says
+    so instead of crashing)."""
     model = run_config.get("model") or run_config.get("model_name")
     sae = run_config.get("sae") or run_config.get("sae_path")
     if isinstance(sae, dict):
@@ -166,16 +164,21 @@ def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInput
             "The index does not record which model and SAE made it, so the probe cannot load "
             "them; open it with `saetui collect` options that name --model and --sae."
         )
-    return probe_loader(
-        model=str(model),
-        sae=str(sae),
-        hook=run_config.get("hook"),
-        numerics=run_config.get("numerics"),
-        device=run_config.get("device") or "auto",
-        dtype=run_config.get("dtype") or "auto",
-        batchtopk_mode=run_config.get("batchtopk_mode"),
-        threshold=run_config.get("threshold"),
-    )
+    return {
+        "model": str(model),
+        "sae": str(sae),
+        "hook": run_config.get("hook"),
+        "numerics": run_config.get("numerics"),
+        "device": run_config.get("device") or "auto",
+        "dtype": run_config.get("dtype") or "auto",
+        "batchtopk_mode": run_config.get("batchtopk_mode"),
+        "threshold": run_config.get("threshold"),
+    }
+
+
+def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInputs]:
+    """The probe loader for the model and SAE a collection run recorded in its index."""
+    return probe_loader(**probe_spec_from_run(run_config))
 
 
 @torch.no_grad()

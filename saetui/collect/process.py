@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
 
-from saetui.collect.job import EXIT_BAD_INPUT, EXIT_FAILED, CollectConfig
+from saetui.collect.job import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, CollectConfig
 
 MessageSink = Callable[[str, Any], None]
 
@@ -47,6 +47,7 @@ class CollectionProcess:
         self._conn: Connection | None = None
         self._reader: threading.Thread | None = None
         self._stop_sent_at: float | None = None
+        self._cancelled = False  # stopped before it started: start() spawns nothing
         self._lock = threading.Lock()
 
     @property
@@ -58,6 +59,16 @@ class CollectionProcess:
         return None if self._proc is None else self._proc.pid
 
     def start(self) -> None:
+        """Spawn the child, unless a stop was requested first (then it reports exit 130)."""
+        with self._lock:
+            if self._cancelled:
+                self.exit_code = EXIT_INTERRUPTED
+            else:
+                self._spawn()
+        if self._proc is None:
+            self.on_message("exit", EXIT_INTERRUPTED)
+
+    def _spawn(self) -> None:
         parent, child = Pipe(duplex=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -95,7 +106,10 @@ class CollectionProcess:
     def request_stop(self) -> None:
         """Ask the child to stop at its next safe point (SIGTERM); a second request kills."""
         with self._lock:
-            if self._proc is None or self.exit_code is not None:
+            if self._proc is None:
+                self._cancelled = True
+                return
+            if self.exit_code is not None:
                 return
             if self._stop_sent_at is None:
                 self._stop_sent_at = time.monotonic()
@@ -109,15 +123,17 @@ class CollectionProcess:
 
     def kill(self) -> None:
         with self._lock:
-            if self._proc is not None and self.exit_code is None:
+            if self._proc is None:
+                self._cancelled = True
+            elif self.exit_code is None:
                 _signal(self._proc, signal.SIGKILL)
 
     def close(self, grace: float = 3.0) -> int | None:
         """Stop the child (at a safe point, killed after ``grace`` seconds) and join the
         reader thread; returns the child's exit code."""
-        if self._proc is None:
-            return None
         self.request_stop()
+        if self._proc is None:
+            return self.exit_code
         try:
             self._proc.wait(grace)
         except subprocess.TimeoutExpired:

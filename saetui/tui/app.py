@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from textual.message import Message
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from saetui.analysis.service import InProcessProbe, ProbeProcess, ProbeService
 from saetui.collect.job import CollectConfig, finished_result
 from saetui.collect.process import CollectionProcess
 from saetui.errors import SaetuiInputError
@@ -108,7 +110,7 @@ class SaetuiApp(App[int]):
         self._quit_when_stopped = False
         self._last_total: int | None = None
         self._probe_lock = threading.Lock()
-        self._probe_inputs: Any = None
+        self._probe: ProbeService | None = None
         self._progress: Any = None
         self.user_keymap: dict[str, str] = {}
         self._keymap_error: str | None = None
@@ -180,7 +182,7 @@ class SaetuiApp(App[int]):
         """ssh dropped: stop the collector (resumable) and exit instead of spinning."""
         if self.job is not None:
             self.job.request_stop()
-        self.exit(self.exit_code())
+        self.exit(return_code=self.exit_code())
 
     # ------------------------------------------------------------------ polling
 
@@ -366,13 +368,12 @@ class SaetuiApp(App[int]):
         self._update_status_line()
         self.poll()
         if self._quit_when_stopped:
-            self.exit(self.exit_code())
+            self.exit(return_code=self.exit_code())
 
-    def _enforce_stop(self) -> None:
-        """A stop request the collector has not honoured within the grace time: kill it
-        (the index keeps everything up to its last commit)."""
-        job = self.job
-        if job is not None and job.running:
+    def _enforce_stop(self, job: CollectionProcess) -> None:
+        """A stop request ``job`` has not honoured within the grace time: kill it (the
+        index keeps everything up to its last commit)."""
+        if job.running:
             job.kill()
 
     def action_toggle_collection(self) -> None:
@@ -381,7 +382,7 @@ class SaetuiApp(App[int]):
             return
         if self.collecting and self.job is not None:
             self.job.request_stop()
-            self.set_timer(STOP_GRACE_SECONDS, self._enforce_stop)
+            self.set_timer(STOP_GRACE_SECONDS, partial(self._enforce_stop, self.job))
             self.notify("Pausing: the collector stops at its next safe point (resumable).")
         else:
             self.start_collection()
@@ -454,13 +455,11 @@ class SaetuiApp(App[int]):
         except Exception as error:
             self.call_from_thread(self._feature_error, feature, str(error))
             return
-        inputs = self._probe_inputs
-        if inputs is not None and not (detail.promoted or detail.suppressed):
+        service = self._probe
+        if service is not None and service.ready and not (detail.promoted or detail.suppressed):
             try:
-                from saetui.analysis.probe import feature_logit_effects
-
-                detail.promoted, detail.suppressed = feature_logit_effects(inputs, feature)
-            except Exception:
+                detail.promoted, detail.suppressed = service.logit_effects(feature)
+            except SaetuiInputError:
                 pass  # logit effects are optional decoration
         if not get_current_worker().is_cancelled:
             self.call_from_thread(self._show_feature, detail, keep_position)
@@ -673,22 +672,18 @@ class SaetuiApp(App[int]):
 
     # ------------------------------------------------------------------ probe model
 
-    def load_probe_inputs(self) -> Any:
-        """Model, SAE and hook for the probe, loaded once (blocking: call from a worker)."""
+    def probe_service(self) -> ProbeService:
+        """The probe's model and SAE: a child process started on first use (or the
+        in-process ``model_loader`` given to the app). Blocking: call from a worker."""
         with self._probe_lock:
-            if self._probe_inputs is None:
-                loader = self.model_loader
-                if loader is None:
-                    from saetui.analysis.probe import probe_loader_from_run
+            if self._probe is None:
+                if self.model_loader is not None:
+                    self._probe = InProcessProbe(self.model_loader)
+                else:
+                    from saetui.analysis.probe import probe_spec_from_run
 
-                    loader = probe_loader_from_run(self.source.run_state().config)
-                loaded = loader()
-                if isinstance(loaded, tuple):
-                    from saetui.analysis.probe import ProbeInputs
-
-                    loaded = ProbeInputs(*loaded)
-                self._probe_inputs = loaded
-            return self._probe_inputs
+                    self._probe = ProbeProcess(probe_spec_from_run(self.source.run_state().config))
+            return self._probe
 
     # ------------------------------------------------------------------ exports
 
@@ -732,7 +727,7 @@ class SaetuiApp(App[int]):
         if self.collecting and self.job is not None and not self._quit_when_stopped:
             self._quit_when_stopped = True
             self.job.request_stop()
-            self.set_timer(STOP_GRACE_SECONDS, self._enforce_stop)
+            self.set_timer(STOP_GRACE_SECONDS, partial(self._enforce_stop, self.job))
             self.notify(
                 "Stopping the collection at its next safe point; it stays resumable (run the "
                 "same command again). Press q again to quit at once.",
@@ -741,7 +736,17 @@ class SaetuiApp(App[int]):
             return
         if self.job is not None and self.job.running:
             self.job.kill()  # the index survives a kill: it resumes after its last commit
-        self.exit(self.exit_code())
+        self.exit(return_code=self.exit_code())
+
+    def exit(
+        self, result: int | None = None, return_code: int = 0, message: Any = None
+    ) -> None:
+        """Quit; the probe's model process goes first, so no worker waiting on a model load
+        holds the exit (the collector is stopped in :meth:`shutdown`, after the screen is
+        restored)."""
+        if self._probe is not None:
+            self._probe.close()
+        super().exit(result, return_code, message)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state == WorkerState.ERROR:
@@ -752,6 +757,8 @@ class SaetuiApp(App[int]):
         then close the index."""
         if self.job is not None:
             self.job.close(STOP_GRACE_SECONDS)
+        if self._probe is not None:
+            self._probe.close()
         self.source.close()
 
 

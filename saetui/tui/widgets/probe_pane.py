@@ -71,15 +71,17 @@ class ProbePane(Vertical):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="probe")
     def run_probe(self, text: str) -> None:
-        from saetui.analysis.probe import probe
-
         app: Any = self.app
+
+        def status(message: str) -> None:
+            if not get_current_worker().is_cancelled:
+                app.call_from_thread(self.status, Text(message, style="italic"))
+
         try:
-            inputs = app.load_probe_inputs()
-            if get_current_worker().is_cancelled:
-                return
-            result = probe(inputs.model, inputs.sae, inputs.hook, text)
+            result = app.probe_service().probe(text, status=status)
         except Exception as error:  # a model that cannot load is a message, not a crash
+            if get_current_worker().is_cancelled:
+                return  # the app is quitting (it killed the model process)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             app.call_from_thread(self.status, Text(f"probe failed: {message}", style="red"))
             return

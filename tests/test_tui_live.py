@@ -244,6 +244,7 @@ def test_probe_runs_in_a_child_and_quitting_never_waits_for_its_model(tiny_index
         await wait_for(pilot, lambda: view.detail and view.detail.row.feature == top)
         await wait_for(pilot, lambda: view.detail.promoted, 30, "logit effects")
         await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, 10, "exit")
 
     _run_app(app, probe_then_open, 180)
     assert app._probe._proc.poll() is not None
@@ -256,7 +257,7 @@ def test_probe_runs_in_a_child_and_quitting_never_waits_for_its_model(tiny_index
         await pilot.press(*"w5 w6", "enter")
         status = app.query_one("#probe-status")
         await wait_for(pilot, lambda: "loading" in str(status.render()), 60, "model loading")
-        await pilot.press("q")
+        await pilot.press("escape", "q")  # escape leaves the text box
         await wait_for(pilot, lambda: app.return_code is not None, 10, "exit")
 
     _run_app(app, quit_while_loading, 60)

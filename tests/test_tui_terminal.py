@@ -238,6 +238,15 @@ def test_terminal_gone_stops_the_app_and_its_collector(tmp_path, tiny_gpt2_dir, 
     )
     try:
         tmux.wait_for("phase collecting", timeout=120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the first commit
+            try:
+                with open_index(out) as index:
+                    if index.progress().tokens > 0:
+                        break
+            except Exception:
+                pass
+            time.sleep(0.2)
         assert _processes_of(out)
     finally:
         tmux.close()  # kills the pane: SIGHUP to the app

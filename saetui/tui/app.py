@@ -541,13 +541,14 @@ class SaetuiApp(App[int]):
         table.focus()
 
     def on_key(self, event: Any) -> None:
-        if (
-            event.key == "escape"
-            and isinstance(self.focused, Input)
-            and self.focused.id in ("search", "density")
-        ):
+        if event.key != "escape" or not isinstance(self.focused, Input):
+            return
+        if self.focused.id in ("search", "density"):
             self.query_one("#density", Input).display = False
             self.query_one(FeatureTable).focus()
+            event.stop()
+        elif self.focused.id == "probe-input":  # leave the text box: keys act again
+            self.query_one("#probe-tokens").focus()
             event.stop()
 
     def action_density_filter(self) -> None:

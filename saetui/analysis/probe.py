@@ -193,7 +193,9 @@ def feature_logit_effects(
             f"the SAE's decoder width {w_dec.shape[1]} does not match the model's d_model "
             f"{w_u.shape[0]}: logit effects need the SAE's own model."
         )
-    up_ids, up_vals, down_ids, down_vals = logit_effects(w_dec, w_u, top_n=top_n)
+    up_ids, up_vals, down_ids, down_vals = logit_effects(
+        w_dec, w_u, top_n=top_n, vocab_size=inputs.model.tokenizer_vocab_size
+    )
     decode = inputs.model.tokenizer.decode
     promoted = [
         (decode([i]), v) for i, v in zip(up_ids[0].tolist(), up_vals[0].tolist(), strict=True)

@@ -337,7 +337,9 @@ def _neighbours_phase(
     w_u = getattr(run.model.bridge, "W_U", None)
     if w_u is not None and w_u.shape[0] == w_dec.shape[1]:
         report(CollectProgress("neighbours", message="logit effects"), force=True)
-        up_ids, up_values, down_ids, down_values = logit_effects(w_dec, w_u.detach())
+        up_ids, up_values, down_ids, down_values = logit_effects(
+            w_dec, w_u.detach(), vocab_size=run.model.tokenizer_vocab_size
+        )
         writer.put_neighbours("logit_promoted", up_ids, up_values)
         writer.put_neighbours("logit_suppressed", down_ids, down_values)
     # Co-occurrence reads the committed forward index: the writer's data must be on disk,

@@ -54,6 +54,12 @@ class LanguageModel:
         return int(self.bridge.cfg.d_vocab)
 
     @property
+    def tokenizer_vocab_size(self) -> int:
+        """Token ids the tokenizer can produce. Checkpoints often pad their embedding and
+        unembedding past it (Qwen3-0.6B: 151,936 rows); ids at or beyond it are no token."""
+        return min(len(self.tokenizer), self.vocab_size)
+
+    @property
     def bos_token_id(self) -> int | None:
         return self.tokenizer.bos_token_id
 

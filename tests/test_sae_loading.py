@@ -118,7 +118,10 @@ def test_metadata_of_each_format(tmp_path):
     assert raw_lens.default_numerics() == "raw"
 
     sparse = load_sae(write_sparsify(tmp_path / "sp", "layers.3.mlp")[0])
-    assert (sparse.hook_name, sparse.hook_layer) == ("blocks.3.hook_mlp_out", 3)
+    # sparsify hooks the MLP module's own output (before any post-MLP norm).
+    assert (sparse.hook_name, sparse.hook_layer) == ("blocks.3.mlp.hook_out", 3)
+    attention = load_sae(write_sparsify(tmp_path / "sp", "gpt_neox.layers.2.attention")[0])
+    assert attention.hook_name == "blocks.2.attn.hook_out"
     assert sparse.default_numerics() == "raw"
     assert load_sae(write_sparsify(tmp_path / "sp", "model.layers.7")[0]).hook_name == (
         "blocks.7.hook_resid_post"

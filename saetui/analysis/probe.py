@@ -131,6 +131,7 @@ def probe_loader(
     dtype: str | None = "auto",
     batchtopk_mode: str | None = None,
     threshold: float | None = None,
+    start_token: str | None = None,
 ) -> Callable[[], ProbeInputs]:
     """A zero-argument function that loads model and SAE for the probe (called lazily, in a
     worker thread, the first time the user probes). Errors are SaetuiInputError sentences."""
@@ -141,7 +142,13 @@ def probe_loader(
 
         loaded_sae = load_sae(sae, batchtopk_mode=batchtopk_mode, threshold=threshold)
         chosen_numerics = numerics or loaded_sae.default_numerics()
-        lm = load_model(model, device=device, dtype=dtype, numerics=chosen_numerics)
+        lm = load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            numerics=chosen_numerics,
+            start_token=start_token or loaded_sae.default_start_token(),
+        )
         resolved = resolve_hook(
             lm, hook=hook, sae_hook=loaded_sae.hook_name, sae_d_in=loaded_sae.d_in
         )
@@ -175,7 +182,18 @@ def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInput
         dtype=run_config.get("dtype") or "auto",
         batchtopk_mode=run_config.get("batchtopk_mode"),
         threshold=run_config.get("threshold"),
+        start_token=_recorded_start_token(run_config),
     )
+
+
+def _recorded_start_token(run_config: dict[str, Any]) -> str | None:
+    """The start-token rule a run recorded (in its config or its model details), if any."""
+    recorded = run_config.get("start_token")
+    if recorded is None:
+        recorded = (run_config.get("run_details") or {}).get("start_token")
+    if isinstance(recorded, dict):
+        recorded = recorded.get("rule")
+    return recorded if isinstance(recorded, str) else None
 
 
 @torch.no_grad()

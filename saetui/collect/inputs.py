@@ -32,6 +32,8 @@ class RunInputs:
     max_tokens: int | None = None
     batchtopk_mode: str | None = None
     threshold: float | None = None
+    # The token put in front of every document (saetui.lm.start); None: the SAE format's rule.
+    start_token: str | None = None
 
     @classmethod
     def from_namespace(cls, args: Any) -> RunInputs:
@@ -71,7 +73,12 @@ def load_run(inputs: RunInputs, say: Callable[[str], None] | None = None) -> Loa
     numerics = inputs.numerics or sae.default_numerics()
     started = time.perf_counter()
     model = load_model(
-        inputs.model, device=inputs.device, dtype=inputs.dtype, numerics=numerics, progress=say
+        inputs.model,
+        device=inputs.device,
+        dtype=inputs.dtype,
+        numerics=numerics,
+        start_token=inputs.start_token or sae.default_start_token(),
+        progress=say,
     )
     if say:
         say(f"loaded {inputs.model} ({numerics} numerics) in {time.perf_counter() - started:.1f} s")

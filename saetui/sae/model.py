@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from saetui.errors import SaetuiInputError
+from saetui.lm.model import NUMERICS
+from saetui.lm.start import START_TOKEN_RULES
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
-FORMATS = ("sae_core", "saelens", "sparsify", "gemma_scope")
+FORMATS = ("sae_core", "saelens", "sparsify", "gemma_scope", "dictionary_learning")
 BATCHTOPK_MODES = ("per-token", "batch", "threshold")
 # SAELens' values; "expected_average_only_in" is a constant input scale (folded at load when
 # known), the other two are computed per token and undone on decode.
@@ -158,10 +160,13 @@ class SparseAutoencoder(torch.nn.Module):
         ``model_from_pretrained_kwargs`` turning that processing off was trained
         on unprocessed activations: "raw". sparsify hooks Hugging Face modules
         directly and Gemma Scope was trained on the original JAX model, so both
-        saw raw numerics.
+        saw raw numerics, as did dictionary_learning (nnsight on the Hugging Face model). An
+        ``sae_core`` config's own ``numerics`` entry wins.
         """
-        if self.format in ("sparsify", "gemma_scope"):
+        if self.format in ("sparsify", "gemma_scope", "dictionary_learning"):
             return "raw"
+        if self.format == "sae_core" and self.config.get("numerics") in NUMERICS:
+            return str(self.config["numerics"])  # written by the project's own trainer
         if self.format == "saelens":
             metadata = self.config.get("metadata") or {}
             if metadata.get("saetui_numerics") in ("hooked", "raw"):
@@ -171,6 +176,27 @@ class SparseAutoencoder(torch.nn.Module):
             if any(kwargs.get(flag) is False for flag in ("fold_ln", "center_writing_weights")):
                 return "raw"
         return "hooked"
+
+    def default_start_token(self) -> str:
+        """The start-token rule (:mod:`saetui.lm.start`) of this SAE's training pipeline.
+
+        SAELens (HookedTransformer ``prepend_bos``, from the config, default true) and
+        ``sae_core``: "bos-or-eos"; sparsify (documents joined with EOS): "eos";
+        dictionary_learning and Gemma Scope (the Hugging Face tokenizer's own special
+        tokens): "tokenizer". An explicit ``start_token`` entry in the config wins.
+        """
+        own = self.config.get("start_token")
+        if own in START_TOKEN_RULES:
+            return str(own)
+        if self.format == "sparsify":
+            return "eos"
+        if self.format in ("gemma_scope", "dictionary_learning"):
+            return "tokenizer"
+        if self.format == "saelens":
+            metadata = self.config.get("metadata") or {}
+            prepend = metadata.get("prepend_bos", self.config.get("prepend_bos", True))
+            return "none" if prepend is False else "bos-or-eos"
+        return "bos-or-eos"
 
     def content_hash(self) -> str:
         """sha256 of the weight files (or of the tensors for an SAE built in memory)."""

@@ -93,7 +93,11 @@ def test_batchtopk_uses_its_trained_threshold_and_records_it(tmp_path):
     directory, state = write_dictionary_learning(tmp_path / "ae", "BatchTopKSAE")
     sae = load_sae(directory)
     assert sae.batchtopk_mode == "threshold" and sae.k == K
-    assert describe(sae)["threshold"] == {"kind": "global", "value": pytest.approx(0.35)}
+    assert describe(sae)["threshold"] == {
+        "kind": "global",
+        "value": pytest.approx(0.35),
+        "source": "file",
+    }
     x = inputs()
     for mode in ("per-token", "batch"):
         other = load_sae(directory, batchtopk_mode=mode)

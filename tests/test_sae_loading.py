@@ -157,7 +157,11 @@ def test_describe(tmp_path):
     assert gemma["threshold"]["min"] <= gemma["threshold"]["mean"] <= gemma["threshold"]["max"]
     assert gemma["history_length"] is None
     thresholded = describe(load_sae(write_sae_core(tmp_path / "t")[0], threshold=0.3))
-    assert thresholded["threshold"] == {"kind": "global", "value": pytest.approx(0.3)}
+    assert thresholded["threshold"] == {
+        "kind": "global",
+        "value": pytest.approx(0.3),
+        "source": "given",
+    }
     json.dumps(info)  # printable as JSON by the CLI
 
 

@@ -206,11 +206,13 @@ def feature_logit_effects(
 
     w_dec = inputs.sae.W_dec[feature : feature + 1].float().cpu()
     w_u = inputs.model.bridge.W_U.float().cpu()
-    if w_dec.shape[1] != w_u.shape[0]:
+    w_out = inputs.model.residual_directions(inputs.hook, w_dec)  # hook_z: through W_O
+    if w_out is None or w_out.shape[1] != w_u.shape[0]:
         raise SaetuiInputError(
-            f"the SAE's decoder width {w_dec.shape[1]} does not match the model's d_model "
-            f"{w_u.shape[0]}: logit effects need the SAE's own model."
+            f"the SAE's decoder width {w_dec.shape[1]} at {inputs.hook} does not map to the "
+            f"model's d_model {w_u.shape[0]}: logit effects need the SAE's own model and hook."
         )
+    w_dec = w_out.float().cpu()
     up_ids, up_vals, down_ids, down_vals = logit_effects(
         w_dec, w_u, top_n=top_n, vocab_size=inputs.model.tokenizer_vocab_size
     )

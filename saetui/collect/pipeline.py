@@ -335,10 +335,11 @@ def _neighbours_phase(
     ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours)
     writer.put_neighbours("decoder_cosine", ids, scores)
     w_u = getattr(run.model.bridge, "W_U", None)
-    if w_u is not None and w_u.shape[0] == w_dec.shape[1]:
+    w_out = run.model.residual_directions(run.hook, w_dec)  # hook_z: through W_O
+    if w_u is not None and w_out is not None and w_u.shape[0] == w_out.shape[1]:
         report(CollectProgress("neighbours", message="logit effects"), force=True)
         up_ids, up_values, down_ids, down_values = logit_effects(
-            w_dec, w_u.detach(), vocab_size=run.model.tokenizer_vocab_size
+            w_out, w_u.detach(), vocab_size=run.model.tokenizer_vocab_size
         )
         writer.put_neighbours("logit_promoted", up_ids, up_values)
         writer.put_neighbours("logit_suppressed", down_ids, down_values)

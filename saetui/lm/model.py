@@ -123,6 +123,25 @@ class LanguageModel:
         return read_view(self._cached(tokens, base, stop=True), head)
 
     @torch.no_grad()
+    def residual_directions(self, hook: str, directions: torch.Tensor) -> torch.Tensor | None:
+        """``directions`` [n, width] at ``hook`` as what they write into the residual stream
+        [n, d_model], for logit effects: hook_z directions (all heads flattened, or one head)
+        through the attention output weights W_O; residual-width hooks as they are; None
+        where saetui knows no such map (e.g. MLP neurons)."""
+        base, head = split_head(hook)
+        layer = hook_layer(base)
+        if layer is not None and base.endswith("attn.hook_z"):
+            w_o = self.bridge.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
+            w_o = w_o.to(device=directions.device, dtype=torch.float32)
+            if head is not None:
+                return directions.float() @ w_o[head]
+            n_heads, d_head, _ = w_o.shape
+            if directions.shape[-1] != n_heads * d_head:
+                return None
+            return torch.einsum("nhd,hdm->nm", directions.float().reshape(-1, n_heads, d_head), w_o)
+        return directions if directions.shape[-1] == self.d_model else None
+
+    @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Full-forward logits."""
         return self.bridge(tokens.to(self.device), return_type="logits")

@@ -290,7 +290,11 @@ def describe(sae: SparseAutoencoder) -> dict[str, Any]:
     if sae.threshold is not None:
         values = sae.threshold.detach().float().cpu().reshape(-1)
         if values.numel() == 1:
-            threshold = {"kind": "global", "value": float(values[0])}
+            threshold = {
+                "kind": "global",
+                "value": float(values[0]),
+                "source": sae.threshold_source,
+            }
         else:
             threshold = {
                 "kind": "per-feature",

@@ -322,5 +322,6 @@ def describe(sae: SparseAutoencoder) -> dict[str, Any]:
         "normalize_activations": sae.normalize_activations,
         "activation_scale": sae.activation_scale,
         "default_numerics": sae.default_numerics(),
+        "default_start_token": sae.default_start_token(),
         "history_length": history_length,
     }

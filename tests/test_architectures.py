@@ -430,3 +430,41 @@ def test_threshold_mode_estimates_and_records_the_threshold(tmp_path, tiny_model
         assert recorded["source"].startswith("estimated: mean L0 = k over ")
         # The whole tiny corpus is the sample: over its first tokens the mean L0 is near k.
         assert index.metrics()["l0_mean"] == pytest.approx(4, rel=0.25)
+
+
+def test_hook_z_head_sae_in_the_probe_and_the_context_views(tmp_path, tiny_model, corpus):
+    """A one-head hook_z SAE through what the TUI shows: the probe (loaded from the run the
+    index recorded), a feature's logit effects, and the context around a top example."""
+    from saetui.analysis.probe import feature_logit_effects, probe, probe_loader_from_run
+
+    case = Case("hook_z[2]", "raw", "saelens", "bos-or-eos")
+    sae_dir, hook, _ = write_case_sae(tmp_path / "sae", "llama3", case)
+    config, _ = collect(tmp_path, tiny_model("llama3"), sae_dir, corpus, numerics="raw")
+    with open_index(config.out) as index:
+        run_config = index.meta.run_config
+        feature = max(range(D_SAE), key=lambda f: index.stats(f).count)
+        top = index.top_examples(feature, n=1)[0]
+        context = index.document_context(top.global_index, radius=4)
+        assert context.tokens[context.focus] == top.tokens[top.position]
+        at_token = index.token(top.window, top.position)
+        assert feature in at_token.feature_ids.tolist()
+    inputs = probe_loader_from_run(run_config)()
+    assert inputs.hook == hook and inputs.model.numerics == "raw"
+    text = "w3 w17 w42 w8 w8 w61"
+    result = probe(inputs.model, inputs.sae, inputs.hook, text, top_per_token=3)
+    words = inputs.model.tokenizer.encode(text, add_special_tokens=False)
+    ids = [inputs.model.bos_token_id, *words]
+    assert result.token_ids == words
+    _, _, projection = hf_modules(inputs.model)
+    seen: list[torch.Tensor] = []
+    handle = projection.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    inputs.model.logits(torch.tensor([ids]))
+    handle.remove()
+    head = seen[0][0, 1:, 2 * D_HEAD : 3 * D_HEAD]  # head 2 of z, BOS dropped
+    expected = inputs.sae.encode(head)
+    for position, pairs in enumerate(result.per_token):
+        for f, value in pairs:
+            assert value == pytest.approx(float(expected[position, f]), rel=1e-4, abs=1e-5)
+    promoted, suppressed = feature_logit_effects(inputs, feature, top_n=5)
+    assert len(promoted) == 5 and promoted[0][1] >= promoted[-1][1]
+    assert all(token.startswith(("w", "<")) for token, _ in promoted + suppressed)

@@ -1,4 +1,5 @@
-"""Language models: the embedded sample model, TransformerLens loading, hooks, numerics."""
+"""Language models: the embedded sample model, TransformerLens loading, hooks, numerics,
+hub names and the start token put in front of documents."""
 
 from saetui.lm.device import pick_device, pick_dtype
 from saetui.lm.embedded import EMBEDDED_MODELS, cache_root
@@ -10,11 +11,13 @@ from saetui.lm.model import (
     load_model,
     resolve_hook,
 )
+from saetui.lm.start import START_TOKEN_RULES
 
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
     "NUMERICS",
+    "START_TOKEN_RULES",
     "LanguageModel",
     "cache_root",
     "hook_layer",

@@ -47,15 +47,17 @@ def write_sae_core(
     hook_layer: int | None = 9,
     history: dict | None = None,
     extra_config: dict | None = None,
+    d_in: int = D_IN,
+    d_sae: int = D_SAE,
 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    tensors = random_tensors(seed)
+    tensors = random_tensors(seed, d_in, d_sae)
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    state["num_batches_not_active"] = torch.zeros(D_SAE)
+    state["num_batches_not_active"] = torch.zeros(d_sae)
     torch.save(state, directory / "weights.pt")
     config = {
-        "d_in": D_IN,
-        "d_sae": D_SAE,
+        "d_in": d_in,
+        "d_sae": d_sae,
         "dtype": "float32",
         "hook_layer": hook_layer,
         "hook_name": hook_name,
@@ -88,9 +90,11 @@ def write_saelens(
     legacy: bool = False,
     drop: tuple[str, ...] = (),
     extra_config: dict | None = None,
+    d_in: int = D_IN,
+    d_sae: int = D_SAE,
 ) -> tuple[Path, dict[str, torch.Tensor]]:
     """A SAELens SAE: v6 nested config, or a pre-6.0 flat one with ``legacy``."""
-    tensors = random_tensors(seed)
+    tensors = random_tensors(seed, d_in, d_sae)
     directory.mkdir(parents=True, exist_ok=True)
     names = [n for n in _SAELENS_TENSORS[architecture] if n not in drop]
     save_file(
@@ -99,8 +103,8 @@ def write_saelens(
     if legacy:
         config = {
             "architecture": "standard" if architecture == "topk" else architecture,
-            "d_in": D_IN,
-            "d_sae": D_SAE,
+            "d_in": d_in,
+            "d_sae": d_sae,
             "activation_fn_str": "topk" if architecture == "topk" else "relu",
             "activation_fn_kwargs": {"k": K} if architecture == "topk" else {},
             "apply_b_dec_to_input": apply_b_dec_to_input,
@@ -118,8 +122,8 @@ def write_saelens(
     else:
         config = {
             "architecture": architecture,
-            "d_in": D_IN,
-            "d_sae": D_SAE,
+            "d_in": d_in,
+            "d_sae": d_sae,
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": apply_b_dec_to_input,
@@ -140,9 +144,15 @@ def write_saelens(
 
 
 def write_sparsify(
-    root: Path, hookpoint: str = "layers.9", *, seed: int = 0, num_latents: int | None = D_SAE
+    root: Path,
+    hookpoint: str = "layers.9",
+    *,
+    seed: int = 0,
+    num_latents: int | None = D_SAE,
+    d_in: int = D_IN,
+    d_sae: int = D_SAE,
 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    tensors = random_tensors(seed)
+    tensors = random_tensors(seed, d_in, d_sae)
     directory = root / hookpoint
     directory.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -156,14 +166,14 @@ def write_sparsify(
     )
     config = {
         "activation": "topk",
-        "expansion_factor": D_SAE // D_IN,
+        "expansion_factor": d_sae // d_in,
         "normalize_decoder": True,
         "num_latents": num_latents or 0,
         "k": K,
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,
-        "d_in": D_IN,
+        "d_in": d_in,
     }
     (directory / "cfg.json").write_text(json.dumps(config))
     return directory, tensors
@@ -174,8 +184,10 @@ def write_gemma_scope(
     relative: str = "gemma-scope-2b-pt-res/layer_9/width_16k/average_l0_71",
     *,
     seed: int = 0,
+    d_in: int = D_IN,
+    d_sae: int = D_SAE,
 ) -> tuple[Path, dict[str, torch.Tensor]]:
-    tensors = random_tensors(seed)
+    tensors = random_tensors(seed, d_in, d_sae)
     directory = root / relative
     directory.mkdir(parents=True, exist_ok=True)
     np.savez(
@@ -183,3 +195,115 @@ def write_gemma_scope(
         **{n: tensors[n].numpy() for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")},
     )
     return directory, tensors
+
+
+def dictionary_learning_state(
+    dict_class: str, *, seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE, k: int = K
+) -> dict[str, torch.Tensor]:
+    """A random ``ae.pt`` state dict laid out as dictionary_learning's ``dict_class`` saves it
+    (``nn.Linear`` weights are [out, in]; decoder columns deliberately not unit norm)."""
+    t = random_tensors(seed, d_in, d_sae)
+    gen = torch.Generator().manual_seed(seed + 1)
+    encoder_weight = t["W_enc"].t().contiguous()  # [d_sae, d_in]
+    decoder_weight = (t["W_dec"].t() * (0.5 + torch.rand(d_sae, generator=gen))).contiguous()
+    if dict_class == "AutoEncoder":
+        return {
+            "bias": t["b_dec"],
+            "encoder.weight": encoder_weight,
+            "encoder.bias": t["b_enc"],
+            "decoder.weight": decoder_weight,
+        }
+    if dict_class == "AutoEncoderNew":
+        return {
+            "encoder.weight": encoder_weight,
+            "encoder.bias": t["b_enc"],
+            "decoder.weight": decoder_weight,
+            "decoder.bias": t["b_dec"],
+        }
+    if dict_class == "GatedAutoEncoder":
+        return {
+            "decoder_bias": t["b_dec"],
+            "encoder.weight": encoder_weight,
+            "r_mag": t["r_mag"],
+            "gate_bias": t["b_gate"],
+            "mag_bias": t["b_mag"],
+            "decoder.weight": decoder_weight,
+        }
+    if dict_class == "JumpReluAutoEncoder":
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+        return {name: t[name] for name in names}
+    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        return {
+            "k": torch.tensor(k, dtype=torch.int),
+            "threshold": torch.tensor(0.35),
+            "decoder.weight": decoder_weight,
+            "encoder.weight": encoder_weight,
+            "encoder.bias": t["b_enc"],
+            "b_dec": t["b_dec"],
+        }
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        return {
+            "k": torch.tensor(k, dtype=torch.int),
+            "threshold": torch.tensor(0.35),
+            "group_sizes": torch.tensor([d_sae // 4, d_sae - d_sae // 4]),
+            "W_enc": t["W_enc"],
+            "b_enc": t["b_enc"],
+            "W_dec": t["W_dec"],
+            "b_dec": t["b_dec"],
+        }
+    raise ValueError(dict_class)
+
+
+_TRAINERS = {
+    "AutoEncoder": "StandardTrainer",
+    "AutoEncoderNew": "StandardTrainerAprilUpdate",
+    "GatedAutoEncoder": "GatedSAETrainer",
+    "JumpReluAutoEncoder": "JumpReluTrainer",
+    "AutoEncoderTopK": "TopKTrainer",
+    "BatchTopKSAE": "BatchTopKTrainer",
+    "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
+}
+
+
+def write_dictionary_learning(
+    directory: Path,
+    dict_class: str = "BatchTopKSAE",
+    *,
+    seed: int = 0,
+    d_in: int = D_IN,
+    d_sae: int = D_SAE,
+    layer: int | None = 3,
+    submodule_name: str | None = "resid_post_layer_3",
+    io: str = "out",
+    trainer_extra: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """``ae.pt`` + ``config.json`` as dictionary_learning's ``trainSAE`` writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        state = dictionary_learning_state(dict_class, seed=seed, d_in=d_in, d_sae=d_sae)
+    torch.save(state, directory / "ae.pt")
+    trainer = {
+        "trainer_class": _TRAINERS[dict_class],
+        "dict_class": dict_class,
+        "lr": 1e-4,
+        "steps": 1000,
+        "seed": seed,
+        "activation_dim": d_in,
+        "dict_size": d_sae,
+        "device": "cpu",
+        "layer": layer,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+        "wandb_name": "test",
+        "submodule_name": submodule_name,
+    }
+    if "k" in state:
+        trainer["k"] = int(state["k"])
+    trainer.update(trainer_extra or {})
+    config = {
+        "trainer": trainer,
+        "buffer": {"d_submodule": d_in, "io": io, "n_ctxs": 100, "ctx_len": 128,
+                   "refresh_batch_size": 8, "out_batch_size": 64, "device": "cpu"},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=4))
+    return directory, state

@@ -30,8 +30,26 @@ def test_logit_effects_are_top_and_bottom_of_dec_times_unembed():
     effects = w_dec @ w_u
     torch.testing.assert_close(up_vals, effects.topk(3, dim=-1).values)
     torch.testing.assert_close(down_vals, effects.topk(3, dim=-1, largest=False).values)
-    assert torch.equal(effects.gather(1, up_ids), up_vals)
-    assert torch.equal(effects.gather(1, down_ids), down_vals)
+    # Chunked and whole matmuls may differ in the last bit: compare values, not bits.
+    torch.testing.assert_close(effects.gather(1, up_ids), up_vals)
+    torch.testing.assert_close(effects.gather(1, down_ids), down_vals)
+
+
+def test_logit_effects_ignore_unembedding_rows_past_the_tokenizer():
+    # Real checkpoints pad W_U past the tokenizer; padding columns must never be reported,
+    # however large their effect.
+    torch.manual_seed(2)
+    w_dec, w_u = torch.randn(12, 8), torch.randn(8, 40)
+    w_u[:, 30:] = 100 * w_dec.sum(0, keepdim=True).T.sign()
+    up_ids, up_vals, down_ids, _ = logit_effects(w_dec, w_u, top_n=5, vocab_size=30)
+    assert int(up_ids.max()) < 30 and int(down_ids.max()) < 30
+    expected = (w_dec @ w_u[:, :30]).topk(5, dim=-1)
+    torch.testing.assert_close(up_vals, expected.values)
+    padded_ids, _, _, _ = logit_effects(w_dec, w_u, top_n=5)
+    assert int(padded_ids.max()) >= 30  # without the limit the padding wins
+    # A vocabulary smaller than top_n gives every token once.
+    few_ids, _, _, _ = logit_effects(w_dec, w_u, top_n=5, vocab_size=3)
+    assert few_ids.shape == (12, 3) and sorted(few_ids[0].tolist()) == [0, 1, 2]
 
 
 def test_cooccurrence_matches_dense_counts_across_stripes_and_chunks():

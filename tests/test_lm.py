@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
 from saetui.errors import SaetuiInputError
-from saetui.lm import load_model, pick_device, pick_dtype, resolve_hook
+from saetui.lm import hub, load_model, pick_device, pick_dtype, resolve_hook
 from saetui.lm.embedded import EmbeddedModel, embedded_model_dir, gguf_path
 
 HOOK = "blocks.9.hook_resid_post"
@@ -112,6 +115,72 @@ def test_bad_model_inputs(tmp_path):
         load_model(str(tmp_path))
     with pytest.raises(SaetuiInputError, match="numerics"):
         load_model("smollm2-135m", numerics="processed")
+
+
+@pytest.mark.parametrize(
+    "name", ["./missing-model", "~/saetui-missing-model", "runs/a/missing", "runs/missing", "x/"]
+)
+def test_a_missing_local_path_fails_at_once_without_the_network(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setenv("HF_ENDPOINT", "http://192.0.2.1:9")  # would hang if it were tried
+    started = time.perf_counter()
+    with pytest.raises(SaetuiInputError, match=r"Model directory .* does not exist"):
+        load_model(name, device="cpu")
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_model_path_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(SaetuiInputError, match="is a file"):
+        load_model(str(tmp_path / "model.safetensors"), device="cpu")
+
+
+def test_hub_name_offline_fails_at_once_and_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(SaetuiInputError, match=r"offline mode .* --model DIR") as caught:
+        load_model("Qwen/Qwen3-0.6B", device="cpu")
+    assert "huggingface-cli download Qwen/Qwen3-0.6B" in str(caught.value)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_hub_name_with_an_unreachable_hub_fails_within_seconds(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for variable in hub._PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    started = time.perf_counter()
+    with pytest.raises(SaetuiInputError, match=r"cannot be reached .* --model DIR"):
+        load_model("gpt2", device="cpu")
+    assert time.perf_counter() - started < hub.REACH_TIMEOUT_S + 1
+
+
+def _put_in_hub_cache(cache: Path, repo: str, model_dir: Path) -> None:
+    """Lay a saved model out the way huggingface_hub caches a download."""
+    import shutil
+
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = root / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dir, snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_name_in_the_local_cache_loads_offline(tmp_path, monkeypatch, tiny_gpt2_dir):
+    cache = tmp_path / "hub"
+    _put_in_hub_cache(cache, "tiny/gpt2", tiny_gpt2_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_model("tiny/gpt2", device="cpu")
+    assert model.n_layers == 2 and model.name == "tiny/gpt2"
+    # Unreachable rather than declared offline: the cache is used too, without waiting.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert load_model("tiny/gpt2", device="cpu").d_model == 32
 
 
 def test_device_and_dtype_choice():

@@ -152,19 +152,20 @@ def test_batchtopk_threshold_mode_given_and_estimated(tmp_path):
     check_sparse_matches_dense(sae, x)
 
     batches = [activations(2, 5, seed=s) for s in range(3)]
-    minima = []
-    for batch in batches:
-        batch_pre = torch.relu((batch - t["b_dec"]) @ t["W_enc"])
-        kept = keep_top_overall(batch_pre, 10 * K)
-        minima.append(float(kept[kept > 0].min()))
     estimator = load_sae(directory, batchtopk_mode="threshold", device=DEVICE)
     with pytest.raises(SaetuiInputError, match="threshold"):
         estimator.encode(x)
     value = estimator.estimate_threshold(batches)
-    assert value == pytest.approx(sum(minima) / len(minima), rel=1e-5)
+    # Exactly n*k activations over the whole sample exceed it: mean L0 = k.
+    sample = torch.cat([b.reshape(-1, D_IN) for b in batches])
+    sample_pre = torch.relu((sample - t["b_dec"]) @ t["W_enc"]).reshape(-1)
+    ranked = sample_pre.sort(descending=True).values
+    n_k = sample.shape[0] * K
+    assert float(ranked[n_k]) < value < float(ranked[n_k - 1])
+    assert int((sample_pre > value).sum()) == n_k
+    assert float((estimator.encode(sample) > 0).sum(-1).float().mean()) == pytest.approx(K)
     assert_close(estimator.encode(x), pre * (pre > value))
-    # On average the threshold keeps about k features per token.
-    assert 1 <= float((estimator.encode(torch.cat(batches)) > 0).sum(-1).float().mean()) <= 3 * K
+    assert estimator.threshold_source == "estimated: mean L0 = k over 30 tokens"
 
 
 def test_estimate_threshold_respects_masks(tmp_path):
@@ -173,9 +174,21 @@ def test_estimate_threshold_respects_masks(tmp_path):
     x = activations(2, 5)
     mask = torch.ones(2, 5, dtype=torch.bool, device=DEVICE)
     mask[:, 0] = False
+    x[:, 0] = 100.0  # outliers at excluded positions must not move the threshold
     masked = sae.estimate_threshold([(x, mask)])
     plain = sae.estimate_threshold([x[mask]])
     assert masked == pytest.approx(plain)
+    # Several batches give the same value as one batch holding them all.
+    split = sae.estimate_threshold([x[mask][:3], x[mask][3:]])
+    assert split == pytest.approx(plain)
+
+
+def test_estimate_threshold_with_too_few_positive_activations_keeps_every_one(tmp_path):
+    directory, _ = write_sae_core(tmp_path / "sae", top_k=D_SAE)  # k = d_sae: budget too big
+    sae = load_sae(directory, batchtopk_mode="threshold", device=DEVICE)
+    assert sae.estimate_threshold([activations(3)]) == 0.0
+    with pytest.raises(SaetuiInputError, match="no tokens"):
+        sae.estimate_threshold([(activations(3), torch.zeros(3, dtype=torch.bool))])
 
 
 # ---------------------------------------------------------------- SAELens

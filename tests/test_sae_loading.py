@@ -95,6 +95,12 @@ def test_metadata_of_each_format(tmp_path):
     core = load_sae(write_sae_core(tmp_path / "core", history=history)[0])
     assert core.history == history and core.k == K and core.config["top_k_aux"] == 8
     assert core.default_numerics() == "hooked"
+    assert core.default_start_token() == "bos-or-eos"
+    # The project's own trainer records what it trained on; the config wins.
+    own = load_sae(
+        write_sae_core(tmp_path / "own", extra_config={"numerics": "raw", "start_token": "none"})[0]
+    )
+    assert own.default_numerics() == "raw" and own.default_start_token() == "none"
 
     lens = load_sae(write_saelens(tmp_path / "lens", "topk")[0])
     assert (lens.hook_name, lens.hook_layer, lens.model_name) == (
@@ -117,8 +123,24 @@ def test_metadata_of_each_format(tmp_path):
     )
     assert raw_lens.default_numerics() == "raw"
 
+    assert lens.default_start_token() == "bos-or-eos"
+    no_bos = {"metadata": {"hook_name": "blocks.2.hook_resid_post", "prepend_bos": False}}
+    no_bos_sae = load_sae(write_saelens(tmp_path / "nb", extra_config=no_bos)[0])
+    assert no_bos_sae.default_start_token() == "none"
+    z = {"reshape_activations": "hook_z", "metadata": {"hook_name": "blocks.4.attn.hook_z"}}
+    assert load_sae(write_saelens(tmp_path / "z", extra_config=z)[0]).hook_name == (
+        "blocks.4.attn.hook_z"
+    )
+    head = {"hook_point": "blocks.4.attn.hook_z", "hook_point_head_index": 3}
+    legacy_head = load_sae(write_saelens(tmp_path / "h", legacy=True, extra_config=head)[0])
+    assert (legacy_head.hook_name, legacy_head.hook_layer) == ("blocks.4.attn.hook_z[3]", 4)
+
     sparse = load_sae(write_sparsify(tmp_path / "sp", "layers.3.mlp")[0])
-    assert (sparse.hook_name, sparse.hook_layer) == ("blocks.3.hook_mlp_out", 3)
+    assert sparse.default_start_token() == "eos"
+    # sparsify hooks the MLP module's own output (before any post-MLP norm).
+    assert (sparse.hook_name, sparse.hook_layer) == ("blocks.3.mlp.hook_out", 3)
+    attention = load_sae(write_sparsify(tmp_path / "sp", "gpt_neox.layers.2.attention")[0])
+    assert attention.hook_name == "blocks.2.attn.hook_out"
     assert sparse.default_numerics() == "raw"
     assert load_sae(write_sparsify(tmp_path / "sp", "model.layers.7")[0]).hook_name == (
         "blocks.7.hook_resid_post"
@@ -128,8 +150,11 @@ def test_metadata_of_each_format(tmp_path):
     gemma = load_sae(write_gemma_scope(tmp_path / "gs")[0])
     assert (gemma.hook_name, gemma.hook_layer) == ("blocks.9.hook_resid_post", 9)
     assert gemma.default_numerics() == "raw"
+    assert gemma.default_start_token() == "tokenizer"
     mlp = load_sae(write_gemma_scope(tmp_path / "gs", "gemma-scope-2b-pt-mlp/layer_3/w")[0])
     assert mlp.hook_name == "blocks.3.hook_mlp_out"
+    att = load_sae(write_gemma_scope(tmp_path / "gs", "gemma-scope-2b-pt-att/layer_5/w")[0])
+    assert att.hook_name == "blocks.5.attn.hook_z"
     assert load_sae(write_gemma_scope(tmp_path / "gs", "elsewhere")[0]).hook_name is None
 
 
@@ -154,7 +179,11 @@ def test_describe(tmp_path):
     assert gemma["threshold"]["min"] <= gemma["threshold"]["mean"] <= gemma["threshold"]["max"]
     assert gemma["history_length"] is None
     thresholded = describe(load_sae(write_sae_core(tmp_path / "t")[0], threshold=0.3))
-    assert thresholded["threshold"] == {"kind": "global", "value": pytest.approx(0.3)}
+    assert thresholded["threshold"] == {
+        "kind": "global",
+        "value": pytest.approx(0.3),
+        "source": "given",
+    }
     json.dumps(info)  # printable as JSON by the CLI
 
 
@@ -246,6 +275,32 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
 
 
 # ---------------------------------------------------------------- errors
+
+
+def test_a_refusal_names_the_format_it_recognised(tmp_path):
+    core, _ = write_sae_core(tmp_path / "core", extra_config={"d_in": "sixteen"})
+    with raises_naming(core, "looks like a sae_core SAE (weights.pt + config.json), but"):
+        load_sae(core)
+    lens, _ = write_saelens(tmp_path / "lens", extra_config={"d_sae": 32})
+    with raises_naming(lens, "looks like a SAELens SAE"):
+        load_sae(lens)
+    lens_z, _ = write_saelens(tmp_path / "lz", extra_config={"reshape_activations": "hook_q"})
+    with raises_naming(lens_z, "SAELens"):
+        load_sae(lens_z)
+    sparse, _ = write_sparsify(tmp_path / "sp")
+    config = json.loads((sparse / "cfg.json").read_text())
+    (sparse / "cfg.json").write_text(json.dumps({**config, "k": 0}))
+    with raises_naming(sparse, "looks like a sparsify SAE (cfg.json + sae.safetensors), but"):
+        load_sae(sparse)
+    gemma, t = write_gemma_scope(tmp_path / "gs")
+    np.savez(gemma / "params.npz", **{n: t[n].numpy() for n in ("W_enc", "W_dec", "b_enc")})
+    with raises_naming(gemma / "params.npz", "Gemma Scope"):
+        load_sae(gemma)
+    # Every message stays one sentence.
+    for directory in (core, lens, sparse):
+        with pytest.raises(SaetuiInputError) as caught:
+            load_sae(directory)
+        assert str(caught.value).count(". ") == 0 and str(caught.value).endswith(".")
 
 
 def test_missing_path(tmp_path):

@@ -46,13 +46,21 @@ def logit_effects(
     top_n: int = 10,
     chunk: int = 1024,
     check_stop: Callable[[], None] | None = None,
+    *,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens each feature promotes and suppresses: top/bottom of ``w_dec @ w_u``.
 
-    ``w_dec`` [d_sae, d_model], ``w_u`` [d_model, vocab]. Returns promoted ids, promoted
-    values, suppressed ids, suppressed values, each [d_sae, top_n].
+    ``w_dec`` [d_sae, d_model], ``w_u`` [d_model, vocab]. Only the first ``vocab_size``
+    columns of ``w_u`` count: real checkpoints pad their unembedding past the tokenizer
+    (Qwen3-0.6B: 151,936 rows), and a padding column is no token a reader can see. Returns
+    promoted ids, promoted values, suppressed ids, suppressed values, each
+    [d_sae, min(top_n, vocab)].
     """
+    if vocab_size is not None:
+        w_u = w_u[:, :vocab_size]
     d_sae = w_dec.shape[0]
+    top_n = min(top_n, w_u.shape[1])
     outputs = [
         torch.empty(d_sae, top_n, dtype=dtype)
         for dtype in (torch.int64, torch.float32, torch.int64, torch.float32)

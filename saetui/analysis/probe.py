@@ -131,6 +131,7 @@ def probe_loader(
     dtype: str | None = "auto",
     batchtopk_mode: str | None = None,
     threshold: float | None = None,
+    start_token: str | None = None,
 ) -> Callable[[], ProbeInputs]:
     """A zero-argument function that loads model and SAE for the probe (called lazily, in a
     worker thread, the first time the user probes). Errors are SaetuiInputError sentences."""
@@ -141,7 +142,13 @@ def probe_loader(
 
         loaded_sae = load_sae(sae, batchtopk_mode=batchtopk_mode, threshold=threshold)
         chosen_numerics = numerics or loaded_sae.default_numerics()
-        lm = load_model(model, device=device, dtype=dtype, numerics=chosen_numerics)
+        lm = load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            numerics=chosen_numerics,
+            start_token=start_token or loaded_sae.default_start_token(),
+        )
         resolved = resolve_hook(
             lm, hook=hook, sae_hook=loaded_sae.hook_name, sae_d_in=loaded_sae.d_in
         )
@@ -173,12 +180,23 @@ def probe_spec_from_run(run_config: dict[str, Any]) -> dict[str, Any]:
         "dtype": run_config.get("dtype") or "auto",
         "batchtopk_mode": run_config.get("batchtopk_mode"),
         "threshold": run_config.get("threshold"),
+        "start_token": _recorded_start_token(run_config),
     }
 
 
 def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInputs]:
     """The probe loader for the model and SAE a collection run recorded in its index."""
     return probe_loader(**probe_spec_from_run(run_config))
+
+
+def _recorded_start_token(run_config: dict[str, Any]) -> str | None:
+    """The start-token rule a run recorded (in its config or its model details), if any."""
+    recorded = run_config.get("start_token")
+    if recorded is None:
+        recorded = (run_config.get("run_details") or {}).get("start_token")
+    if isinstance(recorded, dict):
+        recorded = recorded.get("rule")
+    return recorded if isinstance(recorded, str) else None
 
 
 @torch.no_grad()
@@ -191,12 +209,16 @@ def feature_logit_effects(
 
     w_dec = inputs.sae.W_dec[feature : feature + 1].float().cpu()
     w_u = inputs.model.bridge.W_U.float().cpu()
-    if w_dec.shape[1] != w_u.shape[0]:
+    w_out = inputs.model.residual_directions(inputs.hook, w_dec)  # hook_z: through W_O
+    if w_out is None or w_out.shape[1] != w_u.shape[0]:
         raise SaetuiInputError(
-            f"the SAE's decoder width {w_dec.shape[1]} does not match the model's d_model "
-            f"{w_u.shape[0]}: logit effects need the SAE's own model."
+            f"the SAE's decoder width {w_dec.shape[1]} at {inputs.hook} does not map to the "
+            f"model's d_model {w_u.shape[0]}: logit effects need the SAE's own model and hook."
         )
-    up_ids, up_vals, down_ids, down_vals = logit_effects(w_dec, w_u, top_n=top_n)
+    w_dec = w_out.float().cpu()
+    up_ids, up_vals, down_ids, down_vals = logit_effects(
+        w_dec, w_u, top_n=top_n, vocab_size=inputs.model.tokenizer_vocab_size
+    )
     decode = inputs.model.tokenizer.decode
     promoted = [
         (decode([i]), v) for i, v in zip(up_ids[0].tolist(), up_vals[0].tolist(), strict=True)

@@ -32,6 +32,8 @@ class RunInputs:
     max_tokens: int | None = None
     batchtopk_mode: str | None = None
     threshold: float | None = None
+    # The token put in front of every document (saetui.lm.start); None: the SAE format's rule.
+    start_token: str | None = None
 
     @classmethod
     def from_namespace(cls, args: Any) -> RunInputs:
@@ -77,7 +79,12 @@ def load_run(
     check()
     started = time.perf_counter()
     model = load_model(
-        inputs.model, device=inputs.device, dtype=inputs.dtype, numerics=numerics, progress=say
+        inputs.model,
+        device=inputs.device,
+        dtype=inputs.dtype,
+        numerics=numerics,
+        start_token=inputs.start_token or sae.default_start_token(),
+        progress=say,
     )
     if say:
         say(f"loaded {inputs.model} ({numerics} numerics) in {time.perf_counter() - started:.1f} s")
@@ -91,4 +98,41 @@ def load_run(
         sae_d_in=sae.d_in,
     )
     sae.to(model.device, model.dtype)
+    if sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold":
+        if sae.threshold is None:
+            value = estimate_threshold(sae, model, corpus, hook, inputs.ctx_len, inputs.batch_size)
+            if say:
+                say(f"BatchTopK threshold {value:.6g} ({sae.threshold_source})")
     return LoadedRun(corpus=corpus, sae=sae, model=model, hook=hook, numerics=numerics)
+
+
+THRESHOLD_SAMPLE_TOKENS = 4096
+
+
+def estimate_threshold(
+    sae: Any,
+    model: Any,
+    corpus: Any,
+    hook: str,
+    ctx_len: int,
+    batch_size: int,
+    max_tokens: int = THRESHOLD_SAMPLE_TOKENS,
+) -> float:
+    """Set a BatchTopK SAE's global threshold from the corpus's first windows.
+
+    The sample is the windows of the first ``max_tokens`` tokens (4,096 by default; BOS and
+    padding left out), cut and batched as the collection cuts them; the threshold makes the
+    mean L0 over the sample equal k (:meth:`SparseAutoencoder.estimate_threshold`). The
+    corpus order is fixed, so running the same configuration again gives the same value,
+    which the run records.
+    """
+    import torch
+
+    from saetui.corpus import batch_windows, iter_windows
+
+    windows = iter_windows(corpus, model.tokenizer, ctx_len=ctx_len, max_tokens=max_tokens)
+    sample = []
+    for batch in batch_windows(windows, batch_size):
+        activations = model.activations(torch.as_tensor(batch.tokens), hook)
+        sample.append(activations[torch.as_tensor(batch.mask, device=activations.device)])
+    return sae.estimate_threshold(sample)

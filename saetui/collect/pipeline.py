@@ -385,9 +385,15 @@ def _neighbours_phase(
     w_dec = run.sae.W_dec.detach()
     ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours, check_stop=check_stop)
     w_u = getattr(run.model.bridge, "W_U", None)
-    if w_u is not None and w_u.shape[0] == w_dec.shape[1]:
+    w_out = run.model.residual_directions(run.hook, w_dec)  # hook_z: through W_O
+    if w_u is not None and w_out is not None and w_u.shape[0] == w_out.shape[1]:
         report(CollectProgress("neighbours", message="logit effects"), force=True)
-        effects = logit_effects(w_dec, w_u.detach(), check_stop=check_stop)
+        effects = logit_effects(
+            w_out,
+            w_u.detach(),
+            check_stop=check_stop,
+            vocab_size=run.model.tokenizer_vocab_size,
+        )
     else:
         effects = None
     # Co-occurrence reads the committed forward index: the writer's data must be on disk.

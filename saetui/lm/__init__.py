@@ -1,4 +1,5 @@
-"""Language models: the embedded sample model, TransformerLens loading, hooks, numerics.
+"""Language models: the embedded sample model, TransformerLens loading, hooks, numerics,
+hub names and the start token put in front of documents.
 
 Attributes load on first use, so ``saetui.lm.names`` and ``saetui.lm.embedded`` do not
 import torch (the TUI process never needs it).
@@ -20,6 +21,7 @@ _LAZY = {
     "hook_layer": "saetui.lm.model",
     "load_model": "saetui.lm.model",
     "resolve_hook": "saetui.lm.model",
+    "START_TOKEN_RULES": "saetui.lm.start",
 }
 
 __all__ = ["DEFAULT_MODEL", "NUMERICS", *_LAZY]

@@ -3,8 +3,9 @@
 No ``b_dec`` subtraction before encoding. The release's own folder layout
 (``gemma-scope-2b-pt-res/layer_9/width_16k/average_l0_71/params.npz``) names
 the layer; residual SAEs read ``blocks.L.hook_resid_post``, ``-mlp`` releases
-``blocks.L.hook_mlp_out``; attention (``-att``, hook_z) and paths without a
-``layer_N`` part leave the hook unresolved.
+``blocks.L.hook_mlp_out``, attention (``-att``) releases ``blocks.L.attn.hook_z`` with the
+heads flattened (d_in = n_heads * d_head); paths without a ``layer_N`` part leave the hook
+unresolved.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def hook_from_path(path: Path) -> tuple[str | None, int | None]:
         return None, None
     text = "/".join(path.parts).lower()
     if re.search(r"(-|_)att(n)?(\b|-|_|/)", text):
-        return None, layer
+        return f"blocks.{layer}.attn.hook_z", layer
     if re.search(r"(-|_)mlp(\b|-|_|/)", text):
         return f"blocks.{layer}.hook_mlp_out", layer
     return f"blocks.{layer}.hook_resid_post", layer

@@ -7,6 +7,7 @@ directory loads that directory; any other file is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,18 +16,20 @@ from typing import Any
 import torch
 
 from saetui.errors import SaetuiInputError
-from saetui.sae import gemma_scope, sae_core, saelens, sparsify
+from saetui.sae import dictionary_learning, gemma_scope, sae_core, saelens, sparsify
 from saetui.sae.model import BATCHTOPK_MODES, SparseAutoencoder, best_device
 
 EXPECTED = (
     "weights.pt + config.json (sae_core), cfg.json + sae_weights.safetensors (SAELens), "
-    "cfg.json + sae.safetensors (sparsify) or params.npz (Gemma Scope)"
+    "cfg.json + sae.safetensors (sparsify), ae.pt + config.json (dictionary_learning) or "
+    "params.npz (Gemma Scope)"
 )
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # Which formats a file name can belong to, for paths that point at a file.
 _OWN_FILES = {
     "weights.pt": ("sae_core",),
-    "config.json": ("sae_core",),
+    "config.json": ("sae_core", "dictionary_learning"),
+    "ae.pt": ("dictionary_learning",),
     "history.json": ("sae_core",),
     "cfg.json": ("saelens", "sparsify"),
     "sae_weights.safetensors": ("saelens",),
@@ -38,6 +41,7 @@ _MATCHERS = {
     "saelens": saelens.matches,
     "sparsify": sparsify.matches,
     "gemma_scope": gemma_scope.matches,
+    "dictionary_learning": dictionary_learning.matches,
 }
 
 
@@ -111,14 +115,21 @@ def _explain_no_format(path: Path) -> None:
             f"SAE directory {path} holds SAEs in subdirectories ({', '.join(nested[:6])}); "
             f"point at one of them, e.g. {path / nested[0]}."
         )
-    for fmt, files in (
+    halves = [
         ("sae_core", sae_core.FILES),
+        ("dictionary_learning", dictionary_learning.FILES),
         ("SAELens", saelens.FILES),
         ("sparsify", sparsify.FILES),
-    ):
+    ]
+    if "config.json" in names and not names & {"weights.pt", "ae.pt"}:
+        # config.json alone: dictionary_learning's holds a "trainer" section, sae_core's not.
+        config = _peek_json(path / "config.json")
+        drop = "sae_core" if "trainer" in config else "dictionary_learning"
+        halves = [(fmt, files) for fmt, files in halves if fmt != drop]
+    for fmt, files in halves:
         present = [name for name in files if name in names]
         missing = [name for name in files if name not in names]
-        if present and missing and not (fmt != "sae_core" and present == ["cfg.json"]):
+        if present and missing and not (fmt in ("SAELens", "sparsify") and present == ["cfg.json"]):
             raise SaetuiInputError(
                 f"SAE directory {path} has {', '.join(present)} but no {', '.join(missing)}; "
                 f"a {fmt} SAE needs both, so copy the missing file there."
@@ -138,6 +149,40 @@ def _explain_no_format(path: Path) -> None:
     raise SaetuiInputError(
         f"SAE directory {path} matches no known SAE format; it should hold {EXPECTED}."
     )
+
+
+def _peek_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# How each format is named in messages, and the files that made saetui recognise it.
+FORMAT_LABELS = {
+    "sae_core": ("sae_core", "weights.pt + config.json"),
+    "saelens": ("SAELens", "cfg.json + sae_weights.safetensors"),
+    "sparsify": ("sparsify", "cfg.json + sae.safetensors"),
+    "gemma_scope": ("Gemma Scope", "params.npz"),
+    "dictionary_learning": ("dictionary_learning", "ae.pt + config.json"),
+}
+
+
+def _load_as(fmt: str, target: Path, loader: Any) -> SparseAutoencoder:
+    """Run ``fmt``'s loader; a refusal that does not name the format gets it named."""
+    try:
+        return loader(target)
+    except SaetuiInputError as error:
+        label, files = FORMAT_LABELS[fmt]
+        message = str(error)
+        if label.lower() in message.lower():
+            raise
+        where = target.parent if target.is_file() else target
+        raise SaetuiInputError(
+            f"SAE directory {where} looks like a {label} SAE ({files}), but "
+            f"{message[0].lower() + message[1:] if message[:1].isupper() else message}"
+        ) from None
 
 
 def load_sae(
@@ -160,8 +205,9 @@ def load_sae(
         "saelens": saelens.load,
         "sparsify": sparsify.load,
         "gemma_scope": gemma_scope.load,
+        "dictionary_learning": dictionary_learning.load,
     }
-    sae = loaders[fmt](target)
+    sae = _load_as(fmt, target, loaders[fmt])
     if batchtopk_mode is None and threshold is not None:
         batchtopk_mode = "threshold"
     if threshold is not None and sae.architecture != "batchtopk":
@@ -244,7 +290,11 @@ def describe(sae: SparseAutoencoder) -> dict[str, Any]:
     if sae.threshold is not None:
         values = sae.threshold.detach().float().cpu().reshape(-1)
         if values.numel() == 1:
-            threshold = {"kind": "global", "value": float(values[0])}
+            threshold = {
+                "kind": "global",
+                "value": float(values[0]),
+                "source": sae.threshold_source,
+            }
         else:
             threshold = {
                 "kind": "per-feature",
@@ -272,5 +322,6 @@ def describe(sae: SparseAutoencoder) -> dict[str, Any]:
         "normalize_activations": sae.normalize_activations,
         "activation_scale": sae.activation_scale,
         "default_numerics": sae.default_numerics(),
+        "default_start_token": sae.default_start_token(),
         "history_length": history_length,
     }

@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from saetui.errors import SaetuiInputError
+from saetui.lm.model import NUMERICS
+from saetui.lm.start import START_TOKEN_RULES
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
-FORMATS = ("sae_core", "saelens", "sparsify", "gemma_scope")
+FORMATS = ("sae_core", "saelens", "sparsify", "gemma_scope", "dictionary_learning")
 BATCHTOPK_MODES = ("per-token", "batch", "threshold")
 # SAELens' values; "expected_average_only_in" is a constant input scale (folded at load when
 # known), the other two are computed per token and undone on decode.
@@ -120,6 +122,8 @@ class SparseAutoencoder(torch.nn.Module):
         self.register_buffer("b_mag", b_mag)
         self.register_buffer("r_mag", r_mag)
         self.batchtopk_mode = "per-token"
+        # Where a global threshold came from: "file", "given" or how it was estimated.
+        self.threshold_source: str | None = "file" if threshold is not None else None
         self.set_batchtopk_mode(batchtopk_mode)
 
     # ------------------------------------------------------------------ properties
@@ -146,6 +150,7 @@ class SparseAutoencoder(torch.nn.Module):
             )
         if threshold is not None:
             self.threshold = torch.tensor(float(threshold), dtype=self.dtype, device=self.device)
+            self.threshold_source = "given"
         self.batchtopk_mode = mode
 
     def default_numerics(self) -> str:
@@ -158,10 +163,13 @@ class SparseAutoencoder(torch.nn.Module):
         ``model_from_pretrained_kwargs`` turning that processing off was trained
         on unprocessed activations: "raw". sparsify hooks Hugging Face modules
         directly and Gemma Scope was trained on the original JAX model, so both
-        saw raw numerics.
+        saw raw numerics, as did dictionary_learning (nnsight on the Hugging Face model). An
+        ``sae_core`` config's own ``numerics`` entry wins.
         """
-        if self.format in ("sparsify", "gemma_scope"):
+        if self.format in ("sparsify", "gemma_scope", "dictionary_learning"):
             return "raw"
+        if self.format == "sae_core" and self.config.get("numerics") in NUMERICS:
+            return str(self.config["numerics"])  # written by the project's own trainer
         if self.format == "saelens":
             metadata = self.config.get("metadata") or {}
             if metadata.get("saetui_numerics") in ("hooked", "raw"):
@@ -171,6 +179,27 @@ class SparseAutoencoder(torch.nn.Module):
             if any(kwargs.get(flag) is False for flag in ("fold_ln", "center_writing_weights")):
                 return "raw"
         return "hooked"
+
+    def default_start_token(self) -> str:
+        """The start-token rule (:mod:`saetui.lm.start`) of this SAE's training pipeline.
+
+        SAELens (HookedTransformer ``prepend_bos``, from the config, default true) and
+        ``sae_core``: "bos-or-eos"; sparsify (documents joined with EOS): "eos";
+        dictionary_learning and Gemma Scope (the Hugging Face tokenizer's own special
+        tokens): "tokenizer". An explicit ``start_token`` entry in the config wins.
+        """
+        own = self.config.get("start_token")
+        if own in START_TOKEN_RULES:
+            return str(own)
+        if self.format == "sparsify":
+            return "eos"
+        if self.format in ("gemma_scope", "dictionary_learning"):
+            return "tokenizer"
+        if self.format == "saelens":
+            metadata = self.config.get("metadata") or {}
+            prepend = metadata.get("prepend_bos", self.config.get("prepend_bos", True))
+            return "none" if prepend is False else "bos-or-eos"
+        return "bos-or-eos"
 
     def content_hash(self) -> str:
         """sha256 of the weight files (or of the tensors for an SAE built in memory)."""
@@ -320,32 +349,45 @@ class SparseAutoencoder(torch.nn.Module):
     def estimate_threshold(
         self, x_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
     ) -> float:
-        """Estimate and set the global BatchTopK threshold from activation batches.
+        """Estimate and set the global BatchTopK threshold from a sample of activations.
 
-        For each batch (a tensor, or ``(tensor, mask)``), run batch top-k and take
-        the smallest positive activation it kept; the threshold is the mean of
-        those minima over batches (BatchTopK paper; SAELens' conversion to JumpReLU).
+        The sample is every batch given (a tensor, or ``(tensor, mask)`` whose False positions
+        are left out); with n tokens in it, the threshold lies halfway between the n*k-th and
+        the (n*k+1)-th largest relu pre-activation over the whole sample, so exactly n*k
+        activations exceed it: the mean L0 over the sample is k, the sparsity batch top-k
+        trained for (what BatchTopK training's running threshold approximates). With fewer
+        than n*k positive activations the threshold is 0. Works in one pass over the batches,
+        keeping only the n*k+1 largest values.
         """
         if self.architecture != "batchtopk":
             raise SaetuiInputError(
                 f"a threshold can only be estimated for a BatchTopK SAE, and the SAE from "
                 f"{self.source_path} is {self.architecture}; drop the threshold option."
             )
-        minima: list[float] = []
+        rows: list[torch.Tensor] = []
         for item in x_batches:
             x, mask = item if isinstance(item, tuple) else (item, None)
             flat, flat_mask = self._flatten(x, mask)
-            kept = self._batch_topk(torch.relu(self._pre_acts(flat)), flat_mask)
-            positive = kept[kept > 0]
-            if positive.numel():
-                minima.append(float(positive.min()))
-        if not minima:
+            rows.append(flat if flat_mask is None else flat[flat_mask])
+        n_tokens = sum(int(r.shape[0]) for r in rows)
+        if n_tokens == 0:
             raise SaetuiInputError(
-                f"no feature of the SAE from {self.source_path} fired on the batches given, "
-                "so no threshold can be estimated; give more or other activations."
+                f"no tokens were given to estimate the threshold of the SAE from "
+                f"{self.source_path}; give more or other activations."
             )
-        value = sum(minima) / len(minima)
+        assert self.k is not None
+        keep = n_tokens * self.k + 1
+        best = torch.empty(0, device=self.device, dtype=torch.float32)
+        for flat in rows:
+            acts = torch.relu(self._pre_acts(flat)).float().reshape(-1)
+            candidates = torch.cat([best, acts.topk(min(keep, acts.numel())).values])
+            best = candidates.topk(min(keep, candidates.numel())).values
+        if best.numel() < keep or float(best[keep - 2]) <= 0:
+            value = 0.0
+        else:
+            value = (float(best[keep - 2]) + float(best[keep - 1])) / 2
         self.threshold = torch.tensor(value, dtype=self.dtype, device=self.device)
+        self.threshold_source = f"estimated: mean L0 = k over {n_tokens} tokens"
         return value
 
     # ------------------------------------------------------------------ decode

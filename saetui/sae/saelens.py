@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from saetui.errors import SaetuiInputError
+from saetui.lm.hooks import with_head
 from saetui.sae._checks import (
     check_finite,
     check_shape,
@@ -109,11 +110,11 @@ def load(directory: Path) -> SparseAutoencoder:
             f"{config_path} has normalize_activations = {normalize!r}; saetui understands "
             f"{', '.join(NORMALIZATIONS)}, so fold the normalisation into the weights first."
         )
-    if config.get("reshape_activations", "none") not in ("none", None):
+    reshape = config.get("reshape_activations") or "none"
+    if reshape not in ("none", "hook_z"):
         raise SaetuiInputError(
-            f"{config_path} asks for reshape_activations = {config['reshape_activations']!r} "
-            "(an attention hook_z SAE), which saetui does not support yet; use a residual "
-            "or MLP SAE."
+            f"{config_path} asks for reshape_activations = {reshape!r}; saetui reads SAELens "
+            "SAEs with none or hook_z (heads flattened), so convert the SAE first."
         )
 
     state = load_safetensors(weights_path)
@@ -148,6 +149,10 @@ def load(directory: Path) -> SparseAutoencoder:
         meta.get("hook_name") or meta.get("hook_point"),
         meta.get("hook_layer", meta.get("hook_point_layer")),
     )
+    # One attention head of a per-head hook (hook_z [.., n_heads, d_head]): d_in = d_head.
+    head = meta.get("hook_head_index", meta.get("hook_point_head_index"))
+    if hook is not None and isinstance(head, int) and not isinstance(head, bool):
+        hook = with_head(hook, head)
     threshold = config.get("batchtopk_threshold") if architecture == "batchtopk" else None
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
         tensors["threshold"] = torch.tensor(float(threshold))

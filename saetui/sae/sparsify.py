@@ -2,16 +2,20 @@
 
 Encode: relu((x - b_dec) @ encoder.weight.T + encoder.bias), then top-k per token.
 
-The folder name is the Hugging Face module the SAE was trained on; it maps to a
-TransformerLens hook like this (any ``model.`` / ``gpt_neox.`` / ``transformer.``
-prefix dropped first):
+The folder name is the Hugging Face module the SAE was trained on, and sparsify reads that
+module's *output*. It maps to a TransformerBridge hook like this (any ``model.`` /
+``gpt_neox.`` / ``transformer.`` prefix dropped first):
 
 - ``layers.9`` / ``h.9`` (decoder-layer output)  -> ``blocks.9.hook_resid_post``
-- ``layers.9.mlp`` / ``h.9.mlp``                 -> ``blocks.9.hook_mlp_out``
-- ``layers.9.self_attn`` / ``.attn`` / ``.attention`` -> ``blocks.9.hook_attn_out``
+- ``layers.9.mlp`` / ``h.9.mlp``                 -> ``blocks.9.mlp.hook_out``
+- ``layers.9.self_attn`` / ``.attn`` / ``.attention`` -> ``blocks.9.attn.hook_out``
 - ``embed_tokens`` / ``wte``                     -> ``hook_embed``
 
-anything else leaves the hook unresolved (give it with --hook).
+``blocks.9.mlp.hook_out`` is the MLP module's own output. On most models it is the same
+hook point as ``hook_mlp_out`` (and a run names it so); on Gemma-2/3 ``hook_mlp_out`` comes
+after ``post_feedforward_layernorm`` and would feed the SAE something it never saw (likewise
+attention and ``post_attention_layernorm``). Anything else leaves the hook unresolved
+(give it with --hook).
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ _PREFIXES = ("model.", "gpt_neox.", "transformer.", "base_model.model.")
 _LAYER = re.compile(r"^(?:layers|h|blocks)\.(\d+)(?:\.(\w+))?$")
 _SUBMODULES = {
     None: "hook_resid_post",
-    "mlp": "hook_mlp_out",
-    "self_attn": "hook_attn_out",
-    "attn": "hook_attn_out",
-    "attention": "hook_attn_out",
+    "mlp": "mlp.hook_out",
+    "self_attn": "attn.hook_out",
+    "attn": "attn.hook_out",
+    "attention": "attn.hook_out",
 }
 
 

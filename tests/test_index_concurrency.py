@@ -38,6 +38,7 @@ def _writer(path, **options):
 
 def test_readers_in_the_writers_process_never_wait_for_its_transaction(tmp_path, busy_cores):
     path = tmp_path / "index"
+    open_before = envs.open_count()  # readers other tests left open
     writer = _writer(path)
     writer.add_windows(**CORPUS.windows(0, 8))
     writer.flush()
@@ -74,12 +75,13 @@ def test_readers_in_the_writers_process_never_wait_for_its_transaction(tmp_path,
     assert seen == sorted(seen) and seen[-1] > seen[0]  # it read while the writer wrote
     with open_index(path) as reader:
         assert reader.progress().windows == writer.next_window
-    assert envs.open_count() == 0
+    assert envs.open_count() == open_before
 
 
 def test_close_waits_for_reads_in_flight_and_later_reads_are_refused(tmp_path, busy_cores):
     path = tmp_path / "index"
     write_synthetic(path, CORPUS, 300)
+    open_before = envs.open_count()
     reader = open_index(path)
     errors: list[BaseException] = []
     done = threading.Event()
@@ -105,7 +107,7 @@ def test_close_waits_for_reads_in_flight_and_later_reads_are_refused(tmp_path, b
     for thread in threads:
         thread.join(30)
     assert not errors
-    assert envs.open_count() == 0
+    assert envs.open_count() == open_before
     with pytest.raises(SaetuiInputError, match="closed"):
         reader.progress()
 
@@ -147,9 +149,10 @@ def test_one_writer_per_shard_in_a_process_and_across_processes(tmp_path):
 def test_a_writer_after_a_reader_in_one_process_gets_a_sentence(tmp_path):
     path = tmp_path / "index"
     write_synthetic(path, CORPUS, 20)
+    open_before = envs.open_count()
     with open_index(path):
         with pytest.raises(SaetuiInputError, match="read-only in this process"):
             _writer(path)
     with _writer(path) as writer:
         assert writer.next_window == 20
-    assert envs.open_count() == 0
+    assert envs.open_count() == open_before

@@ -168,15 +168,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_open(args: argparse.Namespace) -> int:
     """Browse an existing index (the model loads lazily, only for the probe)."""
-    from saetui.tui.app import run_app
+    from saetui.tui.app import check_openable, run_app
 
-    _check_index(args.index)
+    check_openable(args.index, args.feature)
     if not _has_terminal():
         raise SaetuiInputError(
             "saetui open needs a terminal (stdin and stderr must be a tty); run it in a "
             "terminal, or use saetui export for a batch job."
         )
-    return run_app(args.index)
+    return run_app(args.index, feature=args.feature)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -204,10 +204,10 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
 
 
 def _check_index(path: Path) -> None:
-    if not path.exists():
-        raise SaetuiInputError(
-            f"Index {path} does not exist; give the --out directory of a saetui collect run."
-        )
+    """A missing path or a directory that is no saetui index: one sentence, exit 2."""
+    from saetui.index.format import read_marker
+
+    read_marker(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     open_ = commands.add_parser("open", help="browse an index in the TUI")
     open_.add_argument("index", type=Path, help="index directory")
+    open_.add_argument("--feature", type=int, help="open straight onto this feature")
     open_.set_defaults(handler=cmd_open)
 
     export = commands.add_parser(

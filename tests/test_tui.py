@@ -81,15 +81,18 @@ async def wait_for(pilot, condition, timeout: float = 20.0) -> None:
         await pilot.pause(0.05)
 
 
-def test_history_back_forward_and_branching():
+def test_history_back_forward_branching_and_positions():
     history = History()
     for feature in (1, 2, 3):
         history.visit(feature)
-    assert history.back() == 2 and history.back() == 1 and history.back() is None
-    assert history.forward() == 2
+        history.remember(feature * 10, feature * 2.0)
+    assert history.back().feature == 2 and history.back().feature == 1
+    assert history.back() is None
+    visit = history.forward()
+    assert (visit.feature, visit.row, visit.scroll) == (2, 20, 4.0)
     history.visit(7)  # drops the forward tail (3)
-    assert history.forward() is None and history.current == 7
-    assert history.back() == 2
+    assert history.forward() is None and history.current.feature == 7
+    assert history.back().feature == 2
 
 
 def test_context_line_keeps_the_firing_token_centred_and_measures_only_what_shows():
@@ -300,7 +303,7 @@ def test_probe_runs_model_and_opens_top_feature(index_copy, collected, embedded_
             await wait_for(pilot, lambda: view.detail and view.detail.row.feature == top)
             # with the model loaded, the feature view shows logit effects
             assert view.detail.promoted and view.detail.suppressed
-            await pilot.press("4")  # focuses the text box, its text selected
+            await pilot.press("4", "i")  # i edits the text, selected: typing replaces it
             await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
             await pilot.press(*"x = 1", "enter")
             await wait_for(pilot, lambda: pane.result.text == "x = 1", timeout=60)
@@ -465,3 +468,192 @@ def test_live_refresh_keeps_cursor_while_a_writer_commits(tmp_path):
         asyncio.run(flow())
     finally:
         writer.close()
+
+
+# ---------------------------------------------------------------------- researcher's walk
+
+
+def test_units_references_and_cards_read_the_same_everywhere():
+    from saetui.tui.render import feature_ref, format_density
+    from saetui.tui.widgets.run_pane import _card
+
+    # one unit, percent, at every scale
+    assert [format_density(d) for d in (0.015, 0.0099, 0.01, 0.41, 1.2e-5, 0.0)] == [
+        "1.5%", "0.99%", "1.0%", "41%", "0.0012%", "dead",
+    ]  # fmt: skip
+    # a feature reference: id, score, label, else its top tokens
+    assert feature_ref(7, "python keywords", "' def'", 0.5).plain.split() == [
+        "#7", "0.500", "python", "keywords",
+    ]  # fmt: skip
+    unlabelled = feature_ref(7, "", "' def' ' class'", 0.5)
+    assert "' def' ' class'" in unlabelled.plain and unlabelled.spans[-1].style.dim
+    # a metric card keeps title and value on their own lines
+    assert _card("CE recovered", "0.9921").plain == "CE recovered\n0.9921"
+
+
+def test_feature_references_back_to_the_same_row_and_steps_in_table_order(index_copy):
+    async def flow():
+        app = make_app(index_copy)
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await pilot.press("s", "s")  # density, descending
+            await wait_for(pilot, lambda: table.query_state.sort == "density")
+            await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
+            first = table.current_row.feature
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == first)
+            # neighbour rows name features by label or top tokens, never a bare id
+            rows = [
+                view.line_text(i)
+                for i, t in enumerate(view.targets)
+                if t is not None and t.kind == "feature"
+            ]
+            assert rows and all(len(row.split()) >= 3 for row in rows)
+            # walk far down, open a neighbour, come back: same row, same scroll
+            related = max(
+                i for i, t in enumerate(view.targets) if t is not None and t.kind == "feature"
+            )
+            view.highlighted = related
+            scroll = view.scroll_y
+            target = view.targets[related].feature
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: view.detail.row.feature == target)
+            assert view.highlighted != related or view.scroll_y != scroll
+            await pilot.press("b")
+            await wait_for(pilot, lambda: view.detail.row.feature == first)
+            await pilot.pause(0.2)
+            assert view.highlighted == related and abs(view.scroll_y - scroll) <= 1
+            height = view.scrollable_content_region.height
+            assert view.scroll_y <= related < view.scroll_y + height  # and it is in view
+            # n/N follow the table's order (density, descending) and stop at its top
+            await pilot.press("N")
+            await pilot.pause(0.5)
+            assert view.detail.row.feature == first  # already the first row
+            await pilot.press("n")
+            await wait_for(pilot, lambda: view.detail.row.feature != first)
+            second = int(app.source.reader.features(sort="density", page_size=2).feature[1])
+            assert view.detail.row.feature == second
+            # tab walks the panes, whatever has focus
+            await pilot.press("tab")
+            assert app.query_one("TabbedContent").active == "probe"
+            await pilot.press("tab", "tab")
+            assert app.query_one("TabbedContent").active == "features"
+            assert app.focused is table
+
+    asyncio.run(flow())
+
+
+def test_search_words_raw_tokens_patterns_and_id_jumps(index_copy, tmp_path):
+    from saetui.tui.source import IndexSource
+    from saetui.tui.widgets.feature_table import format_header
+
+    source = IndexSource(index_copy)
+    try:
+        vocab = source.reader.vocab
+        word = source.search_ids("the")
+        raw = source.search_ids('" the"')
+        pattern = source.search_ids("*the*")
+        assert word and raw and set(raw) <= set(word) <= set(pattern)
+        # a word matches whole tokens: "in" does not find features of " inside"
+        hits = source.reader.search_tokens("in", limit=5000)
+        assert all(any(t.strip().lower() == "in" for t in h.tokens) for h in hits)
+        assert " the" in vocab
+    finally:
+        source.close()
+
+    async def flow():
+        app = make_app(index_copy)
+        async with app.run_test(size=(100, 30)) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await pilot.press("slash", *"the", "enter")
+            await wait_for(pilot, lambda: table.total == len(word) and table.current_row)
+            assert format_header(100, table.query_state).split()[0] == "best↓"
+            # a feature id jumps to it and clears the text filter
+            await pilot.press("slash", "ctrl+u", *"#3", "enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 3)
+            assert table.query_state.search == ""
+            # the table export asks where, and writes the table's rows there
+            await pilot.press("2", "slash", "ctrl+u", *"the", "enter")
+            await wait_for(pilot, lambda: table.total == len(word))
+            app.export_table()
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PathScreen")
+            await pilot.press("ctrl+u", *str(tmp_path / "rows.json"), "enter")
+            await wait_for(pilot, lambda: (tmp_path / "rows.json").exists())
+        rows = __import__("json").loads((tmp_path / "rows.json").read_text())
+        assert [row["feature"] for row in rows] == word
+
+    asyncio.run(flow())
+
+
+def test_probe_keeps_its_result_in_focus_and_shades_text_by_one_feature(
+    index_copy, collected, embedded_model
+):
+    from saetui.analysis.probe import ProbeInputs
+    from saetui.sae import load_sae
+
+    sae = load_sae(collected[1])
+
+    async def flow():
+        app = make_app(index_copy, model_loader=lambda: ProbeInputs(embedded_model, sae, HOOK))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("4")
+            pane = app.query_one(ProbePane)
+            await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
+            await pilot.press(*"def main():", "enter")
+            await wait_for(pilot, lambda: pane.result is not None, timeout=60)
+            await pilot.press("2", "4")  # back on the probe: the text box is not focused
+            assert app.focused.id == "probe-tokens"
+            await pilot.press("j", "t", "l")
+            assert pane.query_one("#probe-input").value == "def main():"
+            # s on the ranked list's feature shades the text by that one feature
+            feature = pane.result.ranked[0].feature
+            ranked = pane.query_one("#probe-ranked")
+            ranked.focus()
+            ranked.highlighted = 0
+            await pilot.press("s")
+            await wait_for(pilot, lambda: pane.result.focus == feature, timeout=60)
+            strip = pane.query_one("#probe-tokens")
+            assert strip.values == pane.result.focus_values
+            assert max(strip.values) == pytest.approx(pane.result.ranked[0].max_value, rel=1e-5)
+            # P in the feature view opens the probe shading by that feature
+            await pilot.press("slash", "ctrl+u", *"#5", "enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 5)
+            await pilot.press("P")
+            await wait_for(pilot, lambda: pane.result.focus == 5, timeout=60)
+            assert app.query_one("TabbedContent").active == "probe"
+
+    asyncio.run(flow())
+
+
+def test_open_refuses_non_index_and_opens_onto_a_feature(index_copy, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "plain").mkdir()
+    for args, words in (
+        ([str(tmp_path / "plain")], "is not a saetui index"),
+        ([str(tmp_path / "missing")], "does not exist"),
+        ([str(index_copy), "--feature", "99999"], "out of range"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "saetui", "open", *args], capture_output=True, text=True
+        )
+        assert (
+            result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+        )
+
+    async def flow():
+        app = SaetuiApp(index_copy, watch_terminal=False, feature=7)
+        async with app.run_test(size=(80, 24)) as pilot:
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 7)
+            await pilot.press("y")
+            await pilot.pause(0.2)
+            assert "--feature 7" in app.clipboard and str(index_copy.resolve()) in app.clipboard
+
+    asyncio.run(flow())

@@ -42,7 +42,16 @@ def _run_app(app: SaetuiApp, flow, timeout: float) -> None:
 
     async def main() -> None:
         async with app.run_test(size=SIZE) as pilot:
-            await asyncio.wait_for(flow(pilot), timeout)
+            try:
+                await asyncio.wait_for(flow(pilot), timeout)
+            except asyncio.TimeoutError:
+                job = app.job
+                raise AssertionError(
+                    f"the flow did not end within {timeout} s: progress {app._progress}, "
+                    f"collecting {app.collecting}, outcome {app.outcome}, error "
+                    f"{app.collection_error}, child {job and job.pid} exit "
+                    f"{job and job.exit_code}, log {job and job.log_path}"
+                ) from None
 
     asyncio.run(main())
     app.shutdown()
@@ -184,7 +193,8 @@ def test_stress_start_pause_resume_quit_cycles_under_load(tmp_path, stress_input
                 await pilot.press("q")
             await wait_for(pilot, lambda: app.return_code is not None, 60, "exit after q")
 
-        _run_app(app, flow, 300)
+        print(f"cycle {cycle}: {target} {plan} {[round(d, 2) for d in delays]}", flush=True)
+        _run_app(app, flow, 400)
         landed = app.outcome[2] if app.outcome else phase()
         outcomes.append((cycle, target, plan, app.return_code, landed))
         assert app.return_code in (0, 130), outcomes[-1]

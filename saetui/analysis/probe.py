@@ -40,9 +40,14 @@ class ProbeResult:
     ranked: list[ProbeFeature]  # every feature that fired, by max activation, descending
     hook: str = ""
     truncated: bool = False
+    focus: int | None = None  # the feature the text was shaded by ("this feature" mode)
+    focus_values: list[float] = field(default_factory=list)  # its activation on every token
 
     def activations_of(self, feature: int) -> list[float]:
-        """This feature's activation on every token (0 where it was not among the top)."""
+        """This feature's activation on every token: exact for the focus feature, else 0
+        where it was not among a token's top features."""
+        if feature == self.focus:
+            return list(self.focus_values)
         return [dict(top).get(feature, 0.0) for top in self.per_token]
 
 
@@ -69,15 +74,27 @@ def tokenize_for_probe(model: Any, text: str) -> tuple[list[int], bool]:
 
 
 @torch.no_grad()
-def probe(model: Any, sae: Any, hook: str, text: str, top_per_token: int = 5) -> ProbeResult:
+def probe(
+    model: Any,
+    sae: Any,
+    hook: str,
+    text: str,
+    top_per_token: int = 5,
+    focus: int | None = None,
+) -> ProbeResult:
     """Encode ``text`` at ``hook`` with ``sae``; per token the top features, and every
-    feature that fired ranked by its maximum activation over the text.
+    feature that fired ranked by its maximum activation over the text; with ``focus``,
+    that one feature's activation on every token too (Neuronpedia's activation testing).
 
     The BOS position is fed (the collection feeds it too, so activations match the index)
     but left out of the result: its activations are outliers unrelated to the text.
     """
     if top_per_token < 1:
         raise SaetuiInputError(f"top_per_token {top_per_token} must be at least 1.")
+    if focus is not None and not 0 <= focus < sae.d_sae:
+        raise SaetuiInputError(
+            f"feature {focus} is out of range: the SAE has features 0-{sae.d_sae - 1}."
+        )
     ids, truncated = tokenize_for_probe(model, text)
     has_bos = model.bos_token_id is not None
     tokens = torch.tensor([ids], dtype=torch.long)
@@ -118,6 +135,8 @@ def probe(model: Any, sae: Any, hook: str, text: str, top_per_token: int = 5) ->
         ranked=ranked,
         hook=hook,
         truncated=truncated,
+        focus=focus,
+        focus_values=acts[:, focus].tolist() if focus is not None else [],
     )
 
 

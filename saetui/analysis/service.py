@@ -35,7 +35,7 @@ class ProbeService(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def probe(self, text: str, status: Status | None = None) -> Any: ...
+    def probe(self, text: str, status: Status | None = None, focus: int | None = None) -> Any: ...
 
     def logit_effects(self, feature: int) -> LogitEffects: ...
 
@@ -63,11 +63,11 @@ class InProcessProbe:
                 self._inputs = ProbeInputs(*loaded) if isinstance(loaded, tuple) else loaded
             return self._inputs
 
-    def probe(self, text: str, status: Status | None = None) -> Any:
+    def probe(self, text: str, status: Status | None = None, focus: int | None = None) -> Any:
         from saetui.analysis.probe import probe
 
         inputs = self._loaded()
-        return probe(inputs.model, inputs.sae, inputs.hook, text)
+        return probe(inputs.model, inputs.sae, inputs.hook, text, focus=focus)
 
     def logit_effects(self, feature: int) -> LogitEffects:
         from saetui.analysis.probe import feature_logit_effects
@@ -136,8 +136,8 @@ class ProbeProcess:
             return payload
         raise SaetuiInputError(str(payload))
 
-    def probe(self, text: str, status: Status | None = None) -> Any:
-        return self._request("probe", text, status=status)
+    def probe(self, text: str, status: Status | None = None, focus: int | None = None) -> Any:
+        return self._request("probe", text, focus, status=status)
 
     def logit_effects(self, feature: int) -> LogitEffects:
         return self._request("logit_effects", int(feature))
@@ -193,7 +193,8 @@ def _child(fd: int) -> int:
             return 0
         try:
             if kind == "probe":
-                value: Any = probe(inputs.model, inputs.sae, inputs.hook, *args)
+                text, focus = args
+                value: Any = probe(inputs.model, inputs.sae, inputs.hook, text, focus=focus)
             elif kind == "logit_effects":
                 value = feature_logit_effects(inputs, *args)
             else:

@@ -250,6 +250,8 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
     )
     try:
         writer.put_meta("run_details", {**run.model.describe(), "sae": _sae_facts(run.sae)})
+        if run.sae.history:  # the TUI reads the training history from the index, not the SAE
+            writer.put_meta("sae_history", run.sae.history)
         writer.put_meta("request", request_record(config))
     except BaseException:
         writer.close()

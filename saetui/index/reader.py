@@ -816,17 +816,32 @@ class IndexReader:
             cols.orders[(sort, descending)] = order
         return order
 
-    def search_tokens(self, text: str, exact: bool = False, limit: int = 100) -> list[TokenMatch]:
-        """Features whose top examples fire on tokens matching `text` (case-insensitive)."""
+    def search_tokens(
+        self, text: str, exact: bool = False, limit: int = 100, match: str | None = None
+    ) -> list[TokenMatch]:
+        """Features whose top examples fire on tokens matching ``text``, most examples first.
+
+        ``match``: "word" (default) — the token without its leading space or word marker
+        equals ``text``, case-insensitive (so "the" finds " the" and "The"); "raw" — the
+        token is exactly ``text`` (leading spaces count); "glob" — ``text`` is a shell
+        pattern over the lower-cased token without its space (``*ing``, ``*photo*``).
+        ``exact=True`` is "word" (kept for old callers)."""
         if not text:
             raise SaetuiInputError("search text is empty: type part of a token, e.g. 'photo'.")
+        match = match or "word"
+        if match not in ("word", "raw", "glob"):
+            raise SaetuiInputError(f"token match {match!r} is not one of word, raw, glob.")
         if self._vocab_lower is None:
-            self._vocab_lower = [t.lower() for t in self.vocab]
-        needle = text.lower()
-        if exact:
-            matches = [i for i, t in enumerate(self._vocab_lower) if t.strip(" Ġ▁") == needle]
+            self._vocab_lower = [t.strip(" Ġ▁").lower() for t in self.vocab]
+        needle = text.strip(" Ġ▁").lower() if match != "raw" else text
+        if match == "raw":
+            matches = [i for i, t in enumerate(self.vocab) if t == needle]
+        elif match == "glob":
+            import fnmatch
+
+            matches = [i for i, t in enumerate(self._vocab_lower) if fnmatch.fnmatchcase(t, needle)]
         else:
-            matches = [i for i, t in enumerate(self._vocab_lower) if needle in t]
+            matches = [i for i, t in enumerate(self._vocab_lower) if t == needle]
         counts: Counter[int] = Counter()
         tokens_of: dict[int, set[int]] = {}
         for s in self._shards:

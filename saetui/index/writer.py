@@ -259,6 +259,10 @@ class IndexWriter:
         self.tokens_committed = int(self._progress["tokens"])
         self._commit_interval = commit_interval
         self._checkpoint_interval = checkpoint_interval
+        # readers see summaries as of the last checkpoint: the first ones come after 2, 4,
+        # 8, ... seconds, so a TUI browsing a fresh collection sees features at once, and
+        # the interval grows to checkpoint_interval (a few extra checkpoints in all)
+        self._next_interval = min(2.0, checkpoint_interval)
         self._last_checkpoint = time.monotonic()
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
@@ -447,7 +451,8 @@ class IndexWriter:
             )
         self._put(("data", first, lens, tokens_flat, seg_arrays, ids_np, vals_np, mask_np))
         self.next_window = first + n_w
-        if time.monotonic() - self._last_checkpoint >= self._checkpoint_interval:
+        if time.monotonic() - self._last_checkpoint >= self._next_interval:
+            self._next_interval = min(2 * self._next_interval, self._checkpoint_interval)
             self.checkpoint()
 
     def checkpoint(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -37,12 +36,13 @@ from saetui.collect.process import CollectionProcess
 from saetui.errors import SaetuiInputError
 from saetui.tui.bindings import bindings, load_keymap
 from saetui.tui.commands import SaetuiCommands
-from saetui.tui.history import History
+from saetui.tui.history import History, Visit
 from saetui.tui.model import FeatureDetail, RunState, parse_density_range
 from saetui.tui.render import format_density, format_value
 from saetui.tui.screens.context import ContextScreen
 from saetui.tui.screens.help import HelpScreen
 from saetui.tui.screens.label import LabelScreen
+from saetui.tui.screens.path import PathScreen
 from saetui.tui.source import IndexNotReady, IndexSource
 from saetui.tui.widgets.feature_table import FeatureTable, format_header
 from saetui.tui.widgets.feature_view import FeatureView
@@ -87,8 +87,10 @@ class SaetuiApp(App[int]):
         *,
         watch_terminal: bool = True,
         keys_path: Path | None = None,
+        feature: int | None = None,
     ) -> None:
         super().__init__()
+        self.initial_feature = feature
         self.index_path = Path(index_path)
         self.source = IndexSource(self.index_path)
         self.collect: CollectConfig | None = collect
@@ -163,6 +165,8 @@ class SaetuiApp(App[int]):
             with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._terminal_gone)
         self.call_after_refresh(self._focus_initial)
+        if self.initial_feature is not None:
+            self.call_after_refresh(self.open_feature, self.initial_feature)
 
     def _focus_initial(self) -> None:
         if self.focused is None or self.focused is self.query_one(TabbedContent).query_one("Tabs"):
@@ -264,9 +268,14 @@ class SaetuiApp(App[int]):
             parts.append(Text(f" · {state.tokens:,} tokens · d_sae {state.d_sae:,}"))
         progress = self._progress
         if self.collecting and progress is not None:
-            speed = getattr(progress, "tokens_per_s", 0.0) or 0.0
-            phase = getattr(progress, "phase", "")
-            parts.append(Text(f" · {phase} {speed:,.0f} tok/s", style="green"))
+            phase = progress.phase
+            if phase == "collecting":
+                parts.append(Text(f" · collecting {progress.tokens_per_s:,.0f} tok/s", "green"))
+            elif phase == "metrics" and progress.tokens_total:
+                done = f"{progress.tokens_done:,}/{progress.tokens_total:,}"
+                parts.append(Text(f" · metrics {done} tokens", style="green"))
+            else:
+                parts.append(Text(f" · {phase}", style="green"))
         elif self.paused:
             parts.append(Text(" · paused (p resumes)", style="yellow"))
         elif state is not None and not state.finished:
@@ -342,11 +351,16 @@ class SaetuiApp(App[int]):
             self.exit(return_code=SaetuiInputError.exit_code)
             return
         finished = self.outcome is not None and self.outcome[1] == "finished"
-        if self.collection_error is None and self.outcome is None and exit_code not in (
-            130,
-            143,
-            -9,
-            -15,
+        if (
+            self.collection_error is None
+            and self.outcome is None
+            and exit_code
+            not in (
+                130,
+                143,
+                -9,
+                -15,
+            )
         ):
             self.collection_error = f"the collector ended with exit code {exit_code}"
         self.paused = not finished and self.collection_error is None
@@ -413,7 +427,11 @@ class SaetuiApp(App[int]):
         }
         widget = self.query_one(targets[tab])
         if tab == "probe":
-            widget = self.query_one("#probe-input", Input)
+            # back on the probe with a result: keys act on it (i edits the text), so j/t/l
+            # never overwrite the text box
+            pane = self.query_one(ProbePane)
+            widget = pane.query_one("#probe-tokens") if pane.result is not None else None
+            widget = widget or self.query_one("#probe-input", Input)
         widget.focus()
 
     def action_show_tab(self, tab: str) -> None:
@@ -431,11 +449,17 @@ class SaetuiApp(App[int]):
         if event.pane.id:
             self._focus_tab(event.pane.id)
 
-    def open_feature(self, feature: int, remember: bool = True) -> None:
-        """Show a feature in the feature view (loaded in a worker)."""
+    def open_feature(
+        self, feature: int, remember: bool = True, restore: Visit | None = None
+    ) -> None:
+        """Show a feature in the feature view (loaded in a worker); ``restore`` puts the
+        view back on the row and scroll offset a history entry remembered."""
         if isinstance(self.screen, ContextScreen):
             self.pop_screen()
-        if remember:
+        if remember:  # a new visit; back and forward remember before they move
+            view = self.query_one(FeatureView)
+            if view.detail is not None and view.detail.row.feature == self.current_feature:
+                self.history.remember(view.highlighted, view.scroll_y)
             self.history.visit(feature)
         self.current_feature = feature
         self.query_one(TabbedContent).active = "feature"
@@ -443,10 +467,12 @@ class SaetuiApp(App[int]):
         self.query_one("#feature-header", Static).update(
             Text(f" #{feature}  loading…", style="bold")
         )
-        self.load_feature(feature)
+        self.load_feature(feature, restore=restore)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="feature")
-    def load_feature(self, feature: int, keep_position: bool = False) -> None:
+    def load_feature(
+        self, feature: int, keep_position: bool = False, restore: Visit | None = None
+    ) -> None:
         try:
             detail = self.source.feature(feature)
         except IndexNotReady:
@@ -462,7 +488,7 @@ class SaetuiApp(App[int]):
             except SaetuiInputError:
                 pass  # logit effects are optional decoration
         if not get_current_worker().is_cancelled:
-            self.call_from_thread(self._show_feature, detail, keep_position)
+            self.call_from_thread(self._show_feature, detail, keep_position, restore)
 
     def _feature_error(self, feature: int, text: str) -> None:
         self.current_detail = None
@@ -470,7 +496,9 @@ class SaetuiApp(App[int]):
         self.query_one(FeatureView).show_message(text)
         self.notify(text, severity="warning")
 
-    def _show_feature(self, detail: FeatureDetail, keep_position: bool) -> None:
+    def _show_feature(
+        self, detail: FeatureDetail, keep_position: bool, restore: Visit | None = None
+    ) -> None:
         if detail.row.feature != self.current_feature:
             return
         self.current_detail = detail
@@ -491,7 +519,8 @@ class SaetuiApp(App[int]):
         if detail.notes:
             header.append(f"\n {detail.notes}", style="italic")
         self.query_one("#feature-header", Static).update(header)
-        self.query_one(FeatureView).show(detail, keep_position=keep_position)
+        position = (restore.row, restore.scroll) if restore is not None else None
+        self.query_one(FeatureView).show(detail, keep_position=keep_position, restore=position)
 
     def action_back(self) -> None:
         if isinstance(self.screen, ContextScreen):
@@ -501,18 +530,24 @@ class SaetuiApp(App[int]):
             return
         tabs = self.query_one(TabbedContent)
         if tabs.active == "feature":
+            view = self.query_one(FeatureView)
+            if view.detail is not None:
+                self.history.remember(view.highlighted, view.scroll_y)
             previous = self.history.back()
             if previous is not None:
-                self.open_feature(previous, remember=False)
+                self.open_feature(previous.feature, remember=False, restore=previous)
             else:
                 self.action_show_tab("features")
         elif tabs.active in ("run", "probe") and self.current_feature is not None:
             self.action_show_tab("feature")
 
     def action_forward(self) -> None:
+        view = self.query_one(FeatureView)
+        if view.detail is not None:
+            self.history.remember(view.highlighted, view.scroll_y)
         following = self.history.forward()
         if following is not None:
-            self.open_feature(following, remember=False)
+            self.open_feature(following.feature, remember=False, restore=following)
 
     def action_search(self) -> None:
         if isinstance(self.screen, ContextScreen):
@@ -531,13 +566,16 @@ class SaetuiApp(App[int]):
 
     @on(Input.Submitted, "#search")
     def _search(self, event: Input.Submitted) -> None:
-        text = event.value.strip()
+        text = event.value  # not stripped: '" the"' in quotes searches the raw token
         table = self.query_one(FeatureTable)
-        number = text.lstrip("#")
+        number = text.strip().lstrip("#")
         if number.isdigit():
+            if table.query_state.search:  # the table no longer shows an old search
+                table.apply_query(replace(table.query_state, search=""))
+            event.input.value = ""
             self.open_feature(int(number))
             return
-        table.apply_query(replace(table.query_state, search=text))
+        table.apply_query(replace(table.query_state, search=text if text.strip() else ""))
         table.focus()
 
     def on_key(self, event: Any) -> None:
@@ -583,6 +621,38 @@ class SaetuiApp(App[int]):
 
     def on_probe_pane_open_feature(self, message: ProbePane.OpenFeature) -> None:
         self.open_feature(message.feature)
+
+    def on_feature_view_step(self, message: FeatureView.Step) -> None:
+        self._step(message.feature, message.delta)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="step")
+    def _step(self, feature: int, delta: int) -> None:
+        query = self.query_one(FeatureTable).query_state
+        target = self.source.step(query, feature, delta)
+        if target == feature:
+            self.call_from_thread(self.notify, "no further feature in the table's order")
+        elif not get_current_worker().is_cancelled:
+            self.call_from_thread(self.open_feature, target)
+
+    def on_feature_view_probe_feature(self, message: FeatureView.ProbeFeature) -> None:
+        pane = self.query_one(ProbePane)
+        self.action_show_tab("probe")
+        pane.shade_by(message.feature)
+
+    def action_next_tab(self, delta: int) -> None:
+        """Tab / shift+tab: the next / previous pane."""
+        if self.screen is not self.screen_stack[0]:
+            return
+        order = ["run", "features", "feature", "probe"]
+        current = self.query_one(TabbedContent).active
+        index = order.index(current) if current in order else 0
+        self.action_show_tab(order[(index + delta) % len(order)])
+
+    def action_copy_reference(self, feature: int) -> None:
+        """A reference a colleague can open: the command and the index path."""
+        reference = f"saetui open {shlex.quote(str(self.index_path.resolve()))} --feature {feature}"
+        self.copy_to_clipboard(reference)
+        self.notify(f"Copied (OSC 52): {reference}")
 
     def on_feature_view_open_context(self, message: FeatureView.OpenContext) -> None:
         def opened(feature: int | None) -> None:
@@ -689,33 +759,44 @@ class SaetuiApp(App[int]):
     # ------------------------------------------------------------------ exports
 
     def export_feature(self, feature: int) -> None:
-        self._export("feature", feature)
+        self._ask_path(
+            "export",
+            f"Export feature #{feature} as JSON",
+            f"saetui-feature-{feature}.json",
+            feature,
+        )
 
     def export_labels(self) -> None:
-        self._export("labels", None)
+        self._ask_path("labels", "Export labels as JSON", "saetui-labels.json")
 
     def export_table(self) -> None:
-        self._export("table", None)
+        self._ask_path("table", "Export the table's rows as JSON", "saetui-features.json")
+
+    def _ask_path(self, kind: str, title: str, name: str, feature: int | None = None) -> None:
+        """Ask where to write (default: the current directory), then export in a worker."""
+
+        def chosen(path: str | None) -> None:
+            if path:
+                self._export(kind, feature, path)
+
+        self.push_screen(PathScreen(title, str(Path.cwd() / name)), chosen)
 
     @work(thread=True, exit_on_error=False, group="export")
-    def _export(self, kind: str, feature: int | None) -> None:
+    def _export(self, kind: str, feature: int | None, path: str) -> None:
+        from saetui.export.files import feature_json, labels_json, write_json
+
         try:
-            if kind == "feature" and feature is not None:
-                path = Path(f"saetui-feature-{feature}.json")
-                payload = self.source.export_feature(feature)
+            if kind == "export" and feature is not None:
+                payload: Any = feature_json(self.source.reader, feature)
             elif kind == "labels":
-                path = Path("saetui-labels.json")
-                payload = self.source.export_labels()
+                payload = labels_json(self.source.reader)
             else:
-                path = Path("saetui-features.json")
                 payload = self.source.export_table(self.query_one(FeatureTable).query_state)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(payload, indent=1) + "\n")
-            os.replace(tmp, path)
+            written = write_json(path, payload)
         except Exception as error:
             self.call_from_thread(self.notify, f"Export failed: {error}", severity="error")
             return
-        self.call_from_thread(self.notify, f"Wrote {path.resolve()}")
+        self.call_from_thread(self.notify, f"Wrote {written}", timeout=10)
 
     def set_table_query(self, **changes: Any) -> None:
         table = self.query_one(FeatureTable)
@@ -739,9 +820,7 @@ class SaetuiApp(App[int]):
             self.job.kill()  # the index survives a kill: it resumes after its last commit
         self.exit(return_code=self.exit_code())
 
-    def exit(
-        self, result: int | None = None, return_code: int = 0, message: Any = None
-    ) -> None:
+    def exit(self, result: int | None = None, return_code: int = 0, message: Any = None) -> None:
         """Quit; the probe's model process goes first, so no worker waiting on a model load
         holds the exit (the collector is stopped in :meth:`shutdown`, after the screen is
         restored)."""
@@ -767,6 +846,7 @@ def run_app(
     index_path: str | Path,
     collect: CollectConfig | None = None,
     model_loader: Callable[[], Any] | None = None,
+    feature: int | None = None,
 ) -> int:
     """Run the TUI on ``index_path``; with ``collect`` the collection runs in a child
     process meanwhile; ``model_loader`` returns the probe's model, SAE and hook (default:
@@ -774,10 +854,8 @@ def run_app(
     line on what the index holds and how to go on; every thread is joined first."""
     index_path = Path(index_path)
     if collect is None:
-        from saetui.index.format import read_marker
-
-        read_marker(index_path)  # a missing or non-index path: one sentence, exit 2
-    app = SaetuiApp(index_path, collect=collect, model_loader=model_loader)
+        check_openable(index_path, feature)
+    app = SaetuiApp(index_path, collect=collect, model_loader=model_loader, feature=feature)
     try:
         app.run()
     finally:
@@ -788,6 +866,18 @@ def run_app(
     if collect is not None:
         _print_summary(app, index_path, code)
     return code
+
+
+def check_openable(index_path: Path, feature: int | None) -> None:
+    """A missing or non-index path, or a feature out of range: one sentence, exit 2."""
+    from saetui.index import open_index
+
+    with open_index(index_path) as index:
+        d_sae = index.meta.d_sae
+    if feature is not None and not 0 <= feature < d_sae:
+        raise SaetuiInputError(
+            f"--feature {feature} is out of range: {index_path} has features 0-{d_sae - 1}."
+        )
 
 
 def _print_summary(app: SaetuiApp, index_path: Path, code: int) -> None:

@@ -44,7 +44,7 @@ class SaetuiCommands(Provider):
                 (
                     f"export feature {feature} as JSON",
                     partial(app.export_feature, feature),
-                    "writes saetui-feature-N.json in the current directory",
+                    "asks where to write it (default: the current directory)",
                 )
             )
         commands.append(("export labels as JSON", app.export_labels, "saetui-labels.json"))

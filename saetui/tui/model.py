@@ -26,7 +26,10 @@ class TableQuery:
     density_max: float | None = None
 
     def describe(self) -> str:
-        parts = [f"sort {self.sort} {'↓' if self.descending else '↑'}"]
+        if self.search and self.sort == "id" and not self.descending:
+            parts = ["best matches first"]
+        else:
+            parts = [f"sort {self.sort} {'↓' if self.descending else '↑'}"]
         if self.filter != "all":
             parts.append(f"filter {self.filter}")
         if self.density_min is not None or self.density_max is not None:
@@ -121,9 +124,12 @@ class Context:
 
 @dataclass(frozen=True)
 class ActiveFeature:
+    """A feature named in a list (neighbours, a token's features, probe results)."""
+
     feature: int
     value: float
     label: str = ""
+    top_tokens: str = ""  # what its top activations fire on, for unlabelled features
 
 
 @dataclass
@@ -165,6 +171,7 @@ class RunState:
     metrics: dict[str, Any] = field(default_factory=dict)
     generation: int = 0  # changes whenever new data becomes readable
     history: dict[str, list[Any]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # model and SAE facts of the run
 
 
 @dataclass

@@ -15,6 +15,8 @@ from rich.style import Style
 from rich.text import Text
 
 MAX_LINE = 400
+# Activation heat runs from a dark grey to orange; cursors and selections use the theme's
+# blue ($primary), so a highlighted row never looks "hot".
 _BASE = (30, 30, 30)
 _HOT = (230, 120, 20)
 _SPACE_GLYPHS = str.maketrans({"\n": "⏎", "\t": "→", "\r": "␍"})
@@ -180,11 +182,49 @@ def sparkline(counts: list[int], width: int) -> str:
 
 
 def format_density(density: float) -> str:
+    """A firing rate, always as a percentage of tokens (two significant digits below 10%)."""
     if density <= 0:
         return "dead"
-    if density >= 0.01:
-        return f"{density * 100:.1f}%"
-    return f"{density:.1e}"
+    percent = density * 100
+    if percent >= 99.95:
+        return "100%"
+    if percent >= 10:
+        return f"{percent:.0f}%"
+    if percent >= 1:
+        return f"{percent:.1f}%"
+    if percent >= 0.001:
+        return f"{percent:.2g}%"
+    return f"{percent:.1e}%"
+
+
+def feature_ref(
+    feature: int,
+    label: str = "",
+    top_tokens: str = "",
+    score: float | None = None,
+    *,
+    bold: bool = False,
+) -> Text:
+    """How every list names a feature: its id, the score, then its label or, when it has
+    none, the tokens its top activations fire on (dim), so no list shows bare ids."""
+    text = Text(no_wrap=True, overflow="ellipsis")
+    text.append(f"#{feature:<6}", Style(bold=bold))
+    if score is not None:
+        text.append(f" {format_score(score)}", Style(bold=bold))
+    if label:
+        text.append(f"  {label}")
+    elif top_tokens:
+        text.append(f"  {top_tokens}", Style(dim=True))
+    return text
+
+
+def format_score(value: float) -> str:
+    """A neighbour score or activation in a fixed 7-cell column."""
+    if abs(value) >= 100:
+        return f"{value:7.0f}"
+    if abs(value) >= 10:
+        return f"{value:7.2f}"
+    return f"{value:7.3f}"
 
 
 def format_value(value: float) -> str:

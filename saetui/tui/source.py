@@ -5,7 +5,6 @@ labels/bookmarks, and caching. Every method blocks: the app calls them from thre
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from saetui.tui.model import (
     TablePage,
     TableQuery,
 )
+from saetui.tui.render import show_token
 
 DENSE_THRESHOLD = 0.01  # "dense" = fires on more than 1% of tokens
 TOP_TOKENS_SHOWN = 3
@@ -99,6 +99,7 @@ class IndexSource:
         generation = hash(
             (progress.windows, progress.summary_windows, progress.finished, self._user_generation)
         )
+        history = reader.get_meta("sae_history")
         return RunState(
             path=str(self.path),
             config=config,
@@ -109,22 +110,9 @@ class IndexSource:
             finished=bool(progress.finished),
             metrics=reader.metrics(),
             generation=generation,
-            history=self._history(config),
+            history=history if isinstance(history, dict) else None,
+            details=reader.get_meta("run_details") or {},
         )
-
-    def _history(self, config: dict[str, Any]) -> dict[str, list[Any]] | None:
-        """The SAE's training history, when the run recorded an SAE directory holding one."""
-        sae = config.get("sae") or config.get("sae_path")
-        if isinstance(sae, dict):
-            sae = sae.get("path")
-        if not isinstance(sae, str):
-            return None
-        path = Path(sae) / "history.json"
-        try:
-            history = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return history if isinstance(history, dict) else None
 
     def _columns(self, sort: str = "id", descending: bool = False, filter: Any = None) -> Any:
         reader = self.reader
@@ -171,27 +159,40 @@ class IndexSource:
         return {b.feature for b in self.reader.bookmarks()}
 
     def search_ids(self, text: str) -> list[int]:
-        """Features matching a search: a feature id ("123" or "#123"), label or notes text,
-        and tokens their top examples fire on. Label matches first, then token matches."""
-        text = text.strip()
+        """Features matching a search, label matches first, then token matches:
+
+        - ``123`` or ``#123``: that feature;
+        - ``word``: labels and notes containing it, and tokens equal to it without their
+          leading space, any case (``the`` finds " the" and "The", not "their");
+        - ``"  the"`` in quotes: tokens exactly as typed, spaces included;
+        - ``*ing`` / ``pho*``: tokens matching the pattern (``*`` any text).
+        """
         reader = self.reader
-        if not text:
+        if not text.strip():
             return []
-        number = text.lstrip("#")
+        number = text.strip().lstrip("#")
         if number.isdigit():
             feature = int(number)
             return [feature] if feature < reader.meta.d_sae else []
-        needle = text.lower()
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'"
+        if quoted:
+            needle, match = text[1:-1], "raw"
+        else:
+            needle = text.strip()
+            match = "glob" if any(c in needle for c in "*?[") else "word"
+        if not needle:
+            return []
+        lowered = needle.strip().lower()
         ids = [
             f
             for f, label in sorted(reader.labels().items())
-            if needle in (label.label + " " + label.notes).lower()
+            if not quoted and lowered in (label.label + " " + label.notes).lower()
         ]
         seen = set(ids)
-        for match in reader.search_tokens(text, limit=500):
-            if match.feature not in seen:
-                seen.add(match.feature)
-                ids.append(match.feature)
+        for hit in reader.search_tokens(needle, limit=500, match=match):
+            if hit.feature not in seen:
+                seen.add(hit.feature)
+                ids.append(hit.feature)
         return ids
 
     def page(self, query: TableQuery, offset: int, limit: int) -> TablePage:
@@ -242,6 +243,18 @@ class IndexSource:
         ]
         return TablePage(total=int(page.total), offset=offset, rows=rows, generation=generation)
 
+    def step(self, query: TableQuery, feature: int, delta: int) -> int:
+        """The feature ``delta`` rows from ``feature`` in the table's order under ``query``
+        (clamped at its ends); by id when ``feature`` is not among the rows."""
+        if query.search or query.filter == "bookmarked":
+            order = self._subset(query, self._bookmarks())
+        else:
+            order = self._columns(query.sort, query.descending, self._filter(query)).feature
+        where = np.flatnonzero(order == feature)
+        if not len(order) or not len(where):
+            return int(min(max(feature + delta, 0), self.reader.meta.d_sae - 1))
+        return int(order[min(max(int(where[0]) + delta, 0), len(order) - 1)])
+
     def _subset(self, query: TableQuery, bookmarks: set[int]) -> np.ndarray:
         """Feature ids of a search or the bookmark filter, in the query's sort order (search
         results stay in relevance order while the sort is the default, by id)."""
@@ -282,7 +295,7 @@ class IndexSource:
 
     def _top_tokens(self, feature: int) -> str:
         top = self.reader.top_tokens(feature)[:TOP_TOKENS_SHOWN]
-        return " ".join(repr(token)[1:-1] for token, _ in top)
+        return " ".join(repr(show_token(token)) for token, _ in top)
 
     # ------------------------------------------------------------------ feature
 
@@ -317,11 +330,10 @@ class IndexSource:
             [(edges[i], counts[i]) for i in range(nonzero[0], nonzero[-1] + 1)] if nonzero else []
         )
         neighbours = {
-            metric: [
-                ActiveFeature(int(f), float(s), labels[int(f)].label if int(f) in labels else "")
-                for f, s in zip(n.ids.tolist(), n.scores.tolist(), strict=True)
-                if f >= 0
-            ]
+            metric: self.named(
+                [(f, s) for f, s in zip(n.ids.tolist(), n.scores.tolist(), strict=True) if f >= 0],
+                labels,
+            )
             for metric, n in detail.neighbours.items()
             if not metric.startswith(LOGIT_PREFIX)
         }
@@ -342,7 +354,10 @@ class IndexSource:
             notes=label.notes if label else "",
             contexts=[self._context(e) for e in detail.examples],
             samples=[
-                (f"{s.low:.3g}–{s.high:.3g}", [self._context(e) for e in s.examples])
+                (
+                    f"{s.low:.3g}–{s.high:.3g}: {_share(stats, s.low, s.high)} of its activations",
+                    [self._context(e) for e in s.examples],
+                )
                 for s in detail.samples
             ],
             histogram=histogram,
@@ -378,13 +393,24 @@ class IndexSource:
         )
 
     def token_features(self, window: int, position: int) -> list[ActiveFeature]:
-        reader = self.reader
-        token = reader.token(window, position)
-        labels = reader.labels()
-        return [
-            ActiveFeature(int(f), float(v), labels[int(f)].label if int(f) in labels else "")
-            for f, v in zip(token.feature_ids.tolist(), token.values.tolist(), strict=True)
-        ]
+        token = self.reader.token(window, position)
+        return self.named(zip(token.feature_ids.tolist(), token.values.tolist(), strict=True))
+
+    def named(self, scored: Any, labels: dict[int, Any] | None = None) -> list[ActiveFeature]:
+        """(feature, score) pairs as ActiveFeatures with label and top tokens, the one way
+        every list names a feature."""
+        if labels is None:
+            labels = self.reader.labels()
+        serial = self._serial()
+        out = []
+        for feature, score in scored:
+            feature = int(feature)
+            tokens = self._cached(
+                ("top_tokens", feature, serial), lambda f=feature: self._top_tokens(f)
+            )
+            label = labels[feature].label if feature in labels else ""
+            out.append(ActiveFeature(feature, float(score), label, tokens))
+        return out
 
     def labels_of(self, features: list[int]) -> dict[int, str]:
         labels = self.reader.labels()
@@ -414,44 +440,7 @@ class IndexSource:
     def labels_of_all(self) -> dict[int, str]:
         return {f: label.label for f, label in self.reader.labels().items()}
 
-    # ------------------------------------------------------------------ exports (JSON)
-
-    def export_feature(self, feature: int) -> dict[str, Any]:
-        detail = self.feature(feature)
-        row = detail.row
-
-        def context(c: Context) -> dict[str, Any]:
-            return {
-                "window": c.window,
-                "position": c.position,
-                "value": c.value,
-                "text": "".join(c.tokens),
-                "tokens": c.tokens,
-                "activations": c.values,
-            }
-
-        return {
-            "feature": feature,
-            "label": row.label,
-            "notes": detail.notes,
-            "density": row.density,
-            "mean": row.mean,
-            "max": row.max,
-            "count": row.count,
-            "top_tokens": detail.top_tokens,
-            "top_contexts": [context(c) for c in detail.contexts],
-            "interval_samples": {k: [context(c) for c in v] for k, v in detail.samples},
-            "neighbours": {
-                m: [{"feature": n.feature, "score": n.value} for n in entries]
-                for m, entries in detail.neighbours.items()
-            },
-        }
-
-    def export_labels(self) -> dict[str, Any]:
-        labels = self.reader.labels()
-        return {
-            str(f): {"label": lab.label, "notes": lab.notes} for f, lab in sorted(labels.items())
-        }
+    # ------------------------------------------------------------------ table export (JSON)
 
     def export_table(self, query: TableQuery) -> list[dict[str, Any]]:
         """Every row matching the table's sort and filter (search and bookmark filter too)."""
@@ -473,3 +462,12 @@ class IndexSource:
             }
             for f in ids.tolist()
         ]
+
+
+def _share(stats: Any, low: float, high: float) -> str:
+    """The share of a feature's activations in [low, high), from its histogram."""
+    edges = stats.bin_edges[:-1]
+    inside = (edges >= low * (1 - 1e-9)) & (edges < high * (1 - 1e-9))
+    total = int(stats.histogram.sum())
+    share = int(stats.histogram[inside].sum()) / total if total else 0.0
+    return f"{share:.1%}" if share >= 0.001 else f"{share:.2%}"

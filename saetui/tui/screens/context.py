@@ -14,7 +14,7 @@ from textual.worker import get_current_worker
 
 from saetui.tui.bindings import bindings
 from saetui.tui.model import ActiveFeature, Context
-from saetui.tui.render import format_value, show_token
+from saetui.tui.render import feature_ref, format_value, show_token
 from saetui.tui.widgets.tokens import TokenStrip
 
 
@@ -40,14 +40,8 @@ class ContextScreen(Screen[int | None]):
         yield Static(
             Text.assemble(
                 (f" #{self.feature} ", "bold reverse"),
-                f" window {ctx.window} · token {ctx.window_position}"
-                + (
-                    f" · document {ctx.document} token {ctx.document_offset}"
-                    if ctx.document >= 0
-                    else ""
-                )
-                + " · "
-                f"act {format_value(ctx.value)} · h/l move, ⏎ open",
+                f" {self._where(ctx.position)} · act {format_value(ctx.value)}",
+                (f"  (window {ctx.window}) · h/l move, ⏎ open", "dim"),
             ),
             id="context-title",
         )
@@ -77,12 +71,20 @@ class ContextScreen(Screen[int | None]):
             Text.assemble(
                 ("token ", "dim"),
                 (repr(show_token(tokens[position])), "bold"),
-                (f"  at {position}   #{self.feature} = {format_value(value)}   ", "dim"),
+                (f"  {self._where(position)}   #{self.feature} = {format_value(value)}   ", "dim"),
                 ("features active here:", "dim"),
             )
         )
         window_position = self.context.window_position - self.context.position + position
         self.load_token(self.context.window, window_position)
+
+    def _where(self, position: int) -> str:
+        """One way to say where token ``position`` of the context is: its place in its
+        document when known, else in the window."""
+        ctx = self.context
+        if ctx.document >= 0 and ctx.document_offset >= 0:
+            return f"document {ctx.document}, token {ctx.document_offset - ctx.position + position}"
+        return f"window token {ctx.window_position - ctx.position + position}"
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="context-token")
     def load_token(self, window: int, position: int) -> None:
@@ -105,11 +107,18 @@ class ContextScreen(Screen[int | None]):
         if not active:
             options.set_options([Option(Text("no feature fires here", style="dim"), disabled=True)])
             return
-        rows = []
-        for entry in active:
-            style = "bold" if entry.feature == self.feature else ""
-            label = f"  {entry.label}" if entry.label else ""
-            rows.append(Option(Text(f"#{entry.feature:<7} {entry.value:8.3f}{label}", style=style)))
+        rows = [
+            Option(
+                feature_ref(
+                    entry.feature,
+                    entry.label,
+                    entry.top_tokens,
+                    entry.value,
+                    bold=entry.feature == self.feature,
+                )
+            )
+            for entry in active
+        ]
         options.set_options(rows)
         options.highlighted = 0
 

@@ -68,9 +68,12 @@ def format_row(row: FeatureRow | None, index: int, width: int) -> str:
 def format_header(width: int, query: TableQuery) -> str:
     widths = column_widths(width)
     cells = []
+    by_relevance = bool(query.search) and query.sort == "id" and not query.descending
     for header, w, right in zip(HEADERS, widths, (1, 0, 1, 1, 1, 0), strict=True):
         name = header
-        if SORT_OF_HEADER.get(header) == query.sort:
+        if by_relevance and header == HEADERS[0]:
+            name = "best↓"  # search results in relevance order, not by id
+        elif SORT_OF_HEADER.get(header) == query.sort:
             name += "↓" if query.descending else "↑"
         cells.append(_cell(name, w, right=bool(right)))
     return " ".join(cells)[:width].ljust(width)
@@ -83,8 +86,8 @@ class FeatureTable(ScrollView, can_focus=True):
     COMPONENT_CLASSES = {"feature-table--cursor", "feature-table--placeholder"}
     DEFAULT_CSS = """
     FeatureTable { height: 1fr; }
-    FeatureTable > .feature-table--cursor { background: $accent 40%; text-style: bold; }
-    FeatureTable:focus > .feature-table--cursor { background: $accent; color: $text; }
+    FeatureTable > .feature-table--cursor { background: $primary 35%; text-style: bold; }
+    FeatureTable:focus > .feature-table--cursor { background: $primary 70%; color: $text; }
     FeatureTable > .feature-table--placeholder { color: $text-muted; }
     """
 

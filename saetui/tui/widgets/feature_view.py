@@ -12,6 +12,7 @@ not the ~120 rows of the whole view.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,12 @@ from textual.strip import Strip
 
 from saetui.tui.bindings import bindings
 from saetui.tui.model import Context, FeatureDetail
-from saetui.tui.render import context_segments, format_value, show_token, sparkline
+from saetui.tui.render import (
+    context_segments,
+    feature_ref,
+    format_value,
+    show_token,
+)
 
 NEIGHBOUR_TITLES = {
     "cosine": "Nearest features by decoder cosine",
@@ -63,6 +69,50 @@ def _context_painter(context: Context, top: float) -> Painter:
     return paint
 
 
+def histogram_rows(histogram: list[tuple[float, int]], width: int = 30) -> list[Text]:
+    """A horizontal bar chart, one row per octave [lo, 2·lo): the value axis on the left,
+    the token count on the right."""
+    octaves: dict[float, int] = {}
+    for lower, count in histogram:
+        octave = 2.0 ** math.floor(math.log2(lower)) if lower > 0 else 0.0
+        octaves[octave] = octaves.get(octave, 0) + count
+    top = max(octaves.values(), default=0) or 1
+    rows = []
+    for low in sorted(octaves, reverse=True):
+        count = octaves[low]
+        cells = count / top * width
+        bar = "█" * int(cells) + (" ▏▎▍▌▋▊▉"[int((cells % 1) * 8)] if cells % 1 else "")
+        rows.append(
+            Text.assemble(
+                (f"  {format_value(low):>6}–{format_value(2 * low):<6} ", "dim"),
+                (f"{bar:<{width + 1}}", "green"),
+                f" {count:,}",
+            )
+        )
+    return rows
+
+
+def logit_rows(
+    promoted: list[tuple[str, float]], suppressed: list[tuple[str, float]]
+) -> list[Text]:
+    """Promoted and suppressed tokens side by side, each with its logit effect."""
+    rows = []
+    for i in range(max(len(promoted), len(suppressed))):
+        up = promoted[i] if i < len(promoted) else None
+        down = suppressed[i] if i < len(suppressed) else None
+        row = Text("  ")
+        if up is not None:
+            row.append(f"↑ {repr(show_token(up[0]))[:18]:<18} ", "green")
+            row.append(f"{up[1]:+7.3f}")
+        else:
+            row.append(" " * 28)
+        if down is not None:
+            row.append(f"    ↓ {repr(show_token(down[0]))[:18]:<18} ", "red")
+            row.append(f"{down[1]:+7.3f}")
+        rows.append(row)
+    return rows
+
+
 class FeatureView(ScrollView, can_focus=True):
     """Shows a :class:`FeatureDetail`; posts OpenFeature / OpenContext."""
 
@@ -70,8 +120,8 @@ class FeatureView(ScrollView, can_focus=True):
     COMPONENT_CLASSES = {"feature-view--cursor"}
     DEFAULT_CSS = """
     FeatureView { height: 1fr; }
-    FeatureView > .feature-view--cursor { background: $accent 40%; }
-    FeatureView:focus > .feature-view--cursor { background: $accent; }
+    FeatureView > .feature-view--cursor { background: $primary 35%; }
+    FeatureView:focus > .feature-view--cursor { background: $primary 70%; }
     """
 
     class OpenFeature(Message):
@@ -129,11 +179,21 @@ class FeatureView(ScrollView, can_focus=True):
         self.scroll_to(y=0, animate=False)
         self.refresh()
 
-    def show(self, detail: FeatureDetail, keep_position: bool = False) -> None:
+    def show(
+        self,
+        detail: FeatureDetail,
+        keep_position: bool = False,
+        restore: tuple[int | None, float] | None = None,
+    ) -> None:
         """Display ``detail``; with ``keep_position`` (a live refresh of the same feature)
-        the highlighted row and scroll offset stay put."""
+        the highlighted row and scroll offset stay put; ``restore`` (row, scroll) puts them
+        back where a history entry left them."""
         highlighted, scroll_y = self.highlighted, self.scroll_y
-        same = (
+        if restore is not None:
+            highlighted, scroll_y = restore
+            keep_position = True
+            self.detail = None  # not "the same feature": restore even across features
+        same = restore is not None or (
             keep_position
             and self.detail is not None
             and self.detail.row.feature == detail.row.feature
@@ -195,30 +255,17 @@ class FeatureView(ScrollView, can_focus=True):
                 for context in contexts:
                     context_row(context, top)
         if detail.histogram:
-            heading("Activation histogram (log-spaced bins)")
-            counts = [c for _, c in detail.histogram]
-            lo, hi = detail.histogram[0][0], detail.histogram[-1][0]
-
-            def spark(width: int, counts: list[int] = counts) -> list[Segment]:
-                return [Segment(sparkline(counts, width - 2), Style(color="green"))]
-
-            painters.append(spark)
-            targets.append(None)
-            note(f"{format_value(lo)} … {format_value(hi)}   peak {max(counts):,} tokens")
+            heading("Activation histogram (count per octave of activation value)")
+            for row in histogram_rows(detail.histogram):
+                note(row)
         if detail.top_tokens:
             heading("Top tokens (in the top activations)")
             shown = "  ".join(f"{show_token(t)}×{c}" for t, c in detail.top_tokens[:30])
             note(Text(shown))
-        heading("Logit effects")
+        heading("Logit effects (W_dec · W_U): tokens it promotes ↑ and suppresses ↓")
         if detail.promoted or detail.suppressed:
-            note(
-                Text("  ↑ ", style="green")
-                + Text("  ".join(f"{show_token(t)} {v:+.2f}" for t, v in detail.promoted))
-            )
-            note(
-                Text("  ↓ ", style="red")
-                + Text("  ".join(f"{show_token(t)} {v:+.2f}" for t, v in detail.suppressed))
-            )
+            for row in logit_rows(detail.promoted, detail.suppressed):
+                note(row)
         else:
             note("  not stored in this index; computed once the model is loaded (tab 4)")
         if not detail.neighbours:
@@ -227,9 +274,9 @@ class FeatureView(ScrollView, can_focus=True):
         for metric, entries in detail.neighbours.items():
             heading(NEIGHBOUR_TITLES.get(metric, f"Related features ({metric})"))
             for entry in entries:
-                label = f"  {entry.label}" if entry.label else ""
                 text_row(
-                    Text(f"  #{entry.feature:<7} {entry.value:7.3f}{label}"),
+                    Text("  ")
+                    + feature_ref(entry.feature, entry.label, entry.top_tokens, entry.value),
                     Target("feature", entry.feature),
                 )
         self._set_rows(painters, targets)
@@ -374,6 +421,29 @@ class FeatureView(ScrollView, can_focus=True):
         if self.detail is not None:
             self.app.action_edit_label(self.detail.row.feature)  # type: ignore[attr-defined]
 
+    class Step(Message):
+        """Open the feature ``delta`` rows away in the table's current order."""
+
+        def __init__(self, feature: int, delta: int) -> None:
+            super().__init__()
+            self.feature = feature
+            self.delta = delta
+
+    class ProbeFeature(Message):
+        """Shade the probe's text by this feature."""
+
+        def __init__(self, feature: int) -> None:
+            super().__init__()
+            self.feature = feature
+
     def action_step(self, delta: int) -> None:
         if self.detail is not None:
-            self.post_message(self.OpenFeature(self.detail.row.feature + delta))
+            self.post_message(self.Step(self.detail.row.feature, delta))
+
+    def action_probe(self) -> None:
+        if self.detail is not None:
+            self.post_message(self.ProbeFeature(self.detail.row.feature))
+
+    def action_copy_reference(self) -> None:
+        if self.detail is not None:
+            self.app.action_copy_reference(self.detail.row.feature)  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from saetui.tui.bindings import bindings
-from saetui.tui.render import format_value, show_token
+from saetui.tui.render import feature_ref, show_token
 from saetui.tui.widgets.tokens import TokenStrip
 
 RANKED_SHOWN = 200
@@ -40,6 +40,8 @@ class ProbePane(Vertical):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self.result: Any = None  # saetui.analysis.probe.ProbeResult
+        self.focus_feature: int | None = None  # shade the text by this feature
+        self._names: dict[int, Any] = {}  # feature -> ActiveFeature (label, top tokens)
         self._token_features: list[int] = []
         self._ranked: list[int] = []
 
@@ -67,10 +69,21 @@ class ProbePane(Vertical):
             self.status(Text("type some text first", style="yellow"))
             return
         self.status(Text("running… (loading the model the first time)", style="italic"))
-        self.run_probe(text)
+        self.run_probe(text, self.focus_feature)
+
+    def shade_by(self, feature: int | None) -> None:
+        """Shade the text by ``feature`` (None: by each token's strongest feature) and run
+        the probe again on the same text when there is one."""
+        self.focus_feature = feature
+        text = self.result.text if self.result is not None else self.query_one(Input).value
+        if text.strip():
+            self.status(Text("running…", style="italic"))
+            self.run_probe(text, feature)
+        elif feature is not None:
+            self.status(f"type text and press Enter: it will be shaded by #{feature}")
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="probe")
-    def run_probe(self, text: str) -> None:
+    def run_probe(self, text: str, focus: int | None = None) -> None:
         app: Any = self.app
 
         def status(message: str) -> None:
@@ -78,7 +91,12 @@ class ProbePane(Vertical):
                 app.call_from_thread(self.status, Text(message, style="italic"))
 
         try:
-            result = app.probe_service().probe(text, status=status)
+            result = app.probe_service().probe(text, status=status, focus=focus)
+            shown = {e.feature for e in result.ranked[:RANKED_SHOWN]}
+            shown |= {f for top in result.per_token for f, _ in top}
+            if focus is not None:
+                shown.add(focus)
+            names = {entry.feature: entry for entry in app.source.named((f, 0.0) for f in shown)}
         except Exception as error:  # a model that cannot load is a message, not a crash
             if get_current_worker().is_cancelled:
                 return  # the app is quitting (it killed the model process)
@@ -86,18 +104,27 @@ class ProbePane(Vertical):
             app.call_from_thread(self.status, Text(f"probe failed: {message}", style="red"))
             return
         if not get_current_worker().is_cancelled:
-            app.call_from_thread(self.show_result, result)
+            app.call_from_thread(self.show_result, result, names)
 
-    def show_result(self, result: Any) -> None:
+    def _ref(self, feature: int, score: float, bold: bool = False) -> Text:
+        entry = self._names.get(feature)
+        label, tokens = (entry.label, entry.top_tokens) if entry is not None else ("", "")
+        return feature_ref(feature, label, tokens, score, bold=bold)
+
+    def show_result(self, result: Any, names: dict[int, Any] | None = None) -> None:
         self.result = result
+        self._names = names or {}
         self._ranked = [entry.feature for entry in result.ranked[:RANKED_SHOWN]]
         ranked = self.query_one("#probe-ranked", OptionList)
         ranked.set_options(
             [
                 Option(
-                    Text(
-                        f"#{entry.feature:<7} {format_value(entry.max_value):>6} "
-                        f"@{show_token(result.tokens[entry.position])!r} ×{entry.n_tokens}"
+                    Text.assemble(
+                        self._ref(entry.feature, entry.max_value, entry.feature == result.focus),
+                        (
+                            f"  @{show_token(result.tokens[entry.position])!r} ×{entry.n_tokens}",
+                            "dim",
+                        ),
                     )
                 )
                 for entry in result.ranked[:RANKED_SHOWN]
@@ -108,13 +135,24 @@ class ProbePane(Vertical):
             ranked.highlighted = 0
         n = len(result.tokens)
         truncated = " (truncated)" if result.truncated else ""
+        if result.focus is not None:
+            top = max(result.focus_values, default=0.0)
+            shading = Text.assemble(
+                "shaded by ", self._ref(result.focus, top, True), " (a: by each token's top)"
+            )
+        else:
+            shading = Text("s on a listed feature shades the text by it")
         self.status(
-            f"{n} tokens{truncated}, {len(result.ranked)} features fired · "
-            "h/l move over tokens · t switches list · Enter opens"
+            Text.assemble(
+                f"{n} tokens{truncated}, {len(result.ranked)} fired · ", shading, style="dim"
+            )
         )
         strip = self.query_one(TokenStrip)
-        maxima = [top[0][1] if top else 0.0 for top in result.per_token]
-        strip.set_tokens(result.tokens, maxima, cursor=0)
+        if result.focus is not None:
+            values = list(result.focus_values)
+        else:
+            values = [top[0][1] if top else 0.0 for top in result.per_token]
+        strip.set_tokens(result.tokens, values, cursor=0)
         strip.focus()
 
     def on_token_strip_cursor_moved(self, message: TokenStrip.CursorMoved) -> None:
@@ -125,10 +163,13 @@ class ProbePane(Vertical):
         self._token_features = [f for f, _ in top]
         at_token = self.query_one("#probe-at-token", OptionList)
         at_token.border_title = f"at {show_token(self.result.tokens[position])!r}"
-        labels = getattr(self.app, "label_cache", {})
+        rows = [Option(self._ref(f, v, f == self.result.focus)) for f, v in top]
+        if self.result.focus is not None and self.result.focus not in self._token_features:
+            value = self.result.focus_values[position]
+            rows.append(Option(self._ref(self.result.focus, value, True)))
+            self._token_features.append(self.result.focus)
         at_token.set_options(
-            [Option(Text(f"#{f:<7} {format_value(v):>6}  {labels.get(f, '')}")) for f, v in top]
-            or [Option(Text("no feature fires here", style="dim"), disabled=True)]
+            rows or [Option(Text("no feature fires here", style="dim"), disabled=True)]
         )
         if top:
             at_token.highlighted = 0
@@ -166,6 +207,20 @@ class ProbePane(Vertical):
         index = options.highlighted
         if index is not None and index < len(features):
             self.post_message(self.OpenFeature(features[index]))
+
+    def _highlighted_feature(self) -> int | None:
+        options = self._focused_list()
+        features = self._ranked if options.id == "probe-ranked" else self._token_features
+        index = options.highlighted
+        return features[index] if index is not None and index < len(features) else None
+
+    def action_shade(self) -> None:
+        feature = self._highlighted_feature()
+        if feature is not None:
+            self.shade_by(feature)
+
+    def action_shade_all(self) -> None:
+        self.shade_by(None)
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()

@@ -40,6 +40,47 @@ def _metric(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
     return "–"
 
 
+def _card(title: str, value: str) -> Text:
+    """A metric card: its title above its value, so neither wraps out of an 80-column row."""
+    return Text.assemble((title, "dim"), "\n", (value, "bold"), justify="center")
+
+
+def run_facts(state: RunState) -> list[tuple[str, str]]:
+    """The run's identity as (name, value) rows: index, model, hook, SAE, corpus, numerics."""
+    config, details = state.config, state.details
+    sae = details.get("sae") or {}
+    rows = [("index", _home(state.path)), ("model", str(config.get("model", "?")))]
+    rows.append(("hook", str(config.get("hook", "?"))))
+    sae_kind = " ".join(
+        str(part)
+        for part in (
+            config.get("sae_format"),
+            config.get("sae_architecture"),
+            f"k={sae['k']}" if sae.get("k") else None,
+            f"d_sae={state.d_sae:,}",
+        )
+        if part
+    )
+    rows.append(("sae", sae_kind))
+    if config.get("sae_path"):
+        rows.append(("sae path", _home(str(config["sae_path"]))))
+    if config.get("corpus"):
+        rows.append(("corpus", _home(str(config["corpus"]))))
+    for key in ("numerics", "batchtopk_mode", "threshold", "dtype", "ctx_len"):
+        if config.get(key) not in (None, ""):
+            rows.append((key.replace("_", " "), str(config[key])))
+    if details.get("device"):
+        rows.append(("device", str(details["device"])))
+    return rows
+
+
+def _home(path: str) -> str:
+    import os
+
+    home = os.path.expanduser("~")
+    return "~" + path[len(home) :] if home != "/" and path.startswith(home + "/") else path
+
+
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -57,7 +98,7 @@ class RunPane(VerticalScroll, can_focus=True):
     RunPane #run-progress { width: 1fr; height: auto; }
     RunPane ProgressBar { width: 100%; }
     RunPane #cards { grid-size: 4; grid-gutter: 0 1; height: auto; margin: 1 0 0 0; }
-    RunPane .card { border: round $panel; height: 3; }
+    RunPane .card { border: round $panel; height: 4; }
     RunPane PlotextPlot { height: 14; min-width: 30; }
     RunPane #plots-a, RunPane #plots-b { height: auto; }
     """
@@ -82,31 +123,15 @@ class RunPane(VerticalScroll, can_focus=True):
     # ------------------------------------------------------------------ updates
 
     def show_state(self, state: RunState) -> None:
-        config = Table(box=None, show_header=False, padding=(0, 1))
+        config = Table(box=None, show_header=False, padding=(0, 1), expand=True)
         config.add_column(style="dim", no_wrap=True)
-        config.add_column()
-        config.add_row("index", state.path)
-        shown = (
-            "model",
-            "hook",
-            "sae",
-            "corpus",
-            "data",
-            "numerics",
-            "batchtopk_mode",
-            "device",
-            "dtype",
-            "ctx_len",
-        )
-        for key in shown:
-            if key in state.config and state.config[key] not in (None, ""):
-                config.add_row(key, str(state.config[key]))
-        config.add_row("d_sae", f"{state.d_sae:,}")
+        config.add_column(overflow="fold")  # long paths and hook names wrap, never cut
+        for key, value in run_facts(state):
+            config.add_row(key, value)
         self.query_one("#run-config", Static).update(config)
         cards = list(self.query(".card"))
         for card, (title, names) in zip(cards, CARDS, strict=True):
-            value = _metric(state.metrics, names)
-            card.update(Text.assemble((title, "dim"), " ", (value, "bold"), justify="center"))
+            card.update(_card(title, _metric(state.metrics, names)))
 
     def show_note(self, text: str) -> None:
         """The collector's latest remark (e.g. how long the model took to load)."""
@@ -166,11 +191,7 @@ class RunPane(VerticalScroll, can_focus=True):
                 continue
             for name in names:
                 if name in derived:
-                    card.update(
-                        Text.assemble(
-                            (title, "dim"), " ", (derived[name], "bold"), justify="center"
-                        )
-                    )
+                    card.update(_card(title, derived[name]))
 
     def _blank_plot(self, selector: str) -> tuple[PlotextPlot, Any]:
         """The plot widget at ``selector`` and its plotext handle, cleared for redrawing."""

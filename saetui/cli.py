@@ -134,8 +134,12 @@ def demo_index_path() -> Path:
 
 
 def _run_collection(args: argparse.Namespace, out: Path) -> int:
-    """Headless, or the TUI with the collection in a background worker."""
+    """Headless, or the TUI with the collection in a child process; the request is checked
+    first, so bad options never open the TUI or load a model."""
+    from saetui.collect.job import check_request
+
     config = _collect_config(args, out)
+    check_request(config)
     if not args.headless and not _has_terminal():
         _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
         args.headless = True
@@ -184,6 +188,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from saetui.export.old_pipeline import export_jsonl, export_sae_core
 
     _check_index(args.index)
+    if args.top_examples < 1:
+        raise SaetuiInputError(
+            f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
+        )
     if args.format == "jsonl":
         out = args.out if args.out.suffix == ".jsonl" else args.out / "features.jsonl"
         print(export_jsonl(args.index, out, n_examples=args.top_examples))

@@ -194,3 +194,33 @@ def test_device_and_dtype_choice():
     if not torch.cuda.is_available():
         with pytest.raises(SaetuiInputError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_code_in_a_model_folder_never_runs(tmp_path, tiny_gpt2_dir):
+    """A folder whose config.json points auto_map at its own module: saetui loads the
+    architecture transformers implements, or refuses in a sentence; the module never runs."""
+    import json
+    import shutil
+
+    from saetui.errors import SaetuiInputError
+
+    marker = tmp_path / "remote-code-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for model_type, expect_load in (("gpt2", True), ("evil_lm", False)):
+        folder = tmp_path / model_type
+        shutil.copytree(tiny_gpt2_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = model_type
+        config["auto_map"] = {
+            "AutoConfig": "evil.EvilConfig",
+            "AutoModelForCausalLM": "evil.EvilModel",
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "evil.py").write_text(code)
+        if expect_load:
+            model = load_model(str(folder), device="cpu", numerics="raw")
+            assert model.n_layers == 2
+        else:
+            with pytest.raises(SaetuiInputError, match="never runs code from a model folder"):
+                load_model(str(folder), device="cpu", numerics="raw")
+        assert not marker.exists()

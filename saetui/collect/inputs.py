@@ -3,6 +3,7 @@ fastest: files before the model load, the hook before any real forward pass."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,30 @@ class RunInputs:
             raise SaetuiInputError(f"--batch-size {self.batch_size} must be at least 1.")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SaetuiInputError(f"--max-tokens {self.max_tokens} must be at least 1.")
+        if self.ctx_len > 65535:
+            raise SaetuiInputError(f"--ctx-len {self.ctx_len} is too large; use at most 65535.")
+        if self.threshold is not None and not (
+            math.isfinite(self.threshold) and self.threshold >= 0
+        ):
+            raise SaetuiInputError(
+                f"--threshold {self.threshold} is not a finite number >= 0: give the BatchTopK "
+                "activation threshold, or leave it out to estimate it."
+            )
+        if self.threshold is not None and self.batchtopk_mode not in (None, "threshold"):
+            raise SaetuiInputError(
+                f"--threshold only applies with --batchtopk-mode threshold, not "
+                f"{self.batchtopk_mode}: drop --threshold or choose that mode."
+            )
+        for option, path in (("--sae", self.sae), ("--data", self.data)):
+            if isinstance(path, (str, Path)) and _looks_local(str(path)):
+                if not Path(path).expanduser().exists():
+                    raise SaetuiInputError(f"{option} {path} does not exist: check the path.")
+
+
+def _looks_local(name: str) -> bool:
+    """A path on this machine, not a datasets/hub name (those contain no path separator
+    other than one owner/name slash and do not exist locally)."""
+    return name.startswith((".", "/", "~")) or Path(name).suffix in (".json", ".jsonl", ".txt")
 
 
 @dataclass

@@ -55,6 +55,24 @@ class CollectResult:
     skipped: tuple[str, ...] = ()  # phases already done by an earlier run
 
 
+def check_request(config: CollectConfig) -> None:
+    """Everything about a request that can be checked without loading anything: option
+    ranges and the output directory. Raises one SaetuiInputError sentence."""
+    from saetui.errors import SaetuiInputError
+    from saetui.index.env import check_output
+
+    config.inputs.check()
+    for name, value, low in (
+        ("--metrics-tokens", config.metrics_tokens, 0),
+        ("neighbours per feature", config.neighbours, 1),
+        ("co-occurrence minimum count", config.cooccurrence_min_count, 1),
+        ("top examples per feature", config.top_k_examples, 1),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise SaetuiInputError(f"{name} {value} must be a whole number >= {low}.")
+    check_output(Path(config.out))
+
+
 def request_record(config: CollectConfig) -> dict[str, Any]:
     """What the user asked for, with the size and mtime of every input file: a finished
     index whose stored record equals this one needs no model load to be reopened."""

@@ -27,6 +27,7 @@ from saetui.collect.job import (
     CollectProgress,
     CollectResult,
     StopRequested,
+    check_request,
     finished_result,
     request_record,
 )
@@ -170,6 +171,7 @@ def run_collection(
             raise StopRequested
 
     report(CollectProgress("loading", message="checking the index"), force=True)
+    check_request(config)
     done = finished_result(config)
     if done is not None:
         report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))

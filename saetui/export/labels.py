@@ -44,34 +44,40 @@ def read_labels(path: Path, d_sae: int | None = None) -> dict[int, tuple[str, st
             "{\"feature\": N, \"label\": ...} records."
         )
     labels: dict[int, tuple[str, str]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"Line {number} of {path}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SaetuiInputError(
-                    f"{where} is not valid JSON ({error.msg}); fix or remove that line."
-                ) from None
-            if not isinstance(record, dict):
-                raise SaetuiInputError(f"{where} is not a JSON object; expected one per line.")
-            feature = _feature_id(record, where)
-            if feature < 0 or (d_sae is not None and feature >= d_sae):
-                raise SaetuiInputError(
-                    f"{where} names feature {feature}, outside this index's 0-{(d_sae or 1) - 1}; "
-                    "check that the labels belong to this SAE."
-                )
-            texts = [str(record[f]).strip() for f in TEXT_FIELDS if record.get(f)]
-            if not texts:
-                raise SaetuiInputError(
-                    f"{where} has no label text: expected one of {', '.join(TEXT_FIELDS)}."
-                )
-            notes = [t for t in texts[1:] if t != texts[0]]
-            if record.get("notes"):
-                notes.append(str(record["notes"]).strip())
-            labels[feature] = (texts[0], "\n".join(notes))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SaetuiInputError(
+            f"Labels file {path} is not UTF-8 text (a binary file?); give a JSONL file of "
+            '{"feature": N, "label": ...} records.'
+        ) from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"Line {number} of {path}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SaetuiInputError(
+                f"{where} is not valid JSON ({error.msg}); fix or remove that line."
+            ) from None
+        if not isinstance(record, dict):
+            raise SaetuiInputError(f"{where} is not a JSON object; expected one per line.")
+        feature = _feature_id(record, where)
+        if feature < 0 or (d_sae is not None and feature >= d_sae):
+            raise SaetuiInputError(
+                f"{where} names feature {feature}, outside this index's 0-{(d_sae or 1) - 1}; "
+                "check that the labels belong to this SAE."
+            )
+        texts = [str(record[f]).strip() for f in TEXT_FIELDS if record.get(f)]
+        if not texts:
+            raise SaetuiInputError(
+                f"{where} has no label text: expected one of {', '.join(TEXT_FIELDS)}."
+            )
+        notes = [t for t in texts[1:] if t != texts[0]]
+        if record.get("notes"):
+            notes.append(str(record["notes"]).strip())
+        labels[feature] = (texts[0], "\n".join(notes))
     if not labels:
         raise SaetuiInputError(f"Labels file {path} holds no records.")
     return labels

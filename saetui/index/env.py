@@ -227,3 +227,38 @@ def _read_holder(fd: int) -> str:
     except OSError:
         text = ""
     return text or "another process"
+
+
+def check_output(path: Path, shard: int = 0) -> None:
+    """Refuse an index output path that a collection could not write, before any model
+    loads: a file, a non-index directory with files in it, a place without write access,
+    or a shard another writer holds."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SaetuiInputError(f"--out {path} is a file: pass a directory for the index.")
+    if path.is_dir() and any(path.iterdir()) and not (path / fmt.MARKER_FILE).exists():
+        raise SaetuiInputError(
+            f"--out {path} is a directory with files in it that is not a saetui index: pass "
+            "a new or empty directory."
+        )
+    if path.is_dir() and (path / fmt.MARKER_FILE).exists():
+        fmt.read_marker(path)
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaetuiInputError(
+            f"--out {path} lies under {existing}, which is a file: choose a path in a directory."
+        )
+    shard_path = fmt.shard_dir(path, shard)
+    target = shard_path if shard_path.is_dir() else existing
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise SaetuiInputError(
+            f"--out {path}: {target} is not writable here (permissions or a read-only "
+            "filesystem); choose a directory you can write."
+        )
+    if shard_path.is_dir() and not shard_path.is_symlink():
+        if (shard_path / WRITER_LOCK_FILE).exists():
+            WriterLock(shard_path, path).release()  # raises with the holder when taken

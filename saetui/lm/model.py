@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -307,11 +308,19 @@ def load_model(
     directory = source.location
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = {"local_files_only": source.local_files_only, "cache_dir": source.cache_dir}
+    # never run code shipped in a model folder (config.json auto_map): transformers would
+    # ask "run the custom code? [y/N]" in a terminal, and TransformerBridge only boots
+    # architectures transformers implements itself anyway
+    where = {
+        "local_files_only": source.local_files_only,
+        "cache_dir": source.cache_dir,
+        "trust_remote_code": False,
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **where)
         hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **where)
     except (OSError, ValueError) as error:
+        _refuse_remote_code(name, directory)  # the likelier reason, said plainly
         raise SaetuiInputError(
             f"Model {name} could not be loaded ({str(error).splitlines()[0]}); give a local "
             f"Hugging Face model directory, a hub name reachable from here, or {DEFAULT_MODEL}."
@@ -332,6 +341,27 @@ def load_model(
         start=start,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _refuse_remote_code(name: str, directory: str) -> None:
+    """One sentence for a local model whose architecture only its own code implements."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    config_file = Path(directory) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("auto_map") and (
+        config.get("model_type") not in CONFIG_MAPPING
+    ):
+        raise SaetuiInputError(
+            f"Model {name} needs its own Python code (auto_map in its config.json) to load, "
+            "and saetui never runs code from a model folder: use a model of an architecture "
+            "transformers implements (Llama, Qwen, Gemma, GPT-2, Pythia, ...)."
+        )
 
 
 def _boot_bridge(
@@ -356,7 +386,12 @@ def _boot_bridge(
     bridge_tokenizer.init_kwargs["add_bos_token"] = True  # no reload: saetui never uses it
     try:
         return TransformerBridge.boot_transformers(
-            directory, hf_model=hf_model, tokenizer=bridge_tokenizer, device=device, dtype=dtype
+            directory,
+            hf_model=hf_model,
+            tokenizer=bridge_tokenizer,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=False,
         )
     except (ValueError, NotImplementedError) as error:
         if "architecture" not in str(error).lower():

@@ -8,6 +8,7 @@ directory loads that directory; any other file is refused.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -185,6 +186,36 @@ def _load_as(fmt: str, target: Path, loader: Any) -> SparseAutoencoder:
         ) from None
 
 
+def check_weights(sae: SparseAutoencoder, path: str | os.PathLike[str]) -> None:
+    """Refuse an SAE that would load but compute nonsense: integer or non-finite weights,
+    k above d_sae, a negative or non-finite threshold."""
+    where = f"the {sae.format} SAE at {path}"
+    for name in ("W_enc", "W_dec", "b_dec", "b_enc", "threshold"):
+        tensor = getattr(sae, name)
+        if tensor is None:
+            continue
+        if not tensor.is_floating_point():
+            raise SaetuiInputError(
+                f"{where} stores {name} as {str(tensor.dtype).removeprefix('torch.')}, not as "
+                "floating point: export the weights as float32, float16 or bfloat16."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise SaetuiInputError(
+                f"{where} has NaN or infinite values in {name}: the checkpoint is damaged or "
+                "diverged; export it again."
+            )
+    if sae.k is not None and sae.k > sae.d_sae:
+        raise SaetuiInputError(
+            f"{where} keeps k={sae.k} features per token but has only d_sae={sae.d_sae}: fix "
+            "k (top_k / k in its config) to at most d_sae."
+        )
+    if sae.threshold is not None and bool((sae.threshold < 0).any()):
+        raise SaetuiInputError(
+            f"{where} has negative thresholds: a JumpReLU/BatchTopK threshold must be >= 0; "
+            "check the checkpoint."
+        )
+
+
 def load_sae(
     path: str | os.PathLike[str],
     *,
@@ -208,8 +239,19 @@ def load_sae(
         "dictionary_learning": dictionary_learning.load,
     }
     sae = _load_as(fmt, target, loaders[fmt])
+    check_weights(sae, path)
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise SaetuiInputError(
+            f"--threshold {threshold} is not a finite number >= 0: give the activation value "
+            "below which BatchTopK features count as off (or leave it out to estimate it)."
+        )
     if batchtopk_mode is None and threshold is not None:
         batchtopk_mode = "threshold"
+    if threshold is not None and batchtopk_mode != "threshold":
+        raise SaetuiInputError(
+            f"--threshold {threshold} only applies with --batchtopk-mode threshold, not "
+            f"{batchtopk_mode}: drop --threshold or choose that mode."
+        )
     if threshold is not None and sae.architecture != "batchtopk":
         raise SaetuiInputError(
             f"a global threshold only applies to BatchTopK SAEs, and the SAE at {path} is "

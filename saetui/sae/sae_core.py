@@ -94,6 +94,12 @@ def load(directory: Path) -> SparseAutoencoder:
     check_shape(state["b_enc"], (d_sae,), "b_enc", weights_path, source)
     check_shape(state["b_dec"], (d_in,), "b_dec", weights_path, source)
     dtype = parse_dtype(config.get("dtype"), config_path) or state["W_enc"].dtype
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        if not state[name].is_floating_point():  # a cast would hide nonsense weights
+            raise SaetuiInputError(
+                f"{weights_path} stores {name} as {str(state[name].dtype).removeprefix('torch.')}, "
+                "not as floating point: export the weights as float32, float16 or bfloat16."
+            )
     tensors = {name: state[name].to(dtype) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     check_finite(tensors, weights_path)
 

@@ -110,3 +110,33 @@ def test_headless_signal_during_metrics_exits_130_resumably(tmp_path, tiny_gpt2_
     with open_index(out) as index:
         assert not index.progress().finished and index.progress().tokens > 0
         assert not index.metrics()
+
+
+def test_overwrite_builds_beside_and_swaps_only_when_finished(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_index
+):
+    out = tmp_path / "index"
+    shutil.copytree(tiny_index[2], out)
+    with open_index(out) as index:
+        index.set_label(3, "kept across the overwrite")
+        old_tokens = index.progress().tokens
+    before = sorted((p.name, p.stat().st_size) for p in out.rglob("*") if p.is_file())
+    config = tiny_collect_config(
+        out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, ctx_len=16, overwrite=True
+    )
+    calls = iter(range(1000))
+    stopped = run_collection(config, should_stop=lambda: next(calls) >= 4)
+    assert stopped.status == "stopped"
+    after = sorted((p.name, p.stat().st_size) for p in out.rglob("*") if p.is_file())
+    assert [n for n, _ in after if n != "writer.lock"] == [
+        n for n, _ in before if n != "writer.lock"
+    ]
+    with open_index(out) as index:  # the old index, untouched and readable
+        assert index.meta.ctx_len == 24 and index.progress().tokens == old_tokens
+    finished = run_collection(config)  # resumes the replacement, then swaps it in
+    assert finished.status == "finished" and finished.out == out
+    with open_index(out) as index:
+        assert index.meta.ctx_len == 16 and index.progress().finished
+        assert index.label(3).label == "kept across the overwrite"
+    assert not (tmp_path / ".index.overwrite").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]

@@ -10,7 +10,10 @@ resumable: running the same configuration again continues after the last commit.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -161,7 +164,55 @@ def run_collection(
     later run finds it done; a finished index of the same request returns at once,
     without loading the model. ``should_stop`` is checked at safe points in every phase
     (between loading steps, batches and stripes): the result then says "stopped" and
-    where, and running the same config again resumes."""
+    where, and running the same config again resumes.
+
+    ``overwrite`` on an existing index builds the new one beside it (``.NAME.overwrite``)
+    and swaps it in only when it has finished, keeping the user's labels: a stop or a
+    crash leaves the old index as it was, and the same command resumes the new one."""
+    out = Path(config.out)
+    if not (config.overwrite and (out / "saetui-index.json").exists()):
+        return _run(config, progress=progress, should_stop=should_stop, say=say)
+    check_request(config)  # the old index: no other writer may hold it
+    staging = out.with_name(f".{out.name}.overwrite")
+    staged = dataclasses.replace(config, out=staging, overwrite=False)
+    if staging.exists() and _stored_request(staging) != request_record(staged):
+        shutil.rmtree(staging)  # a replacement for another request, never user data
+    result = _run(staged, progress=progress, should_stop=should_stop, say=say)
+    if result.status == "finished":
+        _swap_in(staging, out)
+    result.out = out
+    return result
+
+
+def _stored_request(path: Path) -> Any:
+    from saetui.errors import SaetuiInputError
+    from saetui.index import open_index
+
+    try:
+        with open_index(path) as index:
+            return index.get_meta("request")
+    except SaetuiInputError:
+        return None
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished ``staging`` index at ``out``; the old one's labels come along."""
+    retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    labels = out / "user"
+    if labels.is_dir() and not (staging / "user").exists():
+        labels.rename(staging / "user")
+    out.rename(retired)
+    staging.rename(out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _run(
+    config: CollectConfig,
+    *,
+    progress: Callable[[CollectProgress], None] | None,
+    should_stop: Callable[[], bool] | None,
+    say: Callable[[str], None] | None,
+) -> CollectResult:
     started = time.perf_counter()
     report = _Reporter(progress)
     stop_requested = should_stop or (lambda: False)

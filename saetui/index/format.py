@@ -177,17 +177,46 @@ def unmap_file_pages(data_files: list[Path]) -> None:
 
 
 def translate_lmdb_error(exc: BaseException, path: Path) -> BaseException:
-    """Turn map-full / disk-full errors into one clear sentence; others pass through."""
+    """Turn map-full, disk-full and I/O errors into one clear sentence; others pass through.
+
+    LMDB reports a short write on a full disk as EIO ("Input/output error") on commit, not
+    ENOSPC, so an EIO with (almost) no free space left is a full disk too."""
     if isinstance(exc, lmdb.MapFullError):
         return SaetuiInputError(
             f"the index {path} reached its map size: everything committed so far is kept; "
             "resume with a larger map_size."
         )
-    if isinstance(exc, (lmdb.DiskError, lmdb.Error, OSError)) and (
-        getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
-    ):
+    if not isinstance(exc, (lmdb.Error, OSError)):
+        return exc
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    full = code == errno.ENOSPC or "No space left" in text
+    io_error = code == errno.EIO or "Input/output error" in text
+    if io_error and _free_bytes(path) < 4 << 20:
+        full = True
+    if full:
         return SaetuiInputError(
             f"the disk holding the index {path} is full: everything committed so far is kept; "
             "free space and run the same command again to resume."
         )
+    if io_error:
+        return SaetuiInputError(
+            f"the disk holding the index {path} reported an I/O error: everything committed "
+            "so far is kept; check the disk (dmesg), then run the same command again."
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "Read-only file system" in text:
+        return SaetuiInputError(
+            f"the index {path} cannot be written ({text}): choose a writable directory."
+        )
     return exc
+
+
+def _free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        stat = os.statvfs(probe)
+    except OSError:
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize

@@ -369,6 +369,8 @@ class SaetuiApp(App[int]):
             self.notify(f"Collection failed: {self.collection_error}", severity="error", timeout=20)
         elif finished:
             self.notify("Collection finished.")
+            if self.collect is not None and self.collect.overwrite:
+                self.source.reopen()  # the new index was swapped in at the end
         else:
             phase = self.outcome[2] if self.outcome else "running"
             self.notify(f"Collection stopped while {phase} at {tokens:,} tokens; p resumes.")

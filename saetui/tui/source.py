@@ -67,6 +67,14 @@ class IndexSource:
                     raise
             return self._reader
 
+    def reopen(self) -> None:
+        """Read the index afresh (e.g. after ``--overwrite`` swapped a new one in)."""
+        with self._lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._cache.clear()
+
     def is_open(self) -> bool:
         return self._reader is not None
 

@@ -294,3 +294,53 @@ def test_real_tokenizer_windows_on_sample_corpus() -> None:
             assert text[a:b].strip() == tok.decode([ids[seg.doc_id][offset - 1]]).strip()
         whole = document_text_span(tok, text, 0, len(ids[seg.doc_id]) + 1, True)
         assert whole == (0, len(text))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 300), min_size=1, max_size=12),
+    ctx_len=st.integers(2, 40),
+    piece=st.integers(8, 200),
+    bos=st.booleans(),
+)
+def test_long_documents_streamed_in_pieces_give_the_same_windows(
+    lengths: list[int], ctx_len: int, piece: int, bos: bool
+) -> None:
+    """Documents tokenised piece by piece (as huge ones are) pack into exactly the windows
+    the whole-document tokenisation gives."""
+    import saetui.corpus.windows as windows_module
+
+    docs = make_docs(lengths, seed=len(lengths) + ctx_len)
+    tok = tiny_tokenizer(bos)
+    whole = list(iter_windows(docs, tok, ctx_len=ctx_len))
+    saved = windows_module.LONG_DOCUMENT_CHARS
+    windows_module.LONG_DOCUMENT_CHARS = piece
+    try:
+        streamed = list(iter_windows(docs, tok, ctx_len=ctx_len))
+    finally:
+        windows_module.LONG_DOCUMENT_CHARS = saved
+    assert [w.window_id for w in streamed] == [w.window_id for w in whole]
+    for a, b in zip(streamed, whole, strict=True):
+        assert a.segments == b.segments
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_max_tokens_never_tokenises_the_rest_of_a_huge_document() -> None:
+    import saetui.corpus.windows as windows_module
+
+    calls: list[int] = []
+    tok = tiny_tokenizer()
+    original = windows_module.tokenize_documents
+
+    def counting(tokenizer, texts):
+        calls.append(sum(len(t) for t in texts))
+        return original(tokenizer, texts)
+
+    huge = " ".join(f"w{i % 90}" for i in range(2_000_000))  # ~7.8 M characters
+    windows_module.tokenize_documents = counting
+    try:
+        windows = list(iter_windows([huge], tok, ctx_len=64, max_tokens=300))
+    finally:
+        windows_module.tokenize_documents = original
+    assert sum(len(w) for w in windows) >= 300 and len(windows) == 5
+    assert sum(calls) <= 2 * windows_module.LONG_DOCUMENT_CHARS  # a piece or two, not 7.8 M

@@ -44,6 +44,8 @@ from saetui.errors import SaetuiInputError
 DEFAULT_CTX_LEN = 128
 DEFAULT_OPEN_WINDOWS = 16
 _TOKENIZE_CHUNK_DOCS = 256
+# Longer documents are tokenised in pieces of this many characters, as they are needed.
+LONG_DOCUMENT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -151,22 +153,25 @@ def _documents(corpus: Corpus | Sequence[str]) -> Sequence[str]:
 
 
 def _document_tokens(
-    documents: Sequence[str], tokenizer: Any, bos: int | None
+    documents: Sequence[str], ids: list[int], tokenizer: Any, bos: int | None
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(doc_id, tokens with BOS)`` per document, tokenised in batched chunks."""
-    for first in range(0, len(documents), _TOKENIZE_CHUNK_DOCS):
-        chunk = documents[first : first + _TOKENIZE_CHUNK_DOCS]
-        for i, ids in enumerate(tokenize_documents(tokenizer, chunk)):
-            tokens = np.empty(len(ids) + (bos is not None), dtype=np.uint32)
+    """``(doc_id, tokens with BOS)`` for the documents ``ids``, tokenised in batches."""
+    for first in range(0, len(ids), _TOKENIZE_CHUNK_DOCS):
+        chunk = ids[first : first + _TOKENIZE_CHUNK_DOCS]
+        for doc_id, token_ids in zip(
+            chunk, tokenize_documents(tokenizer, [documents[i] for i in chunk]), strict=True
+        ):
+            tokens = np.empty(len(token_ids) + (bos is not None), dtype=np.uint32)
             if bos is not None:
                 tokens[0] = bos
-            tokens[bos is not None :] = ids
-            yield first + i, tokens
+            tokens[bos is not None :] = token_ids
+            yield doc_id, tokens
 
 
-# A planned window: its segments, each with the token array of its whole
-# document (None when only lengths are planned, as in count_windows).
-_Plan = list[tuple[Segment, "np.ndarray | None"]]
+# A planned window: its segments, each with a token array of its document that starts
+# at document offset ``base`` (the whole document, base 0, unless the document was
+# streamed in pieces; None when only lengths are planned, as in count_windows).
+_Plan = list[tuple[Segment, "np.ndarray | None", int]]
 
 
 class _Packer:
@@ -191,25 +196,30 @@ class _Packer:
             ]
             if fitting:
                 plan, used = self._open[min(fitting)[1]]
-                plan.append((Segment(doc_id, 0, used[0], n), tokens))
+                plan.append((Segment(doc_id, 0, used[0], n), tokens, 0))
                 used[0] += n
                 if used[0] == ctx:
                     emitted.append(self._close(plan))
                 return emitted
-            emitted.extend(self._open_window([(Segment(doc_id, 0, 0, n), tokens)], n))
+            emitted.extend(self._open_window([(Segment(doc_id, 0, 0, n), tokens, 0)], n))
             return emitted
-        emitted.append([(Segment(doc_id, 0, 0, ctx), tokens)])
+        emitted.append([(Segment(doc_id, 0, 0, ctx), tokens, 0)])
         start = int(self.prepend_bos)  # continuation windows begin with a fresh BOS
         step = ctx - start
         offset = ctx
         while n - offset > step:
-            emitted.append([(Segment(doc_id, offset, start, step), tokens)])
+            emitted.append([(Segment(doc_id, offset, start, step), tokens, 0)])
             offset += step
-        tail = n - offset
-        emitted.extend(
-            self._open_window([(Segment(doc_id, offset, start, tail), tokens)], start + tail)
-        )
+        emitted.extend(self.add_tail(doc_id, offset, n - offset, tokens, 0))
         return emitted
+
+    def add_tail(
+        self, doc_id: int, offset: int, length: int, tokens: np.ndarray | None, base: int
+    ) -> list[_Plan]:
+        """The last piece of a long document: it opens a window short ones may fill."""
+        start = int(self.prepend_bos)
+        segment = Segment(doc_id, offset, start, length)
+        return self._open_window([(segment, tokens, base)], start + length)
 
     def _open_window(self, plan: _Plan, used: int) -> list[_Plan]:
         emitted: list[_Plan] = []
@@ -250,11 +260,79 @@ def _plans(
     bos_flag = resolve_prepend_bos(tokenizer, prepend_bos)
     bos = int(tokenizer.bos_token_id) if bos_flag else None
     packer = _Packer(ctx_len, bos_flag, open_windows)
-    for doc_id, tokens in _document_tokens(_documents(corpus), tokenizer, bos):
+    documents = _documents(corpus)
+    short_ids = [i for i, text in enumerate(documents) if len(text) <= LONG_DOCUMENT_CHARS]
+    long_ids = {i for i, text in enumerate(documents) if len(text) > LONG_DOCUMENT_CHARS}
+    shorts = _document_tokens(documents, short_ids, tokenizer, bos)
+    pending = next(shorts, None)
+    for doc_id in range(len(documents)):
+        if doc_id in long_ids:
+            for plan in _stream_long(packer, doc_id, documents[doc_id], tokenizer, bos):
+                yield plan, bos_flag
+            continue
+        assert pending is not None and pending[0] == doc_id
+        tokens = pending[1]
+        pending = next(shorts, None)
         for plan in packer.add(doc_id, len(tokens), tokens if keep_tokens else None):
             yield plan, bos_flag
     for plan in packer.flush():
         yield plan, bos_flag
+
+
+def _stream_long(
+    packer: _Packer, doc_id: int, text: str, tokenizer: Any, bos: int | None
+) -> Iterator[_Plan]:
+    """Windows of a very long document, tokenised piece by piece, so a consumer that
+    stops early (``max_tokens``) never tokenises or holds the whole text. Windows are the
+    same as the packer makes from the whole document: its first ``ctx_len`` tokens, then
+    continuation windows, then a tail piece that short documents may join."""
+    ctx = packer.ctx_len
+    start = int(packer.prepend_bos)
+    step = ctx - start
+    buffer = np.empty(0, dtype=np.uint32)
+    base = 0  # document offset of buffer[0]
+    offset = 0  # document offset of the next window's first token
+    pieces = _token_pieces(text, tokenizer, bos)
+    exhausted = False
+    while not exhausted:
+        piece = next(pieces, None)
+        if piece is None:
+            exhausted = True
+        else:
+            buffer = np.concatenate([buffer[offset - base :], piece])
+            base = offset
+        if offset == 0:
+            if len(buffer) <= ctx and not exhausted:
+                continue
+            if len(buffer) <= ctx:  # the whole document fits one window: a short one
+                yield from packer.add(doc_id, len(buffer), buffer)
+                return
+            yield [(Segment(doc_id, 0, 0, ctx), buffer, base)]
+            offset = ctx
+        # a continuation window only once more than `step` tokens follow (else: the tail)
+        while base + len(buffer) - offset > step:
+            yield [(Segment(doc_id, offset, start, step), buffer, base)]
+            offset += step
+    tail = base + len(buffer) - offset
+    if tail > 0:
+        yield from packer.add_tail(doc_id, offset, tail, buffer, base)
+
+
+def _token_pieces(text: str, tokenizer: Any, bos: int | None) -> Iterator[np.ndarray]:
+    """Token ids of ``text`` in pieces of about LONG_DOCUMENT_CHARS characters, cut just
+    before a whitespace (where pre-tokenizers split anyway), BOS first."""
+    first = True
+    position = 0
+    while position < len(text):
+        end = min(len(text), position + LONG_DOCUMENT_CHARS)
+        if end < len(text):
+            cut = max(text.rfind(" ", position + 1, end), text.rfind("\n", position + 1, end))
+            end = cut if cut > position else end
+        ids = tokenize_documents(tokenizer, [text[position:end]])[0]
+        piece = np.asarray(([bos] if first and bos is not None else []) + list(ids), np.uint32)
+        first = False
+        position = end
+        yield piece
 
 
 def _plan_length(plan: _Plan) -> int:
@@ -295,12 +373,11 @@ def _build_window(window_id: int, plan: _Plan, bos_flag: bool, bos: int | None) 
     tokens = np.empty(_plan_length(plan), dtype=np.uint32)
     if plan[0][0].start == 1:  # a continuation window: fresh BOS at position 0
         tokens[0] = bos
-    for segment, doc_tokens in plan:
+    for segment, doc_tokens, base in plan:
         assert doc_tokens is not None
-        tokens[segment.start : segment.end] = doc_tokens[
-            segment.doc_offset : segment.doc_offset + segment.length
-        ]
-    return Window(window_id, tokens, [segment for segment, _ in plan], bos_flag)
+        first = segment.doc_offset - base
+        tokens[segment.start : segment.end] = doc_tokens[first : first + segment.length]
+    return Window(window_id, tokens, [segment for segment, _, _ in plan], bos_flag)
 
 
 def count_windows(
@@ -337,12 +414,13 @@ def estimate_tokens(
         return 0
     bos = int(resolve_prepend_bos(tokenizer, prepend_bos))
     stride = max(1, len(documents) // sample_docs)
-    sample = documents[::stride]
+    # a prefix of each sampled document: a 50 MB document is estimated, not tokenised
+    sample = [text[:LONG_DOCUMENT_CHARS] for text in documents[::stride]]
     tokens = sum(len(ids) for ids in tokenize_documents(tokenizer, sample))
-    if stride == 1:
-        return tokens + bos * len(documents)
     sample_chars = sum(len(text) for text in sample)
     all_chars = sum(len(text) for text in documents)
+    if stride == 1 and sample_chars == all_chars:
+        return tokens + bos * len(documents)
     return round(tokens * all_chars / max(sample_chars, 1)) + bos * len(documents)
 
 

@@ -201,6 +201,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_share(args: argparse.Namespace) -> int:
+    """Write a copy of an index without local paths and timestamps, compacted."""
+    from saetui.index.share import share_copy
+
+    print(share_copy(args.index, args.out, labels=not args.no_labels))
+    return 0
+
+
 def cmd_labels_import(args: argparse.Namespace) -> int:
     """Read feature labels from JSONL into an index."""
     from saetui.export.labels import import_labels
@@ -259,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
     export.add_argument("--top-examples", type=int, default=20, help="examples per feature")
     export.set_defaults(handler=cmd_export)
+
+    share = commands.add_parser(
+        "share", help="copy an index without local paths and timestamps, to give to others"
+    )
+    share.add_argument("index", type=Path, help="index directory")
+    share.add_argument("out", type=Path, help="new directory for the copy")
+    share.add_argument("--no-labels", action="store_true", help="leave labels and notes out")
+    share.set_defaults(handler=cmd_share)
 
     labels = commands.add_parser("labels", help="feature labels")
     label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)

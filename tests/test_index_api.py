@@ -410,3 +410,45 @@ def test_reading_does_not_import_torch_or_textual(built):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_share_copy_has_no_local_paths_or_timestamps_and_reads_the_same(
+    tmp_path, tmp_path_factory, tiny_index
+):
+    import shutil
+    import subprocess
+    import sys
+
+    from saetui.index.share import share_copy
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_index[2], source)
+    with open_index(source) as r:
+        r.set_label(3, "private note")
+        assert str(tmp_path_factory.getbasetemp()) in str(r.meta.run_config)  # paths inside
+    secret = str(tmp_path_factory.getbasetemp()).encode()
+    copy = share_copy(source, tmp_path / "shared", labels=False)
+    for path in copy.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    with open_index(source) as a, open_index(copy) as b:
+        assert a.progress().tokens == b.progress().tokens
+        assert b.progress().updated == 0 and b.label(3) is None
+        for feature in (0, 5, 17):
+            assert [e.global_index for e in a.top_examples(feature, 5)] == [
+                e.global_index for e in b.top_examples(feature, 5)
+            ]
+    result = subprocess.run(
+        [sys.executable, "-m", "saetui", "share", str(source), str(tmp_path / "with-labels")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    with open_index(tmp_path / "with-labels") as b:
+        assert b.label(3).label == "private note"
+    again = subprocess.run(
+        [sys.executable, "-m", "saetui", "share", str(source), str(tmp_path / "with-labels")],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 2 and "exists" in again.stderr

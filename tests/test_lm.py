@@ -224,3 +224,21 @@ def test_code_in_a_model_folder_never_runs(tmp_path, tiny_gpt2_dir):
             with pytest.raises(SaetuiInputError, match="never runs code from a model folder"):
                 load_model(str(folder), device="cpu", numerics="raw")
         assert not marker.exists()
+
+
+def test_staging_left_by_a_killed_first_load_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from saetui.lm.embedded import _remove_abandoned_staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    abandoned = tmp_path / f".smollm2-135m-{dead}-abc"
+    old_style = tmp_path / ".smollm2-135m-xyz"
+    running = tmp_path / f".smollm2-135m-{__import__('os').getpid()}-def"
+    for folder in (abandoned, old_style, running):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    _remove_abandoned_staging(tmp_path, "smollm2-135m")
+    assert not abandoned.exists() and not old_style.exists() and running.exists()

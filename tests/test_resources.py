@@ -44,3 +44,22 @@ def test_a_full_disk_is_one_sentence_and_the_index_resumes_elsewhere(
     assert resumed.returncode == 0, resumed.stderr
     with open_index(tmp_path / "moved") as index:
         assert index.progress().finished and index.progress().tokens > kept
+
+
+def test_readers_and_writers_work_under_an_address_space_limit(tmp_path):
+    """ulimit -v: a 1 TiB map could not be opened; readers map only the file, and the
+    writer sizes its map from what the limit leaves."""
+    script = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+        "from saetui.index.synthetic import SyntheticCorpus, write_synthetic\n"
+        "from saetui.index import open_index\n"
+        "write_synthetic(sys.argv[1], SyntheticCorpus(d_sae=128, ctx_len=16), 40)\n"
+        "with open_index(sys.argv[1]) as r:\n"
+        "    print(r.progress().windows, len(r.top_examples(0, 3)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "index")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "40"

@@ -35,6 +35,27 @@ from saetui.errors import SaetuiInputError
 from saetui.index import format as fmt
 
 WRITER_LOCK_FILE = "writer.lock"
+# A read-only environment maps the whole data file whatever map_size says, so readers ask
+# for little: they then work under an address-space limit (ulimit -v) too.
+READER_MAP_SIZE = 1 << 20
+
+
+def writer_map_size(requested: int = fmt.DEFAULT_MAP_SIZE) -> int:
+    """The writer's map size: ``requested`` (virtual; the file grows with the data), or
+    half of what an address-space limit (ulimit -v) leaves, when there is one."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(64 << 20, min(requested, soft // 2))
+
+
+def _address_limit() -> str:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
 
 
 @dataclass
@@ -90,7 +111,7 @@ def acquire(
         try:
             env = lmdb.open(
                 str(path),
-                map_size=map_size,
+                map_size=map_size if writable else READER_MAP_SIZE,
                 subdir=True,
                 readonly=not writable,
                 create=write,
@@ -112,6 +133,12 @@ def acquire(
                 "another tool): rebuild the index."
             ) from None
         except lmdb.Error as exc:
+            if isinstance(exc, lmdb.MemoryError) or "Cannot allocate memory" in str(exc):
+                raise SaetuiInputError(
+                    f"cannot map the index {path} into memory: this process may use too little "
+                    f"address space (ulimit -v {_address_limit()}); raise the limit or run "
+                    "without it."
+                ) from None
             raise SaetuiInputError(
                 f"cannot open the index environment {path}: {exc}; check the path and its "
                 "permissions."

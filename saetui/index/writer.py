@@ -142,7 +142,9 @@ class IndexWriter:
                     (sdir / name).unlink(missing_ok=True)
             if not (path / fmt.MARKER_FILE).exists():
                 fmt.write_marker(path)
-            shared = envs.acquire(sdir, fmt.SHARD_DBS, write=True, map_size=map_size)
+            shared = envs.acquire(
+                sdir, fmt.SHARD_DBS, write=True, map_size=envs.writer_map_size(map_size)
+            )
         except BaseException:
             if lock is not None:
                 lock.release()

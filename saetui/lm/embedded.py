@@ -74,6 +74,27 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.name}:{stat.st_size}".encode()).hexdigest()[:16]
 
 
+def _remove_abandoned_staging(folder: Path, name: str) -> None:
+    """Staging directories of first loads whose process is gone (killed mid-way): they
+    hold a half-written ~500 MB checkpoint each."""
+    for staging in folder.glob(f".{name}-*"):
+        parts = staging.name[len(name) + 2 :].split("-")
+        pid = int(parts[0]) if parts and parts[0].isdigit() else None
+        if pid is not None and _alive(pid):
+            continue  # another process is dequantising right now
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def embedded_model_dir(name: str, *, progress: Callable[[str], None] | None = None) -> Path:
     """A Hugging Face checkpoint directory for the embedded model, made on first use.
 
@@ -92,7 +113,8 @@ def embedded_model_dir(name: str, *, progress: Callable[[str], None] | None = No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    _remove_abandoned_staging(target.parent, name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-{os.getpid()}-", dir=target.parent))
     try:
         directory = str(source.parent)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=spec.gguf_file)

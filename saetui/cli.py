@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,6 +306,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("saetui: interrupted")
         return 130
+    except Exception as error:  # a bug: one line here, the traceback in a file
+        _say(f"saetui: internal error: {type(error).__name__}: {error}. {_save_traceback()}")
+        return 1
+
+
+def _save_traceback() -> str:
+    """Write the current exception's traceback to the user cache; say where."""
+    import time
+    import traceback
+
+    from saetui.lm.embedded import cache_root
+
+    try:
+        folder = cache_root() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return "Please report it with the command you ran."
+    return f"Please report it with the traceback saved in {path}."
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from saetui.errors import SaetuiInputError
+from saetui.errors import IndexDamagedError, SaetuiInputError
 from saetui.index import format as fmt
 
 WRITER_LOCK_FILE = "writer.lock"
@@ -128,9 +128,9 @@ def acquire(
                 lib_version=fmt.LMDB_LIB_VERSION,
             )
         except lmdb.InvalidError:
-            raise SaetuiInputError(
+            raise IndexDamagedError(
                 f"{path} is not an LMDB 0.9 environment written by saetui (damaged, or made by "
-                "another tool): rebuild the index."
+                "another tool): restore the index from a copy or collect it again."
             ) from None
         except lmdb.Error as exc:
             if isinstance(exc, lmdb.MemoryError) or "Cannot allocate memory" in str(exc):
@@ -213,7 +213,7 @@ def check_data_file(path: Path, env: lmdb.Environment | None = None) -> None:
 
 
 def _truncated(path: Path) -> SaetuiInputError:
-    return SaetuiInputError(
+    return IndexDamagedError(
         f"{path / 'data.mdb'} is truncated (shorter than its own page table says): the file is "
         "damaged; restore it from a copy or rebuild the index."
     )

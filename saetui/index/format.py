@@ -15,7 +15,7 @@ from typing import Any
 
 import lmdb
 
-from saetui.errors import SaetuiInputError
+from saetui.errors import IndexDamagedError, IndexMissingError, SaetuiInputError
 
 FORMAT_NAME = "saetui-index"
 FORMAT_VERSION = 1
@@ -117,13 +117,13 @@ def marker_content() -> dict[str, Any]:
 def read_marker(index_path: Path) -> dict[str, Any]:
     """Read and check the marker file; raise SaetuiInputError when `index_path` is no index."""
     if not index_path.exists():
-        raise SaetuiInputError(
+        raise IndexMissingError(
             f"{index_path} does not exist: pass the directory of a saetui index "
             "(made by `saetui collect`)."
         )
     marker = index_path / MARKER_FILE
     if not index_path.is_dir() or not marker.is_file():
-        raise SaetuiInputError(
+        raise IndexMissingError(
             f"{index_path} is not a saetui index (no {MARKER_FILE} inside): pass the "
             "directory made by `saetui collect`."
         )
@@ -133,7 +133,7 @@ def read_marker(index_path: Path) -> dict[str, Any]:
             raise ValueError
         version = int(content["format_version"])
     except (ValueError, KeyError, TypeError, OSError):
-        raise SaetuiInputError(
+        raise IndexDamagedError(
             f"{marker} is damaged or not a saetui index marker: rebuild the index with "
             "`saetui collect`."
         ) from None

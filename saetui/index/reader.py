@@ -20,7 +20,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from saetui.errors import SaetuiInputError
+from saetui.errors import IndexDamagedError, IndexEmptyError, SaetuiInputError
 from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
@@ -136,7 +136,7 @@ class IndexReader:
                         "the other shards: rebuild it."
                     )
             if shape is None:
-                raise SaetuiInputError(
+                raise IndexEmptyError(
                     f"the index {self.path} has no committed data yet: wait for the collector's "
                     "first commit (about a second) and open it again."
                 )
@@ -207,14 +207,14 @@ class IndexReader:
         try:
             yield
         except codec.CorruptBlockError as exc:
-            raise SaetuiInputError(
-                f"the index {where} holds a damaged record ({exc}): restore it from a copy or "
-                "rebuild the index."
+            raise IndexDamagedError(
+                f"{_shard_name(where)} holds a damaged record ({exc}): restore the index from "
+                "a copy or collect it again."
             ) from None
         except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
-            raise SaetuiInputError(
-                f"the index {where} is damaged ({type(exc).__name__}): restore it from a copy or "
-                "rebuild the index."
+            raise IndexDamagedError(
+                f"{_shard_name(where)} is damaged ({type(exc).__name__}): restore the index "
+                "from a copy or collect it again."
             ) from None
 
     def _shard(self, shard: int) -> _Shard:
@@ -892,3 +892,11 @@ def _segment_at(segments: np.ndarray, pos: int) -> np.ndarray | None:
         if row[2] <= pos < row[2] + row[3]:
             return row
     return None
+
+
+def _shard_name(where: Path | str) -> str:
+    """'shard 0 of the index INDEX' for a shard directory, else the path."""
+    path = Path(where)
+    if path.name.startswith(fmt.SHARD_PREFIX) and path.name[len(fmt.SHARD_PREFIX) :].isdigit():
+        return f"shard {int(path.name[len(fmt.SHARD_PREFIX) :])} of the index {path.parent}"
+    return f"the index {path}"

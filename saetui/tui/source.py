@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from saetui.errors import SaetuiInputError
+from saetui.errors import IndexEmptyError, IndexMissingError, SaetuiInputError
 from saetui.tui.model import (
     ActiveFeature,
     Context,
@@ -61,10 +61,8 @@ class IndexSource:
                     raise IndexNotReady(f"waiting for {self.path} to be created")
                 try:
                     self._reader = open_index(self.path)
-                except SaetuiInputError as error:
-                    if "no committed data" in str(error) or "saetui-index.json" in str(error):
-                        raise IndexNotReady(str(error)) from None
-                    raise
+                except (IndexEmptyError, IndexMissingError) as error:
+                    raise IndexNotReady(str(error)) from None
             return self._reader
 
     def reopen(self) -> None:

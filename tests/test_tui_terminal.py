@@ -87,6 +87,48 @@ def test_snapshot_help_80x24(snap_compare, synthetic_index):
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
 
 
+def _context_open(pilot_feature: int):
+    async def run_before(pilot) -> None:
+        await _feature_loaded(pilot_feature)(pilot)
+        await pilot.press("enter")  # the first top context
+        for _ in range(400):
+            screen = pilot.app.screen
+            if screen.__class__.__name__ == "ContextScreen" and screen.active:
+                break
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+
+    return run_before
+
+
+async def _run_pane(pilot) -> None:
+    await _loaded(pilot)
+    await pilot.press("1")
+    await pilot.pause(0.5)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 30)], ids=["80x24", "120x30"])
+@pytest.mark.parametrize("pane", ["run", "feature", "context", "probe"])
+def test_snapshot_every_pane(snap_compare, synthetic_index, pane, size, monkeypatch):
+    """Each pane at both sizes (the probe before its first run: no model here). The app
+    opens the index by a relative path, as typed, so the run pane's path is stable."""
+    monkeypatch.chdir(synthetic_index.parent)
+    run_before = {
+        "run": _run_pane,
+        "feature": _feature_loaded(2),
+        "context": _context_open(2),
+        "probe": _probe_pane,
+    }[pane]
+    app = SaetuiApp(Path(synthetic_index.name), watch_terminal=False)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+async def _probe_pane(pilot) -> None:
+    await _loaded(pilot)
+    await pilot.press("4")
+    await pilot.pause(0.3)
+
+
 # ---------------------------------------------------------------------- tmux
 
 

@@ -298,3 +298,35 @@ def test_terminal_gone_stops_the_app_and_its_collector(tmp_path, tiny_gpt2_dir, 
     assert not _processes_of(out)
     with open_index(out) as index:
         assert index.progress().tokens > 0
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.parametrize("colours", ["truecolor", "256", "NO_COLOR"])
+def test_the_firing_token_stays_marked_and_the_cursor_is_not_heat(synthetic_index, colours):
+    """In truecolor, 256 colours and monochrome (NO_COLOR) the firing token of a context
+    is underlined; with colours, the cursor row's background is blue, the heat orange."""
+    import re
+
+    env = {"truecolor": "COLORTERM=truecolor", "256": "COLORTERM=", "NO_COLOR": "NO_COLOR=1"}
+    command = f"env {env[colours]} TERM=tmux-256color {_command(synthetic_index)}"
+    tmux = Tmux(f"saetui-colour-{time.monotonic_ns()}", command)
+    try:
+        tmux.wait_for("1/512")
+        tmux.keys("j", "j", "Enter")
+        tmux.wait_for("Top activations")
+        time.sleep(0.5)
+        raw = subprocess.run(
+            ["tmux", "capture-pane", "-e", "-p", "-t", tmux.session],
+            capture_output=True,
+            text=True,
+        ).stdout
+        marked = [line for line in raw.splitlines() if "\x1b[4m" in line or ";4m" in line]
+        assert marked  # the underlined (firing) token
+        rgb = [tuple(map(int, m)) for m in re.findall(r"48;2;(\d+);(\d+);(\d+)", raw)]
+        if colours == "NO_COLOR":  # monochrome: greys only, the mark carries the meaning
+            assert all(max(c) - min(c) <= 8 for c in rgb), set(rgb)
+        elif colours == "truecolor":
+            assert any(r > b + 60 for r, _, b in rgb)  # orange heat
+            assert any(b > r + 60 for r, _, b in rgb)  # the blue cursor row
+    finally:
+        tmux.close()

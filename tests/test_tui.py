@@ -657,3 +657,40 @@ def test_open_refuses_non_index_and_opens_onto_a_feature(index_copy, tmp_path):
             assert "--feature 7" in app.clipboard and str(index_copy.resolve()) in app.clipboard
 
     asyncio.run(flow())
+
+
+def test_ablation_from_the_feature_view_shows_each_contexts_loss_change(
+    index_copy, collected, embedded_model
+):
+    from saetui.analysis.causal import ablate
+    from saetui.analysis.probe import ProbeInputs
+    from saetui.sae import load_sae
+
+    sae = load_sae(collected[1])
+
+    async def flow():
+        app = make_app(index_copy, model_loader=lambda: ProbeInputs(embedded_model, sae, HOOK))
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await pilot.press("s", "s")  # density: a feature with contexts
+            await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
+            feature = table.current_row.feature
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == feature)
+            await pilot.press("a")
+            await wait_for(pilot, lambda: len(view.ablations) == 10, timeout=120)
+            row = next(i for i, t in enumerate(view.targets) if t and t.kind == "context")
+            assert "Δ" in view.line_text(row)
+            # the value shown is the ablation of that context, recomputed here directly
+            context = view.targets[row].context
+            example = app.source.reader.top_examples(feature, 1)[0]
+            assert (context.window, context.window_position) == (example.window, example.position)
+            ids = example.token_ids[: example.position + 2].tolist()
+            direct = ablate(embedded_model, sae, HOOK, ids, feature)
+            delta = view.ablations[(example.window, example.position)]
+            assert delta == pytest.approx(direct.delta_loss[example.position], abs=1e-4)
+            assert app.source.cached_ablation(feature, (example.window, example.position))
+
+    asyncio.run(flow())

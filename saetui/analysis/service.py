@@ -39,6 +39,10 @@ class ProbeService(Protocol):
 
     def logit_effects(self, feature: int) -> LogitEffects: ...
 
+    def ablate(self, token_ids: list[int], feature: int) -> Any: ...
+
+    def steer(self, prompt: str, features: dict[int, float], **options: Any) -> Any: ...
+
     def close(self) -> None: ...
 
 
@@ -73,6 +77,18 @@ class InProcessProbe:
         from saetui.analysis.probe import feature_logit_effects
 
         return feature_logit_effects(self._loaded(), feature)
+
+    def ablate(self, token_ids: list[int], feature: int) -> Any:
+        from saetui.analysis.causal import ablate
+
+        inputs = self._loaded()
+        return ablate(inputs.model, inputs.sae, inputs.hook, token_ids, feature)
+
+    def steer(self, prompt: str, features: dict[int, float], **options: Any) -> Any:
+        from saetui.analysis.causal import steer
+
+        inputs = self._loaded()
+        return steer(inputs.model, inputs.sae, inputs.hook, prompt, features, **options)
 
     def close(self) -> None:
         self._inputs = None
@@ -142,6 +158,12 @@ class ProbeProcess:
     def logit_effects(self, feature: int) -> LogitEffects:
         return self._request("logit_effects", int(feature))
 
+    def ablate(self, token_ids: list[int], feature: int) -> Any:
+        return self._request("ablate", [int(t) for t in token_ids], int(feature))
+
+    def steer(self, prompt: str, features: dict[int, float], **options: Any) -> Any:
+        return self._request("steer", prompt, dict(features), options)
+
     def close(self) -> None:
         """Kill the child (a request waiting on it then fails at once) and reap it."""
         self._closed = True
@@ -172,6 +194,7 @@ def _receive(conn: Connection) -> tuple[str, Any]:
 
 
 def _child(fd: int) -> int:
+    from saetui.analysis.causal import ablate, steer
     from saetui.analysis.probe import feature_logit_effects, probe, probe_loader
 
     conn = Connection(fd)
@@ -197,6 +220,11 @@ def _child(fd: int) -> int:
                 value: Any = probe(inputs.model, inputs.sae, inputs.hook, text, focus=focus)
             elif kind == "logit_effects":
                 value = feature_logit_effects(inputs, *args)
+            elif kind == "ablate":
+                value = ablate(inputs.model, inputs.sae, inputs.hook, *args)
+            elif kind == "steer":
+                prompt, features, options = args
+                value = steer(inputs.model, inputs.sae, inputs.hook, prompt, features, **options)
             else:
                 raise SaetuiInputError(f"unknown probe request {kind!r}")
             conn.send(("ok", value))

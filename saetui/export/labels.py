@@ -41,7 +41,7 @@ def read_labels(path: Path, d_sae: int | None = None) -> dict[int, tuple[str, st
     if not path.is_file():
         raise SaetuiInputError(
             f"Labels file {path} does not exist; give a JSONL file of "
-            "{\"feature\": N, \"label\": ...} records."
+            '{"feature": N, "label": ...} records.'
         )
     labels: dict[int, tuple[str, str]] = {}
     try:

@@ -192,5 +192,3 @@ class TokenMatch:
     feature: int
     count: int  # top examples of the feature that fire on a matching token
     tokens: list[str]
-
-

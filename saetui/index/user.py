@@ -9,6 +9,9 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import lmdb
 
 from saetui.errors import SaetuiInputError
 from saetui.index import env as envs
@@ -16,6 +19,7 @@ from saetui.index import format as fmt
 from saetui.index.types import Bookmark, Label
 
 USER_DBS = (fmt.DB_LABELS, fmt.DB_BOOKMARKS)
+DB_CACHE = b"cache"  # results worth keeping (e.g. ablations), keyed by a JSON key
 USER_MAP_SIZE = 1 << 30
 
 
@@ -129,6 +133,37 @@ class UserStore:
             record = json.loads(raw)
             out.append(Bookmark(struct.unpack(">I", key)[0], record["note"], record["t"]))
         return out
+
+    # ---------------------------------------------------------------- cached results
+
+    def _cache_db(self, create: bool) -> Any:
+        entry = self._env(create=create)
+        if entry is None:
+            return None
+        if DB_CACHE not in entry.dbs:
+            try:  # indexes made before the cache existed lack the database
+                envs.release(envs.acquire(self.path, (DB_CACHE,), write=entry.writable))
+            except lmdb.NotFoundError:
+                return None
+        return entry.dbs[DB_CACHE]
+
+    def put_cached(self, key: Any, value: Any) -> None:
+        """Keep a JSON ``value`` under a JSON ``key`` (e.g. an ablation of one context)."""
+        db = self._cache_db(create=True)
+        entry = self._entry
+        assert entry is not None and db is not None
+        if not entry.writable:
+            return  # a read-only index: recompute next time
+        with entry.write_lock, entry.env.begin(write=True) as txn:
+            txn.put(fmt.dumps(key), fmt.dumps(value), db=db)
+
+    def cached(self, key: Any) -> Any:
+        db = self._cache_db(create=False)
+        if db is None or self._entry is None:
+            return None
+        with self._entry.env.begin() as txn:
+            raw = txn.get(fmt.dumps(key), db=db)
+        return None if raw is None else json.loads(raw)
 
     def close(self) -> None:
         """Release the environment; callers finish their own calls first."""

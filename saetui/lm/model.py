@@ -354,8 +354,10 @@ def _refuse_remote_code(name: str, directory: str) -> None:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return
-    if isinstance(config, dict) and config.get("auto_map") and (
-        config.get("model_type") not in CONFIG_MAPPING
+    if (
+        isinstance(config, dict)
+        and config.get("auto_map")
+        and (config.get("model_type") not in CONFIG_MAPPING)
     ):
         raise SaetuiInputError(
             f"Model {name} needs its own Python code (auto_map in its config.json) to load, "

@@ -169,8 +169,10 @@ def load(directory: Path) -> SparseAutoencoder:
     dict_class = _dict_class(config, state, config_path)
     architecture, needed = _CLASSES[dict_class]
     require_tensors(state, needed, weights_path, f"dictionary_learning {dict_class}")
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor
-             for name, tensor in state.items()}
+    state = {
+        name: tensor.float() if tensor.is_floating_point() else tensor
+        for name, tensor in state.items()
+    }
     tensors = _tensors(dict_class, state)
     d_in, d_sae = (int(n) for n in tensors["W_enc"].shape)
     source = f"its W_enc shape [{d_in}, {d_sae}] (dictionary_learning {dict_class})"

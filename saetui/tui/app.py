@@ -636,6 +636,40 @@ class SaetuiApp(App[int]):
         elif not get_current_worker().is_cancelled:
             self.call_from_thread(self.open_feature, target)
 
+    def on_feature_view_ablate(self, message: FeatureView.Ablate) -> None:
+        self.notify(f"Ablating #{message.feature} on its top contexts (loads the model once)…")
+        self._ablate(message.feature)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="ablate")
+    def _ablate(self, feature: int, contexts: int = 10) -> None:
+        """Each top context re-run with the feature removed (results kept in the index)."""
+        view = self.query_one(FeatureView)
+        deltas: dict[tuple[int, int], float] = {}
+        means = []
+        try:
+            inputs = self.source.ablation_inputs(feature, contexts)
+            for done, (where, token_ids) in enumerate(inputs, 1):
+                summary = self.source.cached_ablation(feature, where)
+                if summary is None:
+                    result = self.probe_service().ablate(token_ids, feature)
+                    summary = {
+                        "delta": result.delta_loss[where[1]],
+                        "mean": result.mean_delta_where_fires,
+                    }
+                    self.source.keep_ablation(feature, where, summary)
+                if get_current_worker().is_cancelled:
+                    return
+                deltas[where] = float(summary["delta"])
+                means.append(float(summary["mean"]))
+                note = (
+                    f"  ablation ({done}/{len(inputs)}): loss where it fires "
+                    f"{sum(means) / len(means):+.3f} on average; Δ = next-token loss change"
+                )
+                self.call_from_thread(view.show_ablations, feature, deltas, note)
+        except Exception as error:
+            if not get_current_worker().is_cancelled:
+                self.call_from_thread(self.notify, f"Ablation failed: {error}", severity="error")
+
     def on_feature_view_probe_feature(self, message: FeatureView.ProbeFeature) -> None:
         pane = self.query_one(ProbePane)
         self.action_show_tab("probe")

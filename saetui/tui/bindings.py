@@ -117,6 +117,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("feature.next", "n", "step(1)", "Next feature in the table's order", show=False),
     KeyAction("feature.prev", "N", "step(-1)", "Previous feature in the table's order", show=False),
     KeyAction("feature.probe", "P", "probe", "Shade my text by this feature", show=False),
+    KeyAction("feature.ablate", "a", "ablate", "Ablate on the top contexts"),
     KeyAction("feature.reference", "y", "copy_reference", "Copy a reference to this feature"),
     # context view
     KeyAction("context.right", "l,right", "move(1)", "Next token", show=False, palette=False),

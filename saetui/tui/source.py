@@ -398,6 +398,21 @@ class IndexSource:
             document_offset=int(getattr(example, "doc_offset", -1)),
         )
 
+    def ablation_inputs(self, feature: int, n: int) -> list[tuple[tuple[int, int], list[int]]]:
+        """((window, position), tokens of the window up to the token after the firing one)
+        for the feature's top ``n`` examples: what an ablation of each context runs."""
+        examples = self.reader.top_examples(feature, n)
+        return [
+            ((int(e.window), int(e.position)), e.token_ids[: e.position + 2].tolist())
+            for e in examples
+        ]
+
+    def cached_ablation(self, feature: int, where: tuple[int, int]) -> Any:
+        return self.reader.user.cached(["ablation", feature, *where])
+
+    def keep_ablation(self, feature: int, where: tuple[int, int], summary: Any) -> None:
+        self.reader.user.put_cached(["ablation", feature, *where], summary)
+
     def token_features(self, window: int, position: int) -> list[ActiveFeature]:
         token = self.reader.token(window, position)
         return self.named(zip(token.feature_ids.tolist(), token.values.tolist(), strict=True))

@@ -58,13 +58,21 @@ class Target:
     context: Context | None = None
 
 
-def _context_painter(context: Context, top: float) -> Painter:
+def _context_painter(context: Context, top: float, delta: float | None = None) -> Painter:
+    """A context row: the activation, the loss change of its ablation when known, then
+    the tokens around the firing one."""
+
     def paint(width: int) -> list[Segment]:
         value = Segment(f"{format_value(context.value):>6} ", VALUE)
+        cells = [value]
+        if delta is not None:
+            style = Style(color="green" if delta > 0 else "red")
+            cells.append(Segment(f"Δ{delta:+.2f} ", style))
+        used = sum(len(cell.text) for cell in cells)
         line = context_segments(
-            context.tokens, context.values, context.position, width - 8, max_value=top
+            context.tokens, context.values, context.position, width - used, max_value=top
         )
-        return [value, *line]
+        return [*cells, *line]
 
     return paint
 
@@ -145,6 +153,9 @@ class FeatureView(ScrollView, can_focus=True):
         self._base_style = Style()
         self._cursor_style = Style()
         self.message_text = "Choose a feature in the table (2) or search with /."
+        # (window, window position) -> loss change when the feature is ablated there
+        self.ablations: dict[tuple[int, int], float] = {}
+        self.ablation_note = ""
 
     # ------------------------------------------------------------------ content
 
@@ -198,6 +209,9 @@ class FeatureView(ScrollView, can_focus=True):
             and self.detail is not None
             and self.detail.row.feature == detail.row.feature
         )
+        if self.detail is None or self.detail.row.feature != detail.row.feature:
+            if not (restore is None and keep_position and self.detail is None):
+                self.ablations, self.ablation_note = {}, ""
         self.detail = detail
         self._build(detail)
         if same:
@@ -231,7 +245,8 @@ class FeatureView(ScrollView, can_focus=True):
             text_row(text if isinstance(text, Text) else Text(text, style="dim"))
 
         def context_row(context: Context, top: float) -> None:
-            painters.append(_context_painter(context, top))
+            delta = self.ablations.get((context.window, context.window_position))
+            painters.append(_context_painter(context, top, delta))
             targets.append(Target("context", feature, context))
 
         top = detail.row.max or max((c.value for c in detail.contexts), default=0.0)
@@ -244,6 +259,11 @@ class FeatureView(ScrollView, can_focus=True):
                 )
             )
         heading(f"Top activations ({len(detail.contexts)})")
+        note(
+            Text(self.ablation_note, style="italic")
+            if self.ablation_note
+            else "  a: ablate — each context's loss change (Δ) when this feature is removed"
+        )
         if not detail.contexts:
             note("  none yet")
         for context in detail.contexts:
@@ -435,6 +455,24 @@ class FeatureView(ScrollView, can_focus=True):
         def __init__(self, feature: int) -> None:
             super().__init__()
             self.feature = feature
+
+    def show_ablations(
+        self, feature: int, ablations: dict[tuple[int, int], float], note: str
+    ) -> None:
+        """Loss changes of ablating ``feature`` on its contexts (shown while it is open)."""
+        if self.detail is None or self.detail.row.feature != feature:
+            return
+        self.ablations, self.ablation_note = dict(ablations), note
+        self.show(self.detail, keep_position=True)
+
+    class Ablate(Message):
+        def __init__(self, feature: int) -> None:
+            super().__init__()
+            self.feature = feature
+
+    def action_ablate(self) -> None:
+        if self.detail is not None:
+            self.post_message(self.Ablate(self.detail.row.feature))
 
     def action_step(self, delta: int) -> None:
         if self.detail is not None:

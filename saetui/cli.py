@@ -89,8 +89,10 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--metrics-tokens",
         type=int,
-        default=20_000,
-        help="tokens for reconstruction and CE-loss metrics (default 20000)",
+        default=None,
+        help="tokens of the collection (whole windows, spread evenly) on which CE loss and KL "
+        "are measured; reconstruction metrics always use every collected token "
+        "(default: 1%% of the collection, at least 512, at most 20000)",
     )
     group.add_argument(
         "--overwrite",

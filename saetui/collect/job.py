@@ -26,7 +26,9 @@ class CollectConfig:
 
     out: Path
     inputs: RunInputs
-    metrics_tokens: int = 20_000
+    # tokens of the CE-loss/KL sample (whole windows of the collection); None: 1% of the
+    # collection, at least 512 and at most 20,000 (saetui.collect.pipeline.ce_sample_windows)
+    metrics_tokens: int | None = None
     overwrite: bool = False
     neighbours: int = 16
     cooccurrence_min_count: int = 3

@@ -306,3 +306,16 @@ def test_read_labels_keeps_the_last_record_of_a_feature(tmp_path):
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"feature": 4, "label": "old"}\n{"feature": 4, "label": "new"}\n')
     assert read_labels(labels, 10) == {4: ("new", "")}
+
+
+def test_a_large_activation_database_is_warned_about(tiny_index, tmp_path, monkeypatch):
+    from saetui.export import old_pipeline
+
+    _, _, index_path = tiny_index
+    monkeypatch.setattr(old_pipeline, "ACTIVATION_DB_WARN_TOKENS", 100)
+    said: list[str] = []
+    export_sae_core(index_path, tmp_path / "with", activation_db=True, say=said.append)
+    assert any("the activation database holds" in line and "GB to load" in line for line in said)
+    said.clear()
+    export_sae_core(index_path, tmp_path / "without", say=said.append)
+    assert not said and not list((tmp_path / "without").glob("activation_database/*"))

@@ -428,7 +428,7 @@ def weight_metrics(sae: Any) -> dict[str, list[float]]:
 # ---------------------------------------------------------------------- CE loss and KL
 
 
-LOGPROB_CHUNK_ROWS = 256  # rows of [rows, vocab] float64 log-probabilities held at once
+LOGPROB_CHUNK_ELEMENTS = 1 << 24  # float64 log-probabilities held at once (128 MiB)
 
 
 @dataclass
@@ -462,7 +462,7 @@ class BehaviourMetrics:
         is scored as it comes, so only one is held besides the clean logits. ``positions``
         [b, t] holds "ce" (saetui CE and KL), "sl_ce" (SAELens CE) and "sl_kl" (SAELens KL);
         ``targets`` [b, t] is the next token of each position. Log-probabilities are taken
-        in float64, a few hundred rows at a time."""
+        in float64, a bounded number of rows at a time."""
         union = positions["ce"] | positions["sl_ce"] | positions["sl_kl"]
         self.windows += windows
         self.batches += 1
@@ -545,8 +545,9 @@ def _scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row NLL of ``target`` under ``other`` and KL(clean || other), in float64."""
     nll, kl = [], []
-    for a in range(0, len(target), LOGPROB_CHUNK_ROWS):
-        b = a + LOGPROB_CHUNK_ROWS
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(clean.shape[-1], 1))
+    for a in range(0, len(target), rows):
+        b = a + rows
         lp_clean = clean[a:b].to(F64).log_softmax(-1)
         lp = lp_clean if other is clean else other[a:b].to(F64).log_softmax(-1)
         nll.append(-lp.gather(-1, target[a:b, None]).squeeze(-1))

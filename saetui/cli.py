@@ -90,8 +90,10 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--metrics-tokens",
         type=int,
-        default=20_000,
-        help="tokens for reconstruction and CE-loss metrics (default 20000)",
+        default=None,
+        help="tokens of the collection (whole windows, spread evenly) on which CE loss and KL "
+        "are measured; reconstruction metrics always use every collected token "
+        "(default: 1%% of the collection, at least 512, at most 20000)",
     )
     group.add_argument(
         "--overwrite",
@@ -194,10 +196,22 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
         )
     if args.format == "jsonl":
+        if args.activation_db:
+            raise SaetuiInputError(
+                "--activation-db belongs to --format sae_core (the old pipeline's pickle); "
+                "drop it for the JSONL export."
+            )
         out = args.out if args.out.suffix == ".jsonl" else args.out / "features.jsonl"
-        print(export_jsonl(args.index, out, n_examples=args.top_examples))
+        print(export_jsonl(args.index, out, n_examples=args.top_examples or 20))
         return 0
-    for path in export_sae_core(args.index, args.out, top_examples=args.top_examples, say=_say):
+    paths = export_sae_core(
+        args.index,
+        args.out,
+        top_examples=args.top_examples or 25,
+        activation_db=args.activation_db,
+        say=_say,
+    )
+    for path in paths:
         print(path)
     return 0
 
@@ -266,7 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("index", type=Path, help="index directory")
     export.add_argument("--format", choices=("sae_core", "jsonl"), default="sae_core")
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
-    export.add_argument("--top-examples", type=int, default=20, help="examples per feature")
+    export.add_argument(
+        "--top-examples",
+        type=int,
+        help="examples per feature (default: 25 for sae_core, as the old pipeline; 20 for jsonl)",
+    )
+    export.add_argument(
+        "--activation-db",
+        action="store_true",
+        help="sae_core: also write activation_database/activation_db_<ts>.pkl, the old "
+        "pipeline's in-RAM pickle of every token and nonzero (large for big runs)",
+    )
     export.set_defaults(handler=cmd_export)
 
     share = commands.add_parser(

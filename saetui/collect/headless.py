@@ -72,39 +72,103 @@ class ProgressPrinter:
         self.stream.flush()
 
 
-def format_metrics(metrics: dict[str, Any]) -> list[str]:
-    """The final summary: one metric per line, the ones users look at first."""
-    rows = [
-        ("L0 (mean ± std)", "l0_mean", lambda m: f"{m['l0_mean']:.1f} ± {m['l0_std']:.1f}"),
-        ("L1 (mean)", "l1_mean", None),
-        ("explained variance", "explained_variance", None),
-        ("explained variance (legacy per-token)", "explained_variance_legacy", None),
-        ("MSE", "mse", None),
-        ("cosine(x, x_hat)", "cosine", None),
-        ("L2 ratio", "l2_ratio", None),
-        ("CE clean", "ce_clean", None),
-        ("CE with SAE", "ce_with_sae", None),
-        ("CE zero-ablation", "ce_zero_ablation", None),
-        ("CE loss recovered", "ce_loss_recovered", None),
-        ("KL(clean || SAE)", "kl_clean_sae", None),
-        (
-            "dead features",
-            "dead_features",
-            lambda m: f"{m['dead_features']} ({m['dead_fraction']:.1%})",
+_SAETUI_ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str] | None]] = [
+    ("L0 (mean ± std)", "l0_mean", lambda m: f"{m['l0_mean']:.1f} ± {m['l0_std']:.1f}"),
+    ("L1 (mean)", "l1_mean", None),
+    ("explained variance", "explained_variance", None),
+    ("explained variance (legacy per-token)", "explained_variance_legacy", None),
+    ("MSE (per element)", "mse", None),
+    ("cosine(x, x_hat)", "cosine", None),
+    ("L2 ratio", "l2_ratio", None),
+    ("CE clean", "ce_clean", None),
+    ("CE with SAE", "ce_with_sae", None),
+    ("CE zero-ablation (counted tokens)", "ce_zero_ablation", None),
+    ("CE loss recovered", "ce_loss_recovered", None),
+    ("KL(clean || SAE)", "kl_clean_sae", None),
+    (
+        "dead features",
+        "dead_features",
+        lambda m: f"{m['dead_features']} ({m['dead_fraction']:.1%})",
+    ),
+    ("dense > 1% / > 10%", "dense_1pct", lambda m: f"{m['dense_1pct']} / {m['dense_10pct']}"),
+]
+_SAELENS_ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str] | None]] = [
+    ("l0 / l1", "l0", lambda m: f"{m['l0']:.1f} / {m['l1']:.4g}"),
+    ("explained_variance", "explained_variance", None),
+    ("explained_variance_legacy", "explained_variance_legacy", None),
+    ("mse (per token / batch tokens)", "mse", None),
+    ("cossim", "cossim", None),
+    ("l2_ratio", "l2_ratio", None),
+    ("relative_reconstruction_bias", "relative_reconstruction_bias", None),
+    (
+        "ce_loss without / with SAE / ablation",
+        "ce_loss_without_sae",
+        lambda m: (
+            f"{m['ce_loss_without_sae']:.4f} / {m['ce_loss_with_sae']:.4f} / "
+            f"{m['ce_loss_with_ablation']:.4f}"
         ),
-        ("dense > 1% / > 10%", "dense_1pct", lambda m: f"{m['dense_1pct']} / {m['dense_10pct']}"),
-        (
-            "tokens (metrics / collection)",
-            "tokens",
-            lambda m: f"{m['tokens']:,} / {m.get('collection_tokens', 0):,}",
+    ),
+    ("ce_loss_score", "ce_loss_score", None),
+    (
+        "kl_div with SAE / ablation",
+        "kl_div_with_sae",
+        lambda m: f"{m['kl_div_with_sae']:.4f} / {m['kl_div_with_ablation']:.4f}",
+    ),
+    ("kl_div_score", "kl_div_score", None),
+    (
+        "frac_alive / freq_over_1 / _10_percent",
+        "frac_alive",
+        lambda m: (
+            f"{m['frac_alive']:.4f} / {m['freq_over_1_percent']:.4f} / "
+            f"{m['freq_over_10_percent']:.4f}"
         ),
-    ]
+    ),
+    ("encoder-decoder cosine (mean)", "encoder_decoder_cosine_sim_mean", None),
+]
+
+
+def _rows(
+    metrics: dict[str, Any], rows: list[tuple[str, str, Callable[[dict[str, Any]], str] | None]]
+) -> list[str]:
     lines = []
     for label, key, render in rows:
         if key not in metrics:
             continue
-        value = render(metrics) if render else f"{metrics[key]:.4f}"
-        lines.append(f"  {label:<40} {value}")
+        try:
+            value = render(metrics) if render else _number(metrics[key])
+        except KeyError:
+            continue
+        lines.append(f"    {label:<40} {value}")
+    return lines
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4g}"
+
+
+def format_metrics(metrics: dict[str, Any]) -> list[str]:
+    """The final summary: the saetui family, then the SAELens one, each under a label that
+    says whose definitions it follows, then which tokens and dtypes they were measured on."""
+    lines = ["  saetui (its own definitions, docs/METRICS.md):", *_rows(metrics, _SAETUI_ROWS)]
+    saelens = metrics.get("saelens") or {}
+    if saelens:
+        lines.append("  SAELens / SAEBench (computed as their evals.py computes them):")
+        lines += _rows(saelens, _SAELENS_ROWS)
+    if "tokens" in metrics:
+        lines.append(
+            f"  reconstruction on {metrics['tokens']:,} tokens "
+            f"(of {metrics.get('collection_tokens', metrics['tokens']):,} collected)"
+        )
+    sample = metrics.get("ce_sample")
+    if sample:
+        share = sample["windows"] / max(sample["of_windows"], 1)
+        lines.append(
+            f"  CE loss and KL on {sample['tokens']:,} tokens: {sample['windows']:,} of "
+            f"{sample['of_windows']:,} windows ({share:.1%}), spread over the collection"
+        )
+    precision = metrics.get("precision")
+    if precision:
+        lines.append(f"  model in {precision['model']}, SAE encoding in {precision['sae']}")
     return lines
 
 

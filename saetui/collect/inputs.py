@@ -122,7 +122,9 @@ def load_run(
         sae_hook=sae.hook_name,
         sae_d_in=sae.d_in,
     )
-    sae.to(model.device, model.dtype)
+    # The SAE encodes in its own dtype (the one it was trained and saved in), whatever the
+    # model's: casting it to a bf16 model skews every stored activation and metric.
+    sae.to(model.device)
     if sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold":
         if sae.threshold is None:
             value = estimate_threshold(sae, model, corpus, hook, inputs.ctx_len, inputs.batch_size)

@@ -26,7 +26,9 @@ class CollectConfig:
 
     out: Path
     inputs: RunInputs
-    metrics_tokens: int = 20_000
+    # tokens of the CE-loss/KL sample (whole windows of the collection); None: 1% of the
+    # collection, at least 512 and at most 20,000 (saetui.collect.pipeline.ce_sample_windows)
+    metrics_tokens: int | None = None
     overwrite: bool = False
     neighbours: int = 16
     cooccurrence_min_count: int = 3
@@ -62,8 +64,14 @@ def check_request(config: CollectConfig) -> None:
     from saetui.index.env import check_output
 
     config.inputs.check()
+    if config.metrics_tokens is not None and (
+        not isinstance(config.metrics_tokens, int) or config.metrics_tokens < 1
+    ):
+        raise SaetuiInputError(
+            f"--metrics-tokens {config.metrics_tokens} must be at least 1; leave it out to "
+            "measure CE loss and KL on 1% of the collection."
+        )
     for name, value, low in (
-        ("--metrics-tokens", config.metrics_tokens, 0),
         ("neighbours per feature", config.neighbours, 1),
         ("co-occurrence minimum count", config.cooccurrence_min_count, 1),
         ("top examples per feature", config.top_k_examples, 1),

@@ -1,165 +1,567 @@
-"""Streaming SAE quality metrics (SAELens' current definitions), token-weighted,
-accumulated in float64, with padding and BOS positions excluded by the caller's mask.
+"""SAE quality metrics in two named families, accumulated in float64 on the device that runs
+the SAE, from the collection's own activations (reconstruction) and from spliced forward
+passes over a sample of its windows (CE loss and KL).
 
-- explained variance = 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2), over all tokens;
-- legacy explained variance: the per-batch, per-token form older SAELens versions logged,
-  mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2 (kept for comparison);
-- MSE (per element), cosine(x, x_hat), L2 ratio ||x_hat|| / ||x||, L0 and L1 per token;
-- CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean); KL(P_clean || P_sae).
+``saetui`` family — the definitions saetui reports first (token-weighted over the counted
+tokens: real tokens that are not a document's start token; padding never counts):
+
+- explained variance = 1 - sum_t ||x_t - x̂_t||² / sum_t ||x_t - mean_t x||²;
+- fvu = 1 - explained variance; MSE = mean over every element of (x - x̂)²;
+- explained variance (legacy) = mean over tokens of 1 - ||x - x̂||² / ||x - mean_batch x||²;
+- cosine(x, x̂), L2 ratio ||x̂|| / ||x||, L0 = active features per token, L1 = sum of |f|;
+- CE at positions whose token and next token are counted and whose next token is no start
+  token; CE zero-ablation replaces the counted positions only; CE loss recovered =
+  (CE_zero - CE_sae) / (CE_zero - CE_clean); KL(clean || SAE) over the same positions;
+- dead = never fired in the collection; dense = fires on more than 1% / 10% of tokens.
+
+``saelens`` family — computed as SAELens ``evals.py`` computes them (SAEBench core reports
+the same keys); the batch is a group of ``SAELENS_BATCH_WINDOWS`` windows by window id,
+special tokens (the tokenizer's BOS, EOS and pad ids) are left out by id:
+
+- explained_variance = 1 - mean_b(mean_t ||x - x̂||²) / (M - (M / d)²) with
+  M = mean_b(mean_t ||x||²): it squares the mean of x², and weights batches equally;
+- mse = mean over tokens of ||x - x̂||² / (tokens in the token's batch);
+- explained_variance_legacy, cossim, l2_norm_in, l2_norm_out, l2_ratio (||x|| < 1e-4
+  counted as 1), relative_reconstruction_bias = mean_b(mean ||x̂||² / mean x·x̂), l0 (f > 0),
+  l1 (sum of f), feature_density, frac_alive, freq_over_1/10_percent and their normalised
+  forms (SAEBench), encoder-decoder cosine per feature;
+- CE at every non-special position whose next token is real (a next document's start token
+  included); zero-ablation replaces every position; KL at every non-special position,
+  a window's last included; ce_loss_score and kl_div_score = (ablation - SAE) / ablation
+  (CE: divided by ablation - clean).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 F64 = torch.float64
+SAELENS_BATCH_WINDOWS = 16  # SAELens' and SAEBench's default batch_size_prompts
+STATE_VERSION = 1
+
+# Slots of the running float64 sums (one tensor per family, so a batch costs one add);
+# err is the sum over elements of x - x̂ (for the residual's standard deviation).
+_SAETUI = "tokens sse xx err cos ratio legacy l0 l0_sq l1 l1_sq".split()
+_SAELENS = "batches tokens mean_xx mean_sse legacy cos norm_in norm_out ratio rrb l0 l1".split()
+
+
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """The ids SAELens' eval runner ignores: the tokenizer's pad, EOS and BOS (as saetui's
+    start-token rule set it)."""
+    ids = {getattr(tokenizer, name, None) for name in ("pad_token_id", "eos_token_id")}
+    ids.add(getattr(tokenizer, "bos_token_id", None))
+    return sorted(int(i) for i in ids if i is not None)
 
 
 @dataclass
-class ReconstructionMetrics:
-    """Running sums for reconstruction and sparsity metrics over real tokens."""
+class _Rows:
+    """Per-token values of counted rows waiting for their SAELens batch to be complete."""
 
-    d_sae: int
-    tokens: int = 0
-    sum_sq_error: float = 0.0
-    sum_sq_x: float = 0.0
-    sum_x: torch.Tensor | None = None
-    sum_cosine: float = 0.0
-    sum_l2_ratio: float = 0.0
-    sum_legacy_ev: float = 0.0
-    sum_l0: float = 0.0
-    sum_sq_l0: float = 0.0
-    sum_l1: float = 0.0
-    elements_per_token: int = 0
-    feature_counts: torch.Tensor | None = field(default=None, repr=False)
-    l0_counts: torch.Tensor | None = field(default=None, repr=False)
+    window: np.ndarray  # int64 [n] window id of each row
+    saelens: np.ndarray  # bool [n] not a special token
+    x: torch.Tensor  # [n, d] the SAE's input, as the model produced it
+    scalars: torch.Tensor  # float64 [n, 8]: sse, xx, hh, xh, cos, l0, l1, err
+    ids: torch.Tensor  # [n, K] active feature ids (value 0 = empty slot)
+    values: torch.Tensor  # [n, K]
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, feature_acts: torch.Tensor) -> None:
-        """Add real tokens: ``x``, ``x_hat`` [n, d_in] and dense ``feature_acts`` [n, d_sae]."""
-        if x.shape[0] == 0:
-            return
-        x64, xh64 = x.to(F64), x_hat.to(F64)
-        error = (x64 - xh64).pow(2).sum(-1)
-        self.tokens += x.shape[0]
-        self.elements_per_token = x.shape[1]
-        self.sum_sq_error += float(error.sum())
-        self.sum_sq_x += float(x64.pow(2).sum())
-        batch_sum = x64.sum(0)
-        self.sum_x = batch_sum if self.sum_x is None else self.sum_x + batch_sum.to(self.sum_x)
-        x_norm = x64.norm(dim=-1)
-        xh_norm = xh64.norm(dim=-1)
-        self.sum_cosine += float(torch.nn.functional.cosine_similarity(x64, xh64, dim=-1).sum())
-        self.sum_l2_ratio += float((xh_norm / x_norm.clamp_min(1e-12)).sum())
-        centred = (x64 - x64.mean(0, keepdim=True)).pow(2).sum(-1).clamp_min(1e-12)
-        self.sum_legacy_ev += float((1 - error / centred).sum())
-        active = feature_acts != 0
-        l0 = active.sum(-1).to(F64)
-        self.sum_l0 += float(l0.sum())
-        self.sum_sq_l0 += float(l0.pow(2).sum())
-        l0_bins = torch.bincount(active.sum(-1).cpu(), minlength=self.d_sae + 1)
-        self.l0_counts = l0_bins if self.l0_counts is None else self.l0_counts + l0_bins
-        self.sum_l1 += float(feature_acts.to(F64).abs().sum())
-        counts = active.sum(0).to(torch.int64)
-        self.feature_counts = (
-            counts
-            if self.feature_counts is None
-            else self.feature_counts + counts.to(self.feature_counts)
+    @staticmethod
+    def cat(parts: list[_Rows]) -> _Rows:
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.ids.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+        return _Rows(
+            np.concatenate([p.window for p in parts]),
+            np.concatenate([p.saelens for p in parts]),
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.scalars for p in parts]),
+            torch.cat([pad(p.ids) for p in parts]),
+            torch.cat([pad(p.values) for p in parts]),
         )
 
+    def slice(self, a: int, b: int) -> _Rows:
+        return _Rows(
+            self.window[a:b],
+            self.saelens[a:b],
+            self.x[a:b],
+            self.scalars[a:b],
+            self.ids[a:b],
+            self.values[a:b],
+        )
+
+
+class ReconstructionAccumulator:
+    """Both families' reconstruction and sparsity sums over consecutive windows.
+
+    Windows arrive in order (``add``); rows of a SAELens batch (``group_windows`` windows by
+    window id) wait until the batch is complete, then fold into the sums. ``state`` is the
+    folded part as JSON (a resumed run continues from it), ``finish`` folds the last,
+    partial batch at the end of the data.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        device: torch.device | str = "cpu",
+        group_windows: int = SAELENS_BATCH_WINDOWS,
+    ) -> None:
+        self.d_in, self.d_sae, self.group_windows = d_in, d_sae, group_windows
+        self.device = torch.device(device)
+        self.next_window: int | None = None  # first window not added yet
+        self.folded_windows: int | None = None  # windows [start, folded) are in the sums
+        self.start_window: int | None = None
+        self._pending: list[_Rows] = []
+        zeros = dict(dtype=F64, device=self.device)
+        self._saetui = torch.zeros(len(_SAETUI), **zeros)
+        self._saelens = torch.zeros(len(_SAELENS), **zeros)
+        self._sum_x = torch.zeros(d_in, **zeros)
+        self._l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64, device=self.device)
+        self._saelens_counts = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
+
+    # ------------------------------------------------------------------ adding
+
+    @torch.no_grad()
+    def add(
+        self,
+        window_ids: np.ndarray,
+        rows_per_window: np.ndarray,
+        saelens: np.ndarray,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        ids: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
+        """Add consecutive windows ``window_ids`` whose counted tokens are the rows of ``x``,
+        ``x_hat`` [n, d_in] and the sparse codes ``ids``/``values`` [n, K] (value 0: empty
+        slot); ``rows_per_window`` [B] counts them per window, ``saelens`` [n] says which are
+        no special token."""
+        window_ids = np.asarray(window_ids, dtype=np.int64)
+        if len(window_ids) == 0:
+            return
+        first = int(window_ids[0])
+        if self.next_window is None:
+            self.next_window = self.folded_windows = self.start_window = first
+        if first != self.next_window or np.any(np.diff(window_ids) != 1):
+            raise ValueError(f"windows must follow window {self.next_window - 1} without gaps")
+        x64, h64 = x.to(F64), x_hat.to(F64)
+        sse = (x64 - h64).pow(2).sum(-1)
+        xx, hh, xh = x64.pow(2).sum(-1), h64.pow(2).sum(-1), (x64 * h64).sum(-1)
+        cos = torch.nn.functional.cosine_similarity(x64, h64, dim=-1)
+        active = values > 0
+        scalars = torch.stack(
+            [
+                sse,
+                xx,
+                hh,
+                xh,
+                cos,
+                active.sum(-1).to(F64),
+                values.to(F64).sum(-1),
+                (x64 - h64).sum(-1),
+            ],
+            dim=-1,
+        )
+        self._pending.append(
+            _Rows(
+                np.repeat(window_ids, np.asarray(rows_per_window, dtype=np.int64)),
+                np.asarray(saelens, dtype=bool),
+                x,
+                scalars,
+                ids,
+                values,
+            )
+        )
+        self.next_window = int(window_ids[-1]) + 1
+        complete = self.next_window // self.group_windows * self.group_windows
+        if complete > self.folded_windows:
+            self._fold_until(complete)
+
+    def finish(self) -> None:
+        """Fold the last, partial SAELens batch (no more windows follow)."""
+        if self.next_window is not None and self.next_window > self.folded_windows:
+            self._fold_until(self.next_window)
+
+    def _fold_until(self, end: int) -> None:
+        rows = _Rows.cat(self._pending)
+        self._pending = []
+        cut = int(np.searchsorted(rows.window, end))
+        start = 0
+        while start < cut:
+            group = int(rows.window[start]) // self.group_windows
+            stop = int(np.searchsorted(rows.window, (group + 1) * self.group_windows))
+            stop = min(stop, cut)
+            self._fold(rows.slice(start, stop))
+            start = stop
+        if cut < len(rows.window):
+            self._pending = [rows.slice(cut, len(rows.window))]
+        self.folded_windows = end
+
+    def _fold(self, rows: _Rows) -> None:
+        sse, xx, hh, xh, cos, l0, l1, err = rows.scalars.unbind(-1)
+        x64 = rows.x.to(F64)
+        centred = (x64 - x64.mean(0, keepdim=True)).pow(2).sum(-1)
+        legacy = 1 - sse / centred.clamp_min(1e-12)
+        norm_in, norm_out = xx.sqrt(), hh.sqrt()
+        self._saetui += torch.stack(
+            [
+                torch.tensor(float(len(rows.window)), dtype=F64, device=sse.device),
+                sse.sum(),
+                xx.sum(),
+                err.sum(),
+                cos.sum(),
+                (norm_out / norm_in.clamp_min(1e-12)).sum(),
+                legacy.sum(),
+                l0.sum(),
+                l0.pow(2).sum(),
+                l1.sum(),
+                l1.pow(2).sum(),
+            ]
+        )
+        self._sum_x += x64.sum(0)
+        self._l0_hist += torch.bincount(l0.to(torch.int64), minlength=self.d_sae + 1)
+        keep = torch.as_tensor(rows.saelens, device=sse.device)
+        m = int(rows.saelens.sum())
+        if m == 0:
+            return  # SAELens would average an empty batch into NaN; it has none of these
+        sse, xx, hh, xh, l0, l1 = (t[keep] for t in (sse, xx, hh, xh, l0, l1))
+        x_s = x64[keep]
+        centred = (x_s - x_s.mean(0, keepdim=True)).pow(2).sum(-1)
+        norm_in, norm_out = xx.sqrt(), hh.sqrt()
+        ratio_in = torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in)
+        self._saelens += torch.stack(
+            [
+                torch.tensor(1.0, dtype=F64, device=sse.device),
+                torch.tensor(float(m), dtype=F64, device=sse.device),
+                xx.mean(),
+                sse.mean(),
+                (1 - sse / centred).sum(),
+                (xh / (norm_in * norm_out)).sum(),
+                norm_in.sum(),
+                norm_out.sum(),
+                (norm_out / ratio_in).sum(),
+                hh.mean() / xh.mean(),
+                l0.sum(),
+                l1.sum(),
+            ]
+        )
+        fired = rows.ids[keep][rows.values[keep] > 0]
+        self._saelens_counts += torch.bincount(fired.to(torch.int64), minlength=self.d_sae)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        """The folded sums as JSON values (what a resumed run continues from)."""
+        return {
+            "version": STATE_VERSION,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "group_windows": self.group_windows,
+            "start_window": self.start_window,
+            "folded_windows": self.folded_windows,
+            "saetui": self._saetui.tolist(),
+            "saelens": self._saelens.tolist(),
+            "sum_x": self._sum_x.tolist(),
+            "l0_histogram": _sparse(self._l0_hist),
+            "saelens_counts": _sparse(self._saelens_counts),
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: Any, d_in: int, d_sae: int, device: torch.device | str = "cpu"
+    ) -> ReconstructionAccumulator:
+        """An accumulator continuing ``state``; a fresh one (from window 0) when the state is
+        missing or was written for another SAE shape or batch rule."""
+        acc = cls(d_in, d_sae, device)
+        fits = (
+            isinstance(state, dict)
+            and state.get("version") == STATE_VERSION
+            and (state.get("d_in"), state.get("d_sae")) == (d_in, d_sae)
+            and state.get("group_windows") == acc.group_windows
+            and state.get("start_window") == 0
+            and isinstance(state.get("folded_windows"), int)
+            and state["folded_windows"] % acc.group_windows == 0
+        )
+        if not fits:
+            acc.next_window = acc.folded_windows = acc.start_window = 0
+            return acc
+        acc.start_window = 0
+        acc.next_window = acc.folded_windows = int(state["folded_windows"])
+        dev = acc.device
+        acc._saetui = torch.tensor(state["saetui"], dtype=F64, device=dev)
+        acc._saelens = torch.tensor(state["saelens"], dtype=F64, device=dev)
+        acc._sum_x = torch.tensor(state["sum_x"], dtype=F64, device=dev)
+        acc._l0_hist = _dense(state["l0_histogram"], d_sae + 1, dev)
+        acc._saelens_counts = _dense(state["saelens_counts"], d_sae, dev)
+        return acc
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def saelens_feature_counts(self) -> torch.Tensor:
+        """Per-feature firing counts over the SAELens family's tokens."""
+        return self._saelens_counts
+
     def result(self) -> dict[str, Any]:
-        """The metrics as plain floats (empty dict before any token)."""
-        n = self.tokens
+        """Both families (the ``saelens`` one nested) over the folded windows."""
+        s = dict(zip(_SAETUI, self._saetui.tolist(), strict=True))
+        n = s["tokens"]
         if n == 0:
             return {}
-        mean_x = self.sum_x / n
-        total_variance = self.sum_sq_x / n - float(mean_x.pow(2).sum())
-        l0_mean = self.sum_l0 / n
-        counts = self.feature_counts.cpu()
-        density = counts.to(F64) / n
-        return {
-            "tokens": n,
-            "mse": self.sum_sq_error / (n * self.elements_per_token),
-            "explained_variance": 1 - (self.sum_sq_error / n) / total_variance,
-            "explained_variance_legacy": self.sum_legacy_ev / n,
-            "fvu": (self.sum_sq_error / n) / total_variance,
-            "cosine": self.sum_cosine / n,
-            "l2_ratio": self.sum_l2_ratio / n,
+        d = self.d_in
+        mean_x = self._sum_x / n
+        total_variance = s["xx"] / n - float(mean_x.pow(2).sum())
+        l0_mean, l1_mean = s["l0"] / n, s["l1"] / n
+        elements = n * d
+        element_mean = float(self._sum_x.sum()) / elements
+        err_mean = s["err"] / elements
+        out: dict[str, Any] = {
+            "tokens": int(n),
+            "mse": s["sse"] / elements,
+            "explained_variance": 1 - (s["sse"] / n) / total_variance,
+            "explained_variance_legacy": s["legacy"] / n,
+            "fvu": (s["sse"] / n) / total_variance,
+            "cosine": s["cos"] / n,
+            "l2_ratio": s["ratio"] / n,
             "l0_mean": l0_mean,
-            "l0_std": math.sqrt(max(self.sum_sq_l0 / n - l0_mean**2, 0.0)),
-            "l1_mean": self.sum_l1 / n,
-            "dead_features": int((counts == 0).sum()),
-            "dead_fraction": float((counts == 0).to(F64).mean()),
-            "dense_1pct": int((density > 0.01).sum()),
-            "dense_10pct": int((density > 0.10).sum()),
+            "l0_std": math.sqrt(max(s["l0_sq"] / n - l0_mean**2, 0.0)),
+            "l1_mean": l1_mean,
+            "l1_std": math.sqrt(max(s["l1_sq"] / n - l1_mean**2, 0.0)),
+            # standard deviations over every element (what the old pipeline plotted)
+            "original_std": math.sqrt(max(s["xx"] / elements - element_mean**2, 0.0)),
+            "residual_std": math.sqrt(max(s["sse"] / elements - err_mean**2, 0.0)),
             # [[L0, tokens with that L0], ...] for the L0-per-token histogram
-            "l0_histogram": [
-                [int(value), int(self.l0_counts[value])]
-                for value in self.l0_counts.nonzero().flatten().tolist()
-            ],
+            "l0_histogram": _sparse(self._l0_hist),
         }
+        sl = dict(zip(_SAELENS, self._saelens.tolist(), strict=True))
+        if sl["tokens"] > 0:
+            batches, tokens = sl["batches"], sl["tokens"]
+            mean_sum_of_squares = sl["mean_xx"] / batches
+            total = mean_sum_of_squares - (mean_sum_of_squares / d) ** 2
+            out["saelens"] = {
+                "tokens": int(tokens),
+                "batches": int(batches),
+                "explained_variance": 1 - (sl["mean_sse"] / batches) / total,
+                "explained_variance_legacy": sl["legacy"] / tokens,
+                "mse": sl["mean_sse"] / tokens,
+                "cossim": sl["cos"] / tokens,
+                "l2_norm_in": sl["norm_in"] / tokens,
+                "l2_norm_out": sl["norm_out"] / tokens,
+                "l2_ratio": sl["ratio"] / tokens,
+                "relative_reconstruction_bias": sl["rrb"] / batches,
+                "l0": sl["l0"] / tokens,
+                "l1": sl["l1"] / tokens,
+            }
+        return out
+
+
+def _sparse(counts: torch.Tensor) -> list[list[int]]:
+    values = counts.cpu()
+    return [[int(i), int(values[i])] for i in values.nonzero().flatten().tolist()]
+
+
+def _dense(pairs: Iterable[Iterable[int]], size: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.int64)
+    for index, count in pairs:
+        out[int(index)] = int(count)
+    return out.to(device)
+
+
+# ---------------------------------------------------------------------- densities & weights
+
+
+def density_metrics(counts: np.ndarray, tokens: int) -> dict[str, Any]:
+    """saetui's dead/dense counts from per-feature firing counts over ``tokens`` tokens."""
+    counts = np.asarray(counts)
+    density = counts / max(int(tokens), 1)
+    return {
+        "dead_features": int((counts == 0).sum()),
+        "dead_fraction": float((counts == 0).mean()) if len(counts) else 0.0,
+        "dense_1pct": int((density > 0.01).sum()),
+        "dense_10pct": int((density > 0.10).sum()),
+    }
+
+
+def saelens_density_metrics(counts: np.ndarray, tokens: int) -> dict[str, Any]:
+    """SAEBench core's ``misc_metrics`` from SAELens' ``feature_density`` (fractions)."""
+    density = np.asarray(counts, dtype=np.float64) / max(int(tokens), 1)
+    total = float(density.sum())
+
+    def normalised(threshold: float) -> float:
+        return float(density[density > threshold].sum() / total) if total > 0 else 0.0
+
+    return {
+        "feature_density_mean": float(density.mean()) if len(density) else 0.0,
+        "frac_alive": float((density > 0).mean()) if len(density) else 0.0,
+        "freq_over_1_percent": float((density > 0.01).mean()) if len(density) else 0.0,
+        "freq_over_10_percent": float((density > 0.1).mean()) if len(density) else 0.0,
+        "normalized_freq_over_1_percent": normalised(0.01),
+        "normalized_freq_over_10_percent": normalised(0.1),
+    }
+
+
+@torch.no_grad()
+def weight_metrics(sae: Any) -> dict[str, list[float]]:
+    """SAELens' feature-wise weight metrics: encoder norm, encoder bias (``b_mag`` for gated,
+    zeros when there is none) and the cosine between each feature's encoder and decoder."""
+    w_enc = sae.W_enc.detach().to(F64)
+    w_dec = sae.W_dec.detach().to(F64)
+    cosine = torch.nn.functional.cosine_similarity(w_enc.T, w_dec, dim=-1)
+    bias = sae.b_mag if sae.architecture == "gated" else sae.b_enc
+    bias = torch.zeros(sae.d_sae, dtype=F64) if bias is None else bias.detach().to(F64)
+    return {
+        "encoder_norm": w_enc.norm(dim=0).cpu().tolist(),
+        "encoder_bias": bias.reshape(-1).cpu().tolist(),
+        "encoder_decoder_cosine_sim": cosine.cpu().tolist(),
+    }
+
+
+# ---------------------------------------------------------------------- CE loss and KL
+
+
+LOGPROB_CHUNK_ELEMENTS = 1 << 24  # float64 log-probabilities held at once (128 MiB)
 
 
 @dataclass
-class ModelBehaviourMetrics:
-    """Running sums of next-token CE (clean, SAE spliced in, zero-ablated) and KL."""
+class BehaviourMetrics:
+    """Running sums of next-token CE and KL for both families over spliced forward passes."""
 
-    tokens: int = 0
-    ce_clean: float = 0.0
-    ce_sae: float = 0.0
-    ce_zero: float = 0.0
-    kl: float = 0.0
+    windows: int = 0
+    batches: int = 0
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            "ce_tokens ce_clean ce_sae ce_zero kl "
+            "sl_ce_tokens sl_ce_clean sl_ce_sae sl_ce_abl sl_kl_tokens sl_kl_sae sl_kl_abl".split(),
+            0.0,
+        )
+    )
 
     @torch.no_grad()
     def update(
         self,
         clean_logits: torch.Tensor,
-        sae_logits: torch.Tensor,
-        zero_logits: torch.Tensor,
+        variants: Iterable[tuple[str, torch.Tensor | None]],
         targets: torch.Tensor,
-        loss_mask: torch.Tensor,
+        positions: dict[str, torch.Tensor],
+        windows: int,
     ) -> None:
-        """Add positions where ``loss_mask`` [b, t] is true; logits predict ``targets`` [b, t]."""
-        if not bool(loss_mask.any()):
-            return
-        # log-softmax in float32 (a float64 copy of [tokens, vocab] logits costs more than the
-        # forward pass); per-token results are summed in float64.
-        picked = [
-            logits[loss_mask].float().log_softmax(-1)
-            for logits in (clean_logits, sae_logits, zero_logits)
-        ]
-        target = targets[loss_mask]
-        nll = [-lp.gather(-1, target[:, None]).squeeze(-1).to(F64) for lp in picked]
-        clean_lp, sae_lp = picked[0], picked[1]
-        self.tokens += int(target.shape[0])
-        self.ce_clean += float(nll[0].sum())
-        self.ce_sae += float(nll[1].sum())
-        self.ce_zero += float(nll[2].sum())
-        self.kl += float((clean_lp.exp() * (clean_lp - sae_lp)).sum(-1).to(F64).sum())
+        """Add one batch of ``windows`` windows.
+
+        ``variants`` yields ``(name, logits [b, t, V])`` for "sae" (spliced at counted
+        tokens), "sae_saelens" (spliced at non-special tokens; None: the same logits as
+        "sae"), "zero" (counted tokens zeroed) and "zero_all" (every position zeroed); each
+        is scored as it comes, so only one is held besides the clean logits. ``positions``
+        [b, t] holds "ce" (saetui CE and KL), "sl_ce" (SAELens CE) and "sl_kl" (SAELens KL);
+        ``targets`` [b, t] is the next token of each position. Log-probabilities are taken
+        in float64, a bounded number of rows at a time."""
+        union = positions["ce"] | positions["sl_ce"] | positions["sl_kl"]
+        self.windows += windows
+        self.batches += 1
+        picked = {name: positions[name][union] for name in ("ce", "sl_ce", "sl_kl")}
+        target = targets[union]
+        clean_rows = clean_logits[union]
+        clean_nll, _ = _scores(clean_rows, clean_rows, target)
+        scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, logits in variants:
+            scores[name] = (
+                scores["sae"] if logits is None else _scores(clean_rows, logits[union], target)
+            )
+        sums = self.sums
+        ce, sl_ce, sl_kl = picked["ce"], picked["sl_ce"], picked["sl_kl"]
+        sums["ce_tokens"] += int(ce.sum())
+        sums["ce_clean"] += float(clean_nll[ce].sum())
+        sums["ce_sae"] += float(scores["sae"][0][ce].sum())
+        sums["ce_zero"] += float(scores["zero"][0][ce].sum())
+        sums["kl"] += float(scores["sae"][1][ce].sum())
+        sums["sl_ce_tokens"] += int(sl_ce.sum())
+        sums["sl_ce_clean"] += float(clean_nll[sl_ce].sum())
+        sums["sl_ce_sae"] += float(scores["sae_saelens"][0][sl_ce].sum())
+        sums["sl_ce_abl"] += float(scores["zero_all"][0][sl_ce].sum())
+        sums["sl_kl_tokens"] += int(sl_kl.sum())
+        sums["sl_kl_sae"] += float(scores["sae_saelens"][1][sl_kl].sum())
+        sums["sl_kl_abl"] += float(scores["zero_all"][1][sl_kl].sum())
 
     def result(self) -> dict[str, Any]:
-        n = self.tokens
-        if n == 0:
-            return {}
-        clean, sae, zero = self.ce_clean / n, self.ce_sae / n, self.ce_zero / n
-        return {
-            "ce_tokens": n,
-            "ce_clean": clean,
-            "ce_with_sae": sae,
-            "ce_zero_ablation": zero,
-            "ce_loss_recovered": (zero - sae) / (zero - clean) if zero != clean else float("nan"),
-            "kl_clean_sae": self.kl / n,
-        }
+        """saetui's CE/KL keys, and the SAELens ones nested under ``saelens``."""
+        s = self.sums
+        out: dict[str, Any] = {}
+        n = s["ce_tokens"]
+        if n:
+            clean, sae, zero = s["ce_clean"] / n, s["ce_sae"] / n, s["ce_zero"] / n
+            out.update(
+                {
+                    "ce_tokens": int(n),
+                    "ce_clean": clean,
+                    "ce_with_sae": sae,
+                    "ce_zero_ablation": zero,
+                    "ce_loss_recovered": _ratio(zero - sae, zero - clean),
+                    "kl_clean_sae": s["kl"] / n,
+                }
+            )
+        saelens: dict[str, Any] = {}
+        m = s["sl_ce_tokens"]
+        if m:
+            clean, sae, abl = s["sl_ce_clean"] / m, s["sl_ce_sae"] / m, s["sl_ce_abl"] / m
+            saelens.update(
+                {
+                    "ce_tokens": int(m),
+                    "ce_loss_without_sae": clean,
+                    "ce_loss_with_sae": sae,
+                    "ce_loss_with_ablation": abl,
+                    "ce_loss_score": _ratio(abl - sae, abl - clean),
+                }
+            )
+        k = s["sl_kl_tokens"]
+        if k:
+            kl_sae, kl_abl = s["sl_kl_sae"] / k, s["sl_kl_abl"] / k
+            saelens.update(
+                {
+                    "kl_tokens": int(k),
+                    "kl_div_with_sae": kl_sae,
+                    "kl_div_with_ablation": kl_abl,
+                    "kl_div_score": _ratio(kl_abl - kl_sae, kl_abl),
+                }
+            )
+        if saelens:
+            out["saelens"] = saelens
+        return out
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator != 0 else float("nan")
+
+
+def _scores(
+    clean: torch.Tensor, other: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row NLL of ``target`` under ``other`` and KL(clean || other), in float64."""
+    nll, kl = [], []
+    rows = max(1, LOGPROB_CHUNK_ELEMENTS // max(clean.shape[-1], 1))
+    for a in range(0, len(target), rows):
+        b = a + rows
+        lp_clean = clean[a:b].to(F64).log_softmax(-1)
+        lp = lp_clean if other is clean else other[a:b].to(F64).log_softmax(-1)
+        nll.append(-lp.gather(-1, target[a:b, None]).squeeze(-1))
+        kl.append((lp_clean.exp() * (lp_clean - lp)).sum(-1))
+    if not nll:
+        empty = torch.zeros(0, dtype=F64, device=clean.device)
+        return empty, empty
+    return torch.cat(nll), torch.cat(kl)
 
 
 def next_token_loss_mask(
     tokens: torch.Tensor, real: torch.Tensor, bos_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets and the positions whose next-token loss counts.
+    """Targets and the positions whose next-token loss counts in the saetui family.
 
     A position counts when it is a real, non-BOS token (its activation is the one the SAE
     replaces) and the next token is real and not a BOS (a new packed document).
@@ -171,3 +573,29 @@ def next_token_loss_mask(
     if bos_id is not None:
         next_real &= targets != bos_id
     return targets, real & next_real
+
+
+def saelens_positions(
+    real: torch.Tensor, special: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' CE and KL positions in right-padded windows: KL at every real non-special
+    token; CE where, in addition, the next position is a real token (whatever it is)."""
+    kl = real & ~special
+    ce = torch.zeros_like(kl)
+    ce[:, :-1] = kl[:, :-1] & real[:, 1:]
+    return ce, kl
+
+
+def merge_families(*parts: dict[str, Any]) -> dict[str, Any]:
+    """Merge metric dicts, joining their nested ``saelens`` dicts."""
+    out: dict[str, Any] = {}
+    saelens: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "saelens":
+                saelens.update(value)
+            else:
+                out[key] = value
+    if saelens:
+        out["saelens"] = saelens
+    return out

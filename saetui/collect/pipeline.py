@@ -23,6 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from saetui.collect.evaluate import (
+    EncodedWindows,
+    add_reconstruction,
+    encode_windows,
+    measure_sample,
+)
 from saetui.collect.inputs import LoadedRun, load_run
 from saetui.collect.job import (
     PHASES,
@@ -34,6 +40,15 @@ from saetui.collect.job import (
     finished_result,
     request_record,
 )
+from saetui.collect.metrics import (
+    ReconstructionAccumulator,
+    density_metrics,
+    merge_families,
+    saelens_density_metrics,
+    special_token_ids,
+    weight_metrics,
+)
+from saetui.errors import SaetuiInputError
 from saetui.lm.device import dtype_name
 
 __all__ = [
@@ -138,18 +153,17 @@ def _prefetch(batches: Iterator[Any], stop: threading.Event, depth: int = 2) -> 
 
 
 @torch.no_grad()
+def encode_windows_of(run: LoadedRun, batch: Any) -> EncodedWindows:
+    """A window batch through the model (stopped after the hook's layer) and the SAE."""
+    activations = run.model.activations(torch.as_tensor(batch.tokens), run.hook)
+    return encode_windows(run.sae, activations, batch)
+
+
 def encode_batch(run: LoadedRun, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse codes of a window batch's real tokens (padding dropped, windows concatenated):
     feature ids [n_tokens, K] int32, values [n_tokens, K], and the counted-token mask."""
-    tokens = torch.as_tensor(batch.tokens)
-    lengths = torch.as_tensor(batch.lengths)
-    real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    activations = run.model.activations(tokens, run.hook)
-    device = activations.device
-    real, counted = real.to(device), torch.as_tensor(batch.mask, device=device)
-    x = activations[real]
-    ids, values = run.sae.encode_sparse(x, mask=counted[real])
-    return ids.to(torch.int32), values, counted[real]
+    encoded = encode_windows_of(run, batch)
+    return encoded.ids, encoded.values, encoded.counted
 
 
 def run_collection(
@@ -185,7 +199,6 @@ def run_collection(
 
 
 def _stored_request(path: Path) -> Any:
-    from saetui.errors import SaetuiInputError
     from saetui.index import open_index
 
     try:
@@ -234,8 +247,9 @@ def _run(
         report(CollectProgress("loading", message="loading corpus, SAE and model"), force=True)
         run = load_run(config.inputs, say, check_stop=check_stop)
         writer = _open_writer(config, run)
+        reconstruction = _Reconstruction(config, run, writer)
         phase = "collecting"
-        collect_rate = _collecting_phase(config, run, writer, report, check_stop)
+        collect_rate = _collecting_phase(config, run, writer, report, check_stop, reconstruction)
         writer.flush()
         skipped = []
         phases = writer.get_meta("phases") or {}
@@ -245,7 +259,7 @@ def _run(
             skipped.append("metrics")
             metrics = writer.get_meta("metrics") or {}
         else:
-            metrics = _metrics_phase(config, run, writer, report, check_stop)
+            metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction)
             phases["metrics"] = {"windows": windows, "finished": time.time()}
             writer.put_meta("phases", phases)
         phase = "neighbours"
@@ -302,7 +316,8 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
         summary_device=run.model.device,
     )
     try:
-        writer.put_meta("run_details", {**run.model.describe(), "sae": _sae_facts(run.sae)})
+        details = {**run.model.describe(), "sae": _sae_facts(run.sae), "precision": _precision(run)}
+        writer.put_meta("run_details", details)
         if run.sae.history:  # the TUI reads the training history from the index, not the SAE
             writer.put_meta("sae_history", run.sae.history)
         writer.put_meta("request", request_record(config))
@@ -318,8 +333,10 @@ def _collecting_phase(
     writer: Any,
     report: _Reporter,
     check_stop: Callable[[], None],
+    reconstruction: _Reconstruction,
 ) -> float:
-    """Every window after the index's last commit; returns tokens/s while collecting."""
+    """Every window after the index's last commit, its reconstruction metrics accumulated on
+    the way; returns tokens/s while collecting."""
     from saetui.corpus import batch_windows, estimate_tokens, iter_windows
 
     inputs = config.inputs
@@ -336,33 +353,38 @@ def _collecting_phase(
     )
     stop_tokeniser = threading.Event()
     collect_started = time.perf_counter()
-    for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
-        ids, values, counted = encode_batch(run, batch)
-        writer.add_windows(
-            batch.window_ids,
-            batch.tokens,
-            [
-                [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                for window in batch.segments
-            ],
-            ids,
-            values,
-            mask=counted,
-            lengths=batch.lengths,
-        )
-        # Counted here: reading writer.summaries would wait for its merge thread.
-        done += int(batch.lengths.sum())
-        rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
-        report(
-            CollectProgress(
-                "collecting",
-                tokens_done=done,
-                tokens_total=max(total, done),
-                tokens_per_s=rate,
-                eta_s=max(total - done, 0) / rate if rate > 0 else None,
+    try:
+        for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
+            encoded = encode_windows_of(run, batch)
+            writer.add_windows(
+                batch.window_ids,
+                batch.tokens,
+                [
+                    [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
+                    for window in batch.segments
+                ],
+                encoded.ids,
+                encoded.values,
+                mask=encoded.counted,
+                lengths=batch.lengths,
             )
-        )
-        check_stop()
+            reconstruction.add(batch, encoded, check_stop)
+            # Counted here: reading writer.summaries would wait for its merge thread.
+            done += int(batch.lengths.sum())
+            rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
+            report(
+                CollectProgress(
+                    "collecting",
+                    tokens_done=done,
+                    tokens_total=max(total, done),
+                    tokens_per_s=rate,
+                    eta_s=max(total - done, 0) / rate if rate > 0 else None,
+                )
+            )
+            check_stop()
+    finally:
+        # queued after the windows it covers, so it never claims uncommitted ones
+        reconstruction.save()
     return (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
 
 
@@ -372,56 +394,186 @@ def _sae_facts(sae: Any) -> dict[str, Any]:
     return {key: value for key, value in describe(sae).items() if key != "path"}
 
 
+def _precision(run: LoadedRun) -> dict[str, str]:
+    """The dtypes the model runs in and the SAE encodes in (its own, whatever the model's)."""
+    return {"model": dtype_name(run.model.dtype), "sae": dtype_name(run.sae.dtype)}
+
+
+RECONSTRUCTION_STATE = "reconstruction_state"  # meta: the folded reconstruction sums
+RECONSTRUCTION_SAVE_S = 10.0
+# The CE/KL sample when --metrics-tokens is not given: this share of the collection's tokens,
+# at least CE_SAMPLE_MIN_TOKENS (or every token of a smaller run), at most CE_SAMPLE_MAX_TOKENS.
+CE_SAMPLE_FRACTION = 0.01
+CE_SAMPLE_MIN_TOKENS = 512
+CE_SAMPLE_MAX_TOKENS = 20_000
+
+
+class _Reconstruction:
+    """Both families' reconstruction metrics from the collection's own activations: added
+    as batches are encoded, their folded sums saved in the index every few seconds (and on
+    a stop), and, after a resume, caught up by re-encoding the few windows the saved sums
+    do not cover."""
+
+    def __init__(self, config: CollectConfig, run: LoadedRun, writer: Any) -> None:
+        self._config, self._run, self._writer = config, run, writer
+        self.special_ids = special_token_ids(run.model.tokenizer)
+        state = writer.get_meta(RECONSTRUCTION_STATE)
+        if isinstance(state, dict) and state.get("folded_windows", 0) > writer.next_window:
+            state = None  # written for windows this index does not hold
+        self.accumulator = ReconstructionAccumulator.from_state(
+            state, run.sae.d_in, run.sae.d_sae, run.model.device
+        )
+        self._saved = time.monotonic()
+
+    def add(self, batch: Any, encoded: EncodedWindows, check_stop: Callable[[], None]) -> None:
+        first = int(batch.window_ids[0])
+        if self.accumulator.next_window < first:
+            self.catch_up(first, check_stop)
+        add_reconstruction(self.accumulator, self._run.sae, batch, encoded, self.special_ids)
+        if time.monotonic() - self._saved >= RECONSTRUCTION_SAVE_S:
+            self.save()
+
+    def save(self) -> None:
+        if self.accumulator.folded_windows:
+            self._writer.put_meta(RECONSTRUCTION_STATE, self.accumulator.state())
+        self._saved = time.monotonic()
+
+    def catch_up(self, end: int, check_stop: Callable[[], None]) -> None:
+        """Re-encode committed windows [next, end) the saved sums do not cover."""
+        from saetui.index import open_index
+
+        first = self.accumulator.next_window
+        if first >= end:
+            return
+        with open_index(self._config.out) as index:
+            ids = range(first, end)
+            for batch in index_batches(index, ids, self._config.inputs.batch_size):
+                check_stop()
+                encoded = encode_windows_of(self._run, batch)
+                add_reconstruction(
+                    self.accumulator, self._run.sae, batch, encoded, self.special_ids
+                )
+
+
+def index_batches(index: Any, window_ids: Any, batch_size: int) -> Iterator[Any]:
+    """Window batches (as :func:`saetui.corpus.batch_windows` makes them) of committed
+    windows read back from an index: the collection's own tokens, no re-tokenising."""
+    from saetui.corpus.windows import Segment, WindowBatch
+
+    ids = [int(w) for w in window_ids]
+    for a in range(0, len(ids), batch_size):
+        views = [index.window(w) for w in ids[a : a + batch_size]]
+        width = max(len(v.token_ids) for v in views)
+        tokens = np.zeros((len(views), width), dtype=np.int64)
+        mask = np.zeros((len(views), width), dtype=bool)
+        for row, view in enumerate(views):
+            tokens[row, : len(view.token_ids)] = view.token_ids
+            mask[row, : len(view.mask)] = view.mask
+        yield WindowBatch(
+            tokens=tokens,
+            lengths=np.array([len(v.token_ids) for v in views], dtype=np.int64),
+            mask=mask,
+            window_ids=np.array(ids[a : a + batch_size], dtype=np.int64),
+            segments=[
+                [Segment(s.doc_id, s.doc_offset, s.start, s.length) for s in v.segments]
+                for v in views
+            ],
+        )
+
+
+def ce_sample_windows(windows: int, tokens: int, requested: int | None) -> tuple[list[int], int]:
+    """The windows whose CE loss and KL are measured, spread evenly over the collection, and
+    the token budget they stand for: ``requested`` tokens, or (None) CE_SAMPLE_FRACTION of
+    the collection's ``tokens`` within CE_SAMPLE_MIN_TOKENS and CE_SAMPLE_MAX_TOKENS."""
+    if windows <= 0:
+        return [], 0
+    if requested is None:
+        budget = round(tokens * CE_SAMPLE_FRACTION)
+        budget = min(max(budget, CE_SAMPLE_MIN_TOKENS), CE_SAMPLE_MAX_TOKENS)
+    else:
+        budget = requested
+    per_window = max(tokens / windows, 1.0)
+    count = min(windows, max(1, int(np.ceil(budget / per_window))))
+    picked = sorted({int((i + 0.5) * windows / count) for i in range(count)})
+    return picked, budget
+
+
 def _metrics_phase(
     config: CollectConfig,
     run: LoadedRun,
     writer: Any,
     report: _Reporter,
     check_stop: Callable[[], None],
+    reconstruction: _Reconstruction,
 ) -> dict[str, Any]:
-    """SAE quality on the first ``metrics_tokens`` tokens, plus density over the whole run."""
-    from saetui.collect.evaluate import evaluate_sae
-    from saetui.corpus import batch_windows, iter_windows
+    """Reconstruction metrics of every collected token (accumulated while collecting), CE
+    loss and KL of both families on a sample of the collection's windows, densities over the
+    whole run, the SAE's weight metrics."""
+    from saetui.index import open_index
 
-    inputs = config.inputs
-    budget = config.metrics_tokens
-    report(CollectProgress("metrics", 0, budget, message="reconstruction and CE loss"), force=True)
-    windows = iter_windows(
-        run.corpus, run.model.tokenizer, ctx_len=inputs.ctx_len, max_tokens=budget
+    windows = writer.next_window
+    summaries = writer.summaries
+    report(CollectProgress("metrics", message="reconstruction metrics"), force=True)
+    reconstruction.catch_up(windows, check_stop)
+    accumulator = reconstruction.accumulator
+    accumulator.finish()
+    collected = int(summaries.n_tokens)
+    sample, budget = ce_sample_windows(windows, collected, config.metrics_tokens)
+    share = len(sample) / max(windows, 1)
+    report(
+        CollectProgress(
+            "metrics",
+            0,
+            None,
+            message=f"CE loss and KL on {len(sample):,} of {windows:,} windows ({share:.1%})",
+        ),
+        force=True,
     )
-    # small batches: a stop request waits for at most one batch of three forward passes
-    metrics = evaluate_sae(
-        run.model,
-        run.sae,
-        run.hook,
-        batch_windows(windows, max(1, inputs.batch_size // 4)),
-        max_tokens=budget,
-        progress=lambda n: report(CollectProgress("metrics", n, budget)),
-        check_stop=check_stop,
+    with open_index(config.out) as index:
+        sample_tokens = sum(len(index.window(w).token_ids) for w in sample)
+        # small batches: a stop waits for at most one batch of five forward passes
+        batches = index_batches(index, sample, max(1, config.inputs.batch_size // 4))
+        behaviour = measure_sample(
+            run.model,
+            run.sae,
+            run.hook,
+            batches,
+            progress=lambda n: report(CollectProgress("metrics", n, sample_tokens)),
+            check_stop=check_stop,
+        )
+    reconstructed = accumulator.result()
+    saelens_tokens = reconstructed.get("saelens", {}).get("tokens", 0)
+    saelens_counts = accumulator.saelens_feature_counts.cpu().numpy()
+    weights = weight_metrics(run.sae)
+    cosine = np.asarray(weights["encoder_decoder_cosine_sim"])
+    metrics = merge_families(
+        reconstructed,
+        density_metrics(summaries.count.cpu().numpy(), summaries.n_counted),
+        {"collection_tokens": int(summaries.n_counted)},
+        {
+            "saelens": {
+                **saelens_density_metrics(saelens_counts, saelens_tokens),
+                "encoder_decoder_cosine_sim_mean": float(cosine.mean()),
+            }
+        },
+        behaviour.result(),
+        {
+            "ce_sample": {
+                "windows": len(sample),
+                "of_windows": windows,
+                "tokens": sample_tokens,
+                "of_tokens": collected,
+                "requested_tokens": config.metrics_tokens,
+                "budget_tokens": budget,
+                "rule": "windows spread evenly over the collection",
+            },
+            "precision": _precision(run),
+        },
     )
-    metrics = {
-        f"sample_{key}" if key in _DENSITY_KEYS else key: value for key, value in metrics.items()
-    }
-    metrics.update(_density_over_collection(writer.summaries, run.sae.d_sae))
-    metrics["metrics_tokens_requested"] = budget
     writer.put_metrics(metrics)
+    density = saelens_counts / max(saelens_tokens, 1)
+    writer.put_meta("saelens_feature_metrics", {"feature_density": density.tolist(), **weights})
     return metrics
-
-
-_DENSITY_KEYS = ("dead_features", "dead_fraction", "dense_1pct", "dense_10pct")
-
-
-def _density_over_collection(summaries: Any, d_sae: int) -> dict[str, Any]:
-    counts = summaries.count.cpu().numpy()
-    tokens = max(int(summaries.n_counted), 1)
-    density = counts / tokens
-    return {
-        "collection_tokens": int(summaries.n_counted),
-        "dead_features": int((counts == 0).sum()),
-        "dead_fraction": float((counts == 0).mean()),
-        "dense_1pct": int((density > 0.01).sum()),
-        "dense_10pct": int((density > 0.10).sum()),
-    }
 
 
 def _neighbours_phase(

@@ -1,25 +1,48 @@
-"""Exports in the layout the old analysis pipeline (``sae_core``) wrote, so existing
-notebooks keep working, plus a JSONL of everything the feature view shows.
+"""Exports in the layout, key names, dtypes and semantics the old analysis pipeline
+(``sae_core``: ``run_comprehensive_analysis`` with ``SAEAnalyzer``) wrote, so notebooks
+written against it (``interp_analysis.ipynb``) read them unchanged; plus a JSONL of
+everything the feature view shows.
 
-``sae_core`` layout under OUT::
+``sae_core`` layout under OUT (saetui's own keys are added beside the old ones)::
 
-    results/analysis_results_<ts>.json   sparsity, dead_features, reconstruction, ablation
-    results/feature_summaries_<ts>.jsonl one feature per line: feature, activation_frequency,
-                                         mean_activation, top_examples[token, activation,
-                                         context, position, text_idx, global_idx]
-    matrices/feature_similarity_<ts>.npy decoder cosine, d_sae x d_sae (small d_sae only)
-    matrices/feature_cooccurrence_<ts>.npy co-occurrence counts, d_sae x d_sae (small d_sae only)
-    SUMMARY_<ts>.json, README_<ts>.md    what was exported, from which run
-    plots/training_history_<ts>.png      when the SAE has history.json and matplotlib is installed
+    config_<ts>.json                      timestamp, model_name, sae_path, layer, hook_name,
+                                          data_path, batch_size
+    results/analysis_results_<ts>.json    sparsity{l0_mean, l0_std, l1_mean, l1_std,
+                                          n_features, n_tokens}, dead_features{n_dead,
+                                          pct_dead (percent), threshold, use_training_metric},
+                                          reconstruction{mse, explained_variance,
+                                          cosine_similarity, original_std, residual_std,
+                                          n_tokens}, ablation{baseline_loss, zero_ablation_loss,
+                                          sae_reconstruction_loss, loss_recovered, n_batches},
+                                          feature_summaries; both metric families beside them
+    results/feature_summaries_<ts>.jsonl  one line per feature that fired (dead ones omitted):
+                                          feature, activation_frequency (raw count),
+                                          activation_fraction, mean_activation, top_examples
+                                          (25) of token, activation, context, position,
+                                          text_idx, global_idx
+    matrices/feature_similarity_<ts>.npy  decoder cosine, float32 d_sae x d_sae
+    matrices/feature_cooccurrence_<ts>.npy        phi correlation of firing, float32 [-1, 1]
+    matrices/feature_cooccurrence_counts_<ts>.npy tokens on which both fired, int32
+    activation_database/activation_db_<ts>.pkl    with ``activation_db=True``: the sparse
+                                          activation matrix, token metadata, feature metadata
+    SUMMARY_<ts>.json, README_<ts>.md     what was exported, from which run
+    plots/training_history_<ts>.png       when the SAE has history.json and matplotlib is there
+
+Tokens are the collection's counted tokens (no start tokens, no padding), numbered as the
+old pipeline numbered them: documents in corpus order (``text_idx``), each from its first
+text token (``position`` 0), ``global_idx`` running over that order. Contexts are up to 10
+tokens either side within the token's own document, detokenised by the model's tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +52,22 @@ from saetui.errors import SaetuiInputError
 
 # A dense d_sae x d_sae float32 matrix above this many features would pass 1 GiB.
 DENSE_MATRIX_MAX_FEATURES = 16_384
+OLD_TOP_EXAMPLES = 25  # the old pipeline's feature_summary_top_k
+OLD_CONTEXT_TOKENS = 10  # tokens either side of the firing one (its context_size)
+# Above this many tokens the activation database gets a warning: the old format holds one
+# Python object per token (~150 bytes pickled) and every nonzero, all loaded into RAM.
+ACTIVATION_DB_WARN_TOKENS = 1_000_000
+
+
+@dataclass
+class TokenMetadata:
+    """One token of the activation database, with the old pipeline's field names."""
+
+    global_idx: int  # row of the activation matrix
+    text_idx: int  # document index in the corpus
+    position: int  # token offset inside the document's text (its first token is 0)
+    token_id: int
+    token_str: str
 
 
 def _timestamp() -> str:
@@ -53,8 +92,136 @@ def _staged(out: Path) -> tuple[Path, Callable[[], None]]:
     return staging, publish
 
 
+# ---------------------------------------------------------------------- token order
+
+
+def _prepends_start_token(index: Any) -> bool:
+    """Whether documents begin with a start token saetui put there (offset 0, not text)."""
+    details = index.get_meta("run_details") or {}
+    start = details.get("start_token")
+    return True if not isinstance(start, dict) else start.get("id") is not None
+
+
+@dataclass
+class TokenOrder:
+    """The collection's counted tokens in the old pipeline's order: by document, then
+    position inside the document's text. Arrays are in that (row) order."""
+
+    text_idx: np.ndarray  # int64 [n]
+    position: np.ndarray  # int64 [n]
+    token_id: np.ndarray  # int64 [n]
+    index_row: np.ndarray  # int64 [n]: the row's counted-token number in window order
+    _keys: np.ndarray  # sorted saetui global indices (window * ctx_len + position)
+    _rows: np.ndarray  # row of each of _keys
+
+    def __len__(self) -> int:
+        return len(self.text_idx)
+
+    def row_of(self, global_index: int) -> int:
+        """The old ``global_idx`` of a token named by saetui's global index."""
+        at = int(np.searchsorted(self._keys, global_index))
+        if at >= len(self._keys) or self._keys[at] != global_index:
+            raise KeyError(global_index)
+        return int(self._rows[at])
+
+
+def token_order(index: Any) -> TokenOrder:
+    """One pass over the index's windows: every counted token's document and position."""
+    ctx = index.meta.ctx_len
+    prepend = int(_prepends_start_token(index))
+    docs, positions, token_ids, keys = [], [], [], []
+    for window in range(index.progress().windows):
+        view = index.window(window)
+        where = np.zeros(len(view.token_ids), dtype=np.int64)
+        doc = np.full(len(view.token_ids), -1, dtype=np.int64)
+        for s in view.segments:
+            doc[s.start : s.start + s.length] = s.doc_id
+            where[s.start : s.start + s.length] = s.doc_offset + np.arange(s.length)
+        counted = np.flatnonzero(view.mask)
+        docs.append(doc[counted])
+        positions.append(where[counted] - prepend)
+        token_ids.append(view.token_ids[counted].astype(np.int64))
+        keys.append(window * ctx + counted)
+    if not docs:
+        empty = np.zeros(0, dtype=np.int64)
+        return TokenOrder(empty, empty, empty, empty, empty, empty)
+    doc, position = np.concatenate(docs), np.concatenate(positions)
+    order = np.lexsort((position, doc))  # row -> counted-token number in window order
+    key = np.concatenate(keys)
+    rows = np.empty(len(order), dtype=np.int64)
+    rows[order] = np.arange(len(order))
+    by_key = np.argsort(key)
+    return TokenOrder(
+        doc[order],
+        position[order],
+        np.concatenate(token_ids)[order],
+        order,
+        key[by_key],
+        rows[by_key],
+    )
+
+
+# ---------------------------------------------------------------------- contexts
+
+
+def load_tokenizer(index: Any) -> Any | None:
+    """The run's tokenizer (for the old contexts), or None when it cannot be loaded here."""
+    from transformers import AutoTokenizer
+
+    from saetui.lm.embedded import EMBEDDED_MODELS, embedded_model_dir
+    from saetui.lm.hub import model_source
+    from saetui.lm.names import DEFAULT_MODEL
+
+    name = str(index.meta.run_config.get("model") or "")
+    try:
+        if name in EMBEDDED_MODELS:
+            return AutoTokenizer.from_pretrained(str(embedded_model_dir(name)))
+        source = model_source(name, DEFAULT_MODEL)
+        return AutoTokenizer.from_pretrained(
+            source.location, local_files_only=source.local_files_only, cache_dir=source.cache_dir
+        )
+    except (SaetuiInputError, OSError, ValueError):
+        return None
+
+
+class Contexts:
+    """Old-pipeline contexts: up to ``radius`` tokens either side of a token inside its own
+    document (its counted tokens, so never a start token), detokenised by the run's
+    tokenizer, or, when it cannot be loaded, the index's token strings joined."""
+
+    def __init__(
+        self, index: Any, order: TokenOrder, tokenizer: Any | None, radius: int = OLD_CONTEXT_TOKENS
+    ):
+        self._index, self._order, self._tokenizer, self._radius = index, order, tokenizer, radius
+
+    def __call__(self, row: int) -> str:
+        text = self._order.text_idx
+        lo, hi = max(0, row - self._radius), min(len(text), row + self._radius + 1)
+        # rows are sorted by document, then position: keep the ones of this document
+        lo += int(np.searchsorted(text[lo:hi], text[row], side="left"))
+        hi = lo + int(np.searchsorted(text[lo:hi], text[row], side="right"))
+        ids = self._order.token_id[lo:hi]
+        if self._tokenizer is None:
+            return "".join(self._index.token_strings(ids))
+        return self._tokenizer.decode([int(i) for i in ids])
+
+
+# ---------------------------------------------------------------------- results
+
+
+def _hook_parts(hook: str | None) -> tuple[int | None, str | None]:
+    from saetui.lm.model import hook_layer
+
+    if not hook:
+        return None, None
+    layer = hook_layer(hook)
+    name = hook.split(".", 2)[2] if layer is not None and hook.count(".") >= 2 else hook
+    return layer, name
+
+
 def analysis_results(index: Any) -> dict[str, Any]:
-    """The old ``analysis_results`` JSON from an index's stored metrics and summaries."""
+    """The old ``analysis_results`` JSON (its keys, with saetui's correct values) from an
+    index's stored metrics and summaries, saetui's own keys and the SAELens family beside."""
     metrics = index.metrics()
     d_sae = index.meta.d_sae
     page = index.features(sort="id", descending=False, page_size=d_sae)
@@ -62,17 +229,23 @@ def analysis_results(index: Any) -> dict[str, Any]:
     tokens = max(index.progress().counted_tokens, 1)
     frequency = counts / tokens
     dead = np.flatnonzero(counts == 0)
+    sample = metrics.get("ce_sample") or {}
     return {
-        "config": index.meta.run_config,
         "sparsity": {
             "l0_mean": metrics.get("l0_mean"),
             "l0_std": metrics.get("l0_std"),
             "l1_mean": metrics.get("l1_mean"),
+            "l1_std": metrics.get("l1_std"),
+            "n_features": int(d_sae),
+            "n_tokens": int(tokens),
             "mean_activation_frequency": float(frequency.mean()),
             "median_activation_frequency": float(np.median(frequency)),
-            "tokens": int(tokens),
         },
         "dead_features": {
+            "n_dead": int(len(dead)),
+            "pct_dead": 100.0 * len(dead) / d_sae,
+            "threshold": 0.0,
+            "use_training_metric": True,  # dead = never fired in the collection
             "count": int(len(dead)),
             "fraction": float(len(dead) / d_sae),
             "indices": dead.tolist(),
@@ -82,48 +255,61 @@ def analysis_results(index: Any) -> dict[str, Any]:
         "reconstruction": {
             "mse": metrics.get("mse"),
             "explained_variance": metrics.get("explained_variance"),
+            "cosine_similarity": metrics.get("cosine"),
+            "original_std": metrics.get("original_std"),
+            "residual_std": metrics.get("residual_std"),
+            "n_tokens": metrics.get("tokens"),
             "explained_variance_legacy": metrics.get("explained_variance_legacy"),
             "fvu": metrics.get("fvu"),
-            "cosine_similarity": metrics.get("cosine"),
             "l2_ratio": metrics.get("l2_ratio"),
-            "tokens": metrics.get("tokens"),
         },
         "ablation": {
-            "ce_loss_clean": metrics.get("ce_clean"),
-            "ce_loss_with_sae": metrics.get("ce_with_sae"),
-            "ce_loss_zero_ablation": metrics.get("ce_zero_ablation"),
-            "ce_loss_recovered": metrics.get("ce_loss_recovered"),
+            "baseline_loss": metrics.get("ce_clean"),
+            "zero_ablation_loss": metrics.get("ce_zero_ablation"),
+            "sae_reconstruction_loss": metrics.get("ce_with_sae"),
+            "loss_recovered": metrics.get("ce_loss_recovered"),
+            "n_batches": sample.get("windows"),
             "kl_divergence": metrics.get("kl_clean_sae"),
-            "tokens": metrics.get("ce_tokens"),
+            "n_tokens": metrics.get("ce_tokens"),
+            "sample": sample or None,
         },
+        "saelens": metrics.get("saelens", {}),
+        "config": index.meta.run_config,
     }
 
 
-def _context_text(tokens: list[str], position: int, radius: int = 10) -> str:
-    start = max(position - radius, 0)
-    return "".join(tokens[start : position + radius + 1])
-
-
-def feature_summaries(index: Any, top_examples: int = 20) -> Iterator[dict[str, Any]]:
-    """One old-format summary per feature, in feature order."""
-    for feature in range(index.meta.d_sae):
-        stats = index.stats(feature)
+def feature_summaries(
+    index: Any,
+    order: TokenOrder,
+    contexts: Callable[[int], str],
+    top_examples: int = OLD_TOP_EXAMPLES,
+) -> Iterator[dict[str, Any]]:
+    """One old-format summary per feature that fired, in feature order."""
+    page = index.features(sort="id", descending=False, page_size=index.meta.d_sae)
+    tokens = max(int(page.counted_tokens), 1)
+    for feature, count, mean in zip(
+        page.feature.tolist(), page.count.tolist(), page.mean.tolist(), strict=True
+    ):
+        if count <= 0:
+            continue  # the old pipeline wrote no line for a feature that never fired
         examples = []
         for example in index.top_examples(feature, top_examples):
+            row = order.row_of(example.global_index)
             examples.append(
                 {
                     "token": example.tokens[example.position],
                     "activation": float(example.value),
-                    "context": _context_text(example.tokens, example.position),
-                    "position": int(example.doc_offset),
-                    "text_idx": int(example.doc_id),
-                    "global_idx": int(example.global_index),
+                    "context": contexts(row),
+                    "position": int(order.position[row]),
+                    "text_idx": int(order.text_idx[row]),
+                    "global_idx": row,
                 }
             )
         yield {
-            "feature": feature,
-            "activation_frequency": float(stats.density),
-            "mean_activation": float(stats.mean),
+            "feature": int(feature),
+            "activation_frequency": float(count),
+            "activation_fraction": count / tokens,
+            "mean_activation": float(mean),
             "top_examples": examples,
         }
 
@@ -186,6 +372,9 @@ def export_jsonl(index_path: Path, out: Path, n_examples: int = 20) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------- matrices
+
+
 def _decoder_similarity(index: Any) -> np.ndarray:
     from saetui.sae import load_sae
 
@@ -218,57 +407,166 @@ def cooccurrence_counts(index: Any) -> np.ndarray:
     return counts
 
 
+def phi_correlation(counts: np.ndarray, tokens: int, stripe: int = 1024) -> np.ndarray:
+    """The phi coefficient (Pearson correlation of the binary firing indicators) of every
+    feature pair from co-occurrence ``counts`` over ``tokens`` tokens, float32 in [-1, 1].
+    Undefined where a feature never (or always) fires: 0 there, its diagonal included."""
+    n = np.diag(counts).astype(np.float64)
+    spread = np.sqrt(n * (tokens - n))
+    out = np.zeros(counts.shape, dtype=np.float32)
+    for a in range(0, len(n), stripe):
+        b = min(a + stripe, len(n))
+        numerator = tokens * counts[a:b].astype(np.float64) - n[a:b, None] * n[None, :]
+        denominator = spread[a:b, None] * spread[None, :]
+        block = np.divide(
+            numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0
+        )
+        out[a:b] = np.clip(block, -1.0, 1.0)
+    return out
+
+
+# ---------------------------------------------------------------------- activation database
+
+
+def activation_database(index: Any, order: TokenOrder) -> dict[str, Any]:
+    """The old ``ActivationDatabase`` pickle's content: ``activation_matrix`` (scipy CSR,
+    float32 [n_tokens, d_sae], rows in the old token order), ``token_metadata`` (one
+    :class:`TokenMetadata` per row) and ``feature_metadata``."""
+    import scipy.sparse as sp
+
+    d_sae = index.meta.d_sae
+    parts = []
+    for chunk in index.iter_forward():
+        parts.append(
+            sp.csr_matrix(
+                (chunk.values.astype(np.float32), chunk.feature_ids, chunk.offsets),
+                shape=(len(chunk.offsets) - 1, d_sae),
+            )
+        )
+    window_order = (
+        sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, d_sae), dtype=np.float32)
+    )
+    matrix = window_order[order.index_row].astype(np.float32)
+    matrix.sort_indices()
+    strings = index.token_strings(order.token_id)
+    metadata = [
+        TokenMetadata(row, int(doc), int(pos), int(token), text)
+        for row, (doc, pos, token, text) in enumerate(
+            zip(order.text_idx, order.position, order.token_id, strings, strict=True)
+        )
+    ]
+    counts = np.diff(matrix.tocsc().indptr).astype(np.int64)
+    totals = np.asarray(matrix.sum(axis=0), dtype=np.float64).ravel()
+    mean = np.divide(totals, counts, out=np.zeros_like(totals), where=counts > 0)
+    n_tokens = matrix.shape[0]
+    return {
+        "activation_matrix": matrix,
+        "token_metadata": metadata,
+        "feature_metadata": {
+            "n_features": int(d_sae),
+            "n_tokens": int(n_tokens),
+            "activation_counts": counts.tolist(),
+            "total_activations": totals.tolist(),
+            "mean_activation": mean.tolist(),
+            "sparsity": 1.0 - matrix.nnz / max(n_tokens * d_sae, 1),
+            "ever_fired": (counts > 0).tolist(),
+            "activation_threshold": 0.0,
+        },
+    }
+
+
+# ---------------------------------------------------------------------- the export
+
+
 def export_sae_core(
     index_path: Path,
     out: Path,
     *,
-    top_examples: int = 20,
+    top_examples: int = OLD_TOP_EXAMPLES,
+    activation_db: bool = False,
     say: Callable[[str], None] = print,
 ) -> list[Path]:
     """Write the old pipeline's files for the index at ``index_path`` into ``out``."""
     from saetui.index import open_index
 
+    if top_examples < 1:
+        raise SaetuiInputError(
+            f"--top-examples {top_examples} must be at least 1 (the old pipeline wrote 25)."
+        )
     ts = _timestamp()
     staging, publish = _staged(out)
     written: list[str] = []
+    files: dict[str, str] = {}
     try:
         with open_index(index_path) as index:
             d_sae = index.meta.d_sae
-            results = staging / "results"
-            results.mkdir()
+            counted = index.progress().counted_tokens
+            if activation_db and counted > ACTIVATION_DB_WARN_TOKENS:
+                say(
+                    f"the activation database holds {counted:,} tokens: the old format keeps "
+                    "one Python object per token and every nonzero in RAM (about "
+                    f"{_activation_db_bytes(index) / 1e9:.1f} GB to load); the index answers "
+                    "the same questions without it"
+                )
+            order = token_order(index)
+            tokenizer = load_tokenizer(index)
+            if tokenizer is None:
+                say(
+                    f"the tokenizer of {index.meta.run_config.get('model')} could not be loaded "
+                    "here: contexts join the index's token strings instead of detokenising"
+                )
+            (staging / "results").mkdir()
             name = f"results/analysis_results_{ts}.json"
-            (staging / name).write_text(json.dumps(analysis_results(index), indent=2))
+            summaries_name = f"results/feature_summaries_{ts}.jsonl"
+            results = analysis_results(index)
+            results["feature_summaries"] = summaries_name
+            (staging / name).write_text(json.dumps(results, indent=2))
             written.append(name)
-            name = f"results/feature_summaries_{ts}.jsonl"
-            with (staging / name).open("w") as handle:
-                for record in feature_summaries(index, top_examples):
+            files["results"] = name
+            alive: list[tuple[int, float]] = []
+            contexts = Contexts(index, order, tokenizer)
+            with (staging / summaries_name).open("w") as handle:
+                for record in feature_summaries(index, order, contexts, top_examples):
+                    alive.append((record["feature"], record["activation_frequency"]))
                     handle.write(json.dumps(record) + "\n")
-            written.append(name)
+            written.append(summaries_name)
+            files["feature_summaries"] = summaries_name
             if d_sae <= DENSE_MATRIX_MAX_FEATURES:
                 (staging / "matrices").mkdir()
                 name = f"matrices/feature_similarity_{ts}.npy"
                 np.save(staging / name, _decoder_similarity(index).astype(np.float32))
                 written.append(name)
+                files["similarity_matrix"] = name
+                counts = cooccurrence_counts(index)
                 name = f"matrices/feature_cooccurrence_{ts}.npy"
-                np.save(staging / name, cooccurrence_counts(index))
+                np.save(staging / name, phi_correlation(counts, counted))
                 written.append(name)
+                files["cooccurrence_matrix"] = name
+                name = f"matrices/feature_cooccurrence_counts_{ts}.npy"
+                np.save(staging / name, counts)
+                written.append(name)
+                files["cooccurrence_counts"] = name
             else:
                 say(
                     f"d_sae {d_sae} is above {DENSE_MATRIX_MAX_FEATURES}: dense similarity and "
                     "co-occurrence matrices are skipped (the index keeps top-N neighbours)."
                 )
+            if activation_db:
+                (staging / "activation_database").mkdir()
+                name = f"activation_database/activation_db_{ts}.pkl"
+                with (staging / name).open("wb") as handle:
+                    pickle.dump(activation_database(index, order), handle, protocol=4)
+                written.append(name)
+                files["activation_db"] = name
             plot = _history_plot(index, staging, ts, say)
             if plot:
                 written.append(plot)
-            summary = {
-                "timestamp": ts,
-                "index": str(Path(index_path).resolve()),
-                "run_config": index.meta.run_config,
-                "d_sae": d_sae,
-                "tokens": index.progress().tokens,
-                "metrics": index.metrics(),
-                "files": written,
-            }
+            top = sorted(alive, key=lambda item: (-item[1], item[0]))[:10]
+            summary = _summary(index, ts, results, [f for f, _ in top], order, files)
+            summary["exported_files"] = written
+            name = f"config_{ts}.json"
+            (staging / name).write_text(json.dumps(_run_settings(index, ts), indent=2))
+            written.append(name)
             (staging / f"SUMMARY_{ts}.json").write_text(json.dumps(summary, indent=2))
             (staging / f"README_{ts}.md").write_text(_readme(summary))
             written += [f"SUMMARY_{ts}.json", f"README_{ts}.md"]
@@ -277,6 +575,74 @@ def export_sae_core(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return [out / name for name in written]
+
+
+def _activation_db_bytes(index: Any) -> float:
+    """Rough in-memory size of the old activation database: 8 bytes per nonzero (value and
+    column) and ~200 bytes per token object."""
+    return index.progress().nonzeros * 8 + index.progress().counted_tokens * 200
+
+
+def _run_settings(index: Any, ts: str) -> dict[str, Any]:
+    """The old ``config_<ts>.json``."""
+    config = index.meta.run_config
+    request = (index.get_meta("request") or {}).get("inputs", {})
+    layer, hook_name = _hook_parts(config.get("hook"))
+    return {
+        "timestamp": ts,
+        "model_name": config.get("model"),
+        "sae_path": config.get("sae_path"),
+        "layer": layer,
+        "hook_name": hook_name,
+        "data_path": config.get("corpus"),
+        "batch_size": request.get("batch_size"),
+    }
+
+
+def _summary(
+    index: Any,
+    ts: str,
+    results: dict[str, Any],
+    top_features: list[int],
+    order: TokenOrder,
+    files: dict[str, str],
+) -> dict[str, Any]:
+    """The old ``SUMMARY_<ts>.json`` keys, then saetui's."""
+    config = index.meta.run_config
+    layer, hook_name = _hook_parts(config.get("hook"))
+    sparsity, dead = results["sparsity"], results["dead_features"]
+    reconstruction, ablation = results["reconstruction"], results["ablation"]
+    return {
+        "timestamp": ts,
+        "model": config.get("model"),
+        "sae_path": config.get("sae_path"),
+        "layer": layer,
+        "hook_name": hook_name,
+        "dataset_size": int(len(np.unique(order.text_idx))),
+        "n_tokens_processed": sparsity["n_tokens"],
+        "n_features": sparsity["n_features"],
+        "sparsity": {key: sparsity[key] for key in ("l0_mean", "l0_std", "l1_mean", "l1_std")},
+        "dead_features": {"n_dead": dead["n_dead"], "pct_dead": dead["pct_dead"]},
+        "reconstruction": {
+            key: reconstruction[key] for key in ("mse", "explained_variance", "cosine_similarity")
+        },
+        "ablation": {
+            key: ablation[key]
+            for key in (
+                "baseline_loss",
+                "zero_ablation_loss",
+                "sae_reconstruction_loss",
+                "loss_recovered",
+            )
+        },
+        "top_features": top_features,
+        "files": files,
+        "index": str(Path(index.path).resolve()),
+        "run_config": config,
+        "d_sae": index.meta.d_sae,
+        "tokens": index.progress().tokens,
+        "metrics": index.metrics(),
+    }
 
 
 def _history_plot(index: Any, staging: Path, ts: str, say: Callable[[str], None]) -> str | None:
@@ -309,6 +675,7 @@ def _history_plot(index: Any, staging: Path, ts: str, say: Callable[[str], None]
 def _readme(summary: dict[str, Any]) -> str:
     config = summary["run_config"]
     metrics = summary["metrics"]
+    saelens = metrics.get("saelens", {})
     lines = [
         f"# SAE analysis {summary['timestamp']}",
         "",
@@ -318,25 +685,35 @@ def _readme(summary: dict[str, Any]) -> str:
         f"hook `{config.get('hook')}`",
         f"- SAE: `{config.get('sae_path')}` ({config.get('sae_architecture')}, "
         f"d_sae {summary['d_sae']})",
-        f"- corpus: `{config.get('corpus')}`, {summary['tokens']:,} tokens",
+        f"- corpus: `{config.get('corpus')}`, {summary['dataset_size']:,} documents, "
+        f"{summary['n_tokens_processed']:,} tokens",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "| metric | saetui | SAELens / SAEBench |",
+        "|---|---|---|",
     ]
-    for key in (
-        "l0_mean",
-        "explained_variance",
-        "cosine",
-        "ce_loss_recovered",
-        "kl_clean_sae",
-        "dead_fraction",
-        "dense_1pct",
-        "dense_10pct",
-    ):
-        if key in metrics:
-            value = metrics[key]
-            lines.append(
-                f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
-            )
-    lines += ["", "Files:", ""] + [f"- `{name}`" for name in summary["files"]]
+    pairs = (
+        ("L0", "l0_mean", "l0"),
+        ("explained variance", "explained_variance", "explained_variance"),
+        ("MSE", "mse", "mse"),
+        ("cosine", "cosine", "cossim"),
+        ("CE loss recovered / ce_loss_score", "ce_loss_recovered", "ce_loss_score"),
+        ("KL with SAE", "kl_clean_sae", "kl_div_with_sae"),
+        ("dead fraction / frac_alive", "dead_fraction", "frac_alive"),
+    )
+    for label, ours, theirs in pairs:
+        lines.append(f"| {label} | {_cell(metrics.get(ours))} | {_cell(saelens.get(theirs))} |")
+    lines += [
+        "",
+        "Old key names keep saetui's definitions (README: Metrics); the SAELens family is "
+        "under `saelens` in `analysis_results` and `SUMMARY`.",
+        "",
+        "Files:",
+        "",
+    ] + [f"- `{name}`" for name in summary["exported_files"]]
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "–" if value is None else str(value)

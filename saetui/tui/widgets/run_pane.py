@@ -13,21 +13,32 @@ from textual_plotext import PlotextPlot
 
 from saetui.tui.model import RunPlots, RunState
 
+# Each card names its family: "saetui" (saetui's definitions) or "SAELens" (as SAELens'
+# evals.py computes them; stored under metrics["saelens"], looked up as "saelens.<key>").
 CARDS = (
     ("L0", ("l0_mean", "l0")),
     ("dead", ("dead_fraction", "dead_pct", "dead_features")),
     ("dense >1%", ("dense_1pct", "dense_features_1pct", "dense_1")),
     ("dense >10%", ("dense_10pct", "dense_features_10pct", "dense_10")),
-    ("expl. var.", ("explained_variance",)),
-    ("CE recovered", ("ce_loss_recovered", "ce_recovered")),
-    ("KL", ("kl_clean_sae", "kl_div", "kl")),
-    ("cosine", ("cosine",)),
+    ("EV saetui", ("explained_variance",)),
+    ("CE saetui", ("ce_loss_recovered", "ce_recovered")),
+    ("KL saetui", ("kl_clean_sae", "kl_div", "kl")),
+    ("cos saetui", ("cosine",)),
+    ("EV SAELens", ("saelens.explained_variance",)),
+    ("CE SAELens", ("saelens.ce_loss_score",)),
+    ("KL SAELens", ("saelens.kl_div_with_sae",)),
 )
+
+
+def _lookup(metrics: dict[str, Any], name: str) -> Any:
+    family, _, key = name.rpartition(".")
+    scope = metrics.get(family) if family else metrics
+    return scope.get(key) if isinstance(scope, dict) else None
 
 
 def _metric(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
     for name in names:
-        value = metrics.get(name)
+        value = _lookup(metrics, name)
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int):
@@ -35,7 +46,7 @@ def _metric(metrics: dict[str, Any], names: tuple[str, ...]) -> str:
         if isinstance(value, float):
             if name.endswith(("fraction", "pct")) and value <= 1:
                 return f"{value * 100:.1f}%"
-            return f"{value:.4g}"
+            return f"{value:.3g}"  # a card is ~16 columns at 80x24
         return str(value)
     return "–"
 

@@ -191,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from saetui.export.old_pipeline import export_jsonl, export_sae_core
 
     _check_index(args.index)
-    if args.top_examples < 1:
+    if args.top_examples is not None and args.top_examples < 1:
         raise SaetuiInputError(
             f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
         )

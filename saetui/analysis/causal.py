@@ -259,3 +259,96 @@ def _generate(
             next_id = int(last.argmax())
         ids.append(next_id)
     return ids[len(prompt_ids) :]
+
+
+def parse_steering(text: str) -> tuple[dict[int, float], dict[str, Any]]:
+    """``"#123 x8 #45 x-4 mode=frozen tokens=30 clamp temp=0.7 seed=1"`` -> features and
+    :func:`steer` options (``123:8`` works for a feature too)."""
+    features: dict[int, float] = {}
+    options: dict[str, Any] = {}
+    words = text.replace(",", " ").split()
+    pending: int | None = None
+    for word in words:
+        if word.startswith("#") and word[1:].isdigit():
+            pending = int(word[1:])
+            features[pending] = 1.0
+        elif word.startswith(("x", "×")) and pending is not None:
+            features[pending] = _number(word[1:], word)
+        elif ":" in word and word.split(":")[0].isdigit():
+            feature, strength = word.split(":", 1)
+            features[int(feature)] = _number(strength, word)
+        elif word == "clamp":
+            options["clamp"] = True
+        elif "=" in word:
+            key, value = word.split("=", 1)
+            if key == "mode":
+                options["mode"] = value
+            elif key in ("tokens", "n"):
+                options["n_tokens"] = int(_number(value, word))
+            elif key in ("temp", "temperature"):
+                options["temperature"] = _number(value, word)
+            elif key == "seed":
+                options["seed"] = int(_number(value, word))
+            else:
+                raise SaetuiInputError(f"{word!r}: unknown steering option {key!r}.")
+        else:
+            raise SaetuiInputError(
+                f"{word!r} is not part of a steering spec: write e.g. '#123 x8 mode=frozen "
+                "tokens=20' (features as #id xstrength or id:strength)."
+            )
+    if not features:
+        raise SaetuiInputError("name at least one feature to steer, e.g. '#123 x8'.")
+    return features, options
+
+
+def _number(text: str, word: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SaetuiInputError(f"{word!r}: {text!r} is not a number.") from None
+
+
+class CausalSession:
+    """Ablation and steering over an index, with the model and SAE its run recorded,
+    loaded once (for notebooks and the ``saetui ablate`` / ``saetui steer`` commands)."""
+
+    def __init__(self, index_path: str | Any) -> None:
+        from saetui.analysis.probe import probe_loader, probe_spec_from_run
+        from saetui.index import open_index
+
+        self.index_path = index_path
+        with open_index(index_path) as index:
+            spec = probe_spec_from_run(index.meta.run_config)
+        self.inputs = probe_loader(**spec)()
+
+    def ablate(self, feature: int, contexts: int = 10) -> list[dict[str, Any]]:
+        """Each of the feature's top contexts re-run without it: the next-token loss change
+        at the firing token, the mean where it fires, and the logits it moved there."""
+        from saetui.index import open_index
+
+        with open_index(self.index_path) as index:
+            examples = index.top_examples(feature, contexts)
+        out = []
+        for example in examples:
+            position = int(example.position)
+            ids = example.token_ids[: position + 2].tolist()
+            result = ablate(self.inputs.model, self.inputs.sae, self.inputs.hook, ids, feature)
+            out.append(
+                {
+                    "window": int(example.window),
+                    "position": position,
+                    "activation": float(example.value),
+                    "token": result.tokens[position],
+                    "next_token": result.tokens[position + 1] if position + 1 < len(ids) else None,
+                    "delta_loss": result.delta_loss[position],
+                    "mean_delta_where_fires": result.mean_delta_where_fires,
+                    "promoted": result.promoted[position],
+                    "suppressed": result.suppressed[position],
+                }
+            )
+        return out
+
+    def steer(self, prompt: str, features: dict[int, float], **options: Any) -> SteeringResult:
+        return steer(
+            self.inputs.model, self.inputs.sae, self.inputs.hook, prompt, features, **options
+        )

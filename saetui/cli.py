@@ -216,6 +216,46 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Remove a feature on its top contexts: the loss change, as JSON."""
+    from saetui.analysis.causal import CausalSession
+
+    check_feature = _feature_in(args.index, args.feature)
+    rows = CausalSession(args.index).ablate(check_feature, args.contexts)
+    print(json.dumps({"feature": args.feature, "contexts": rows}, indent=1))
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Generate from a prompt with features steered and without, as JSON."""
+    from dataclasses import asdict
+
+    from saetui.analysis.causal import CausalSession, parse_steering
+
+    _check_index(args.index)
+    features, options = parse_steering(" ".join(args.feature))
+    options.setdefault("n_tokens", args.tokens)
+    options.setdefault("mode", args.mode)
+    if args.clamp:
+        options["clamp"] = True
+    result = CausalSession(args.index).steer(args.prompt, features, **options)
+    record = asdict(result)
+    record.update(steered_text=result.steered_text, unsteered_text=result.unsteered_text)
+    print(json.dumps(record, indent=1))
+    return 0
+
+
+def _feature_in(index: Path, feature: int) -> int:
+    from saetui.index import open_index
+
+    _check_index(index)
+    with open_index(index) as reader:
+        d_sae = reader.meta.d_sae
+    if not 0 <= feature < d_sae:
+        raise SaetuiInputError(f"--feature {feature} is out of range: {index} has 0-{d_sae - 1}.")
+    return feature
+
+
 def cmd_share(args: argparse.Namespace) -> int:
     """Write a copy of an index without local paths and timestamps, compacted."""
     from saetui.index.share import share_copy
@@ -292,6 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline's in-RAM pickle of every token and nonzero (large for big runs)",
     )
     export.set_defaults(handler=cmd_export)
+
+    ablate = commands.add_parser(
+        "ablate", help="loss change on a feature's top contexts when it is removed (JSON)"
+    )
+    ablate.add_argument("index", type=Path, help="index directory")
+    ablate.add_argument("--feature", type=int, required=True, help="feature id")
+    ablate.add_argument("--contexts", type=int, default=10, help="top contexts (default 10)")
+    ablate.set_defaults(handler=cmd_ablate)
+
+    steer = commands.add_parser(
+        "steer", help="generate with features steered, beside the unsteered text (JSON)"
+    )
+    steer.add_argument("index", type=Path, help="index directory (its model and SAE are used)")
+    steer.add_argument("--prompt", required=True, help="text to continue")
+    steer.add_argument(
+        "--feature", action="append", required=True, help="ID:STRENGTH, e.g. 123:8 (repeat)"
+    )
+    steer.add_argument("--tokens", type=int, default=20, help="tokens to generate")
+    steer.add_argument("--mode", choices=("all", "prompt", "frozen"), default="all")
+    steer.add_argument("--clamp", action="store_true", help="set the feature, don't add to it")
+    steer.set_defaults(handler=cmd_steer)
 
     share = commands.add_parser(
         "share", help="copy an index without local paths and timestamps, to give to others"

@@ -47,7 +47,8 @@ def test_run_pane_cards_name_the_family_of_each_value(tiny_index, tmp_path):
             while loop.time() < deadline:
                 await pilot.pause(0.1)
                 texts = [str(card.render()) for card in app.query(".card")]
-                cards.update({t.rsplit(" ", 1)[0]: t.rsplit(" ", 1)[1] for t in texts})
+                # a card is its title, a line break, then its value
+                cards.update(dict(t.split("\n", 1) for t in texts if "\n" in t))
                 if cards.get("EV SAELens", "–") != "–":
                     break
             await pilot.press("q")

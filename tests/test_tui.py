@@ -694,3 +694,30 @@ def test_ablation_from_the_feature_view_shows_each_contexts_loss_change(
             assert app.source.cached_ablation(feature, (example.window, example.position))
 
     asyncio.run(flow())
+
+
+def test_probe_steers_a_generation_beside_the_unsteered_one(index_copy, collected, embedded_model):
+    from saetui.analysis.probe import ProbeInputs
+    from saetui.sae import load_sae
+
+    sae = load_sae(collected[1])
+
+    async def flow():
+        app = make_app(index_copy, model_loader=lambda: ProbeInputs(embedded_model, sae, HOOK))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("4")
+            pane = app.query_one(ProbePane)
+            await wait_for(pilot, lambda: app.focused and app.focused.id == "probe-input")
+            await pilot.press(*"def main():", "enter")
+            await wait_for(pilot, lambda: pane.result is not None, timeout=60)
+            await pilot.press("g")
+            await wait_for(pilot, lambda: app.screen.__class__.__name__ == "PathScreen")
+            feature = pane.result.ranked[0].feature
+            await pilot.press("ctrl+u", *f"#{feature} x40 tokens=6", "enter")
+            await wait_for(pilot, lambda: pane.steering is not None, timeout=120)
+            assert len(pane.steering.steered) == len(pane.steering.unsteered) == 6
+            assert pane.steering.features == {feature: 40.0}
+            shown = str(pane.query_one("#probe-steer").render())
+            assert "steered" in shown and "unsteered" in shown
+
+    asyncio.run(flow())

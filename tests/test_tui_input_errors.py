@@ -49,5 +49,5 @@ def test_run_app_turns_the_input_error_into_the_cli_sentence(tmp_path, monkeypat
         return original_run(self, *args, headless=True, **kwargs)
 
     monkeypatch.setattr(SaetuiApp, "run", run_headless)
-    with pytest.raises(SaetuiInputError, match="no.json"):
+    with pytest.raises(SaetuiInputError, match="no-sae does not exist"):
         app_module.run_app(tmp_path / "index", collect=config)

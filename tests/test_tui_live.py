@@ -86,8 +86,9 @@ def test_pause_resume_finish_then_quit(tmp_path, tiny_gpt2_dir, tiny_sae_dir):
             f"finish ({app.outcome}, {app.collection_error}, {app.collecting}, {app.job.log_path})",
         )
         assert app.collection_error is None and not app.paused
-        await wait_for(pilot, lambda: app.run_state.finished)
+        await wait_for(pilot, lambda: app.run_state.finished and not app.collecting)
         await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, 30, "exit after q")
 
     _run_app(app, flow, 180)
     assert app.return_code == 0

@@ -308,6 +308,10 @@ def _number(text: str, word: str) -> float:
         raise SaetuiInputError(f"{word!r}: {text!r} is not a number.") from None
 
 
+def _finite(value: float) -> float | None:
+    return value if value == value and abs(value) != float("inf") else None
+
+
 class CausalSession:
     """Ablation and steering over an index, with the model and SAE its run recorded,
     loaded once (for notebooks and the ``saetui ablate`` / ``saetui steer`` commands)."""
@@ -340,7 +344,8 @@ class CausalSession:
                     "activation": float(example.value),
                     "token": result.tokens[position],
                     "next_token": result.tokens[position + 1] if position + 1 < len(ids) else None,
-                    "delta_loss": result.delta_loss[position],
+                    # None when the firing token ends the window (no next token to predict)
+                    "delta_loss": _finite(result.delta_loss[position]),
                     "mean_delta_where_fires": result.mean_delta_where_fires,
                     "promoted": result.promoted[position],
                     "suppressed": result.suppressed[position],

@@ -382,9 +382,13 @@ def _collecting_phase(
                 )
             )
             check_stop()
-    finally:
+    except (StopRequested, KeyboardInterrupt):
         # queued after the windows it covers, so it never claims uncommitted ones
         reconstruction.save()
+        raise
+    # (after any other error the writer may be broken: the sums since the last save are
+    # recomputed on resume, and the error itself reaches the user unmasked)
+    reconstruction.save()
     return (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
 
 

@@ -35,14 +35,12 @@ from saetui.errors import IndexDamagedError, SaetuiInputError
 from saetui.index import format as fmt
 
 WRITER_LOCK_FILE = "writer.lock"
-# A read-only environment maps the whole data file whatever map_size says, so readers ask
-# for little: they then work under an address-space limit (ulimit -v) too.
-READER_MAP_SIZE = 1 << 20
-
-
 def writer_map_size(requested: int = fmt.DEFAULT_MAP_SIZE) -> int:
-    """The writer's map size: ``requested`` (virtual; the file grows with the data), or
-    half of what an address-space limit (ulimit -v) leaves, when there is one."""
+    """The map size of writers and readers: ``requested`` (virtual; the file grows with
+    the data), or half of what an address-space limit (ulimit -v) allows, when there is one.
+    Readers use the same size as writers: a reader whose map is smaller than the data a
+    writer has since committed gets MDB_MAP_RESIZED, and resizing under other threads'
+    transactions is not safe."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
@@ -111,7 +109,7 @@ def acquire(
         try:
             env = lmdb.open(
                 str(path),
-                map_size=map_size if writable else READER_MAP_SIZE,
+                map_size=map_size if writable else writer_map_size(),
                 subdir=True,
                 readonly=not writable,
                 create=write,

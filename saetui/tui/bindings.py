@@ -139,6 +139,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("probe.open", "enter", "open", "Open feature"),
     KeyAction("probe.shade", "s", "shade", "Shade the text by this feature"),
     KeyAction("probe.shade_all", "a", "shade_all", "Shade by each token's top feature"),
+    KeyAction("probe.steer", "g", "steer", "Steer a generation"),
     # label editor
     KeyAction("label.save", "ctrl+s", "save", "Save"),
     KeyAction("label.cancel", "escape", "cancel", "Cancel"),

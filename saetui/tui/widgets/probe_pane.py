@@ -28,6 +28,7 @@ class ProbePane(Vertical):
     ProbePane #probe-input:focus { background: $accent 30%; }
     ProbePane #probe-status { height: 1; padding: 0 1; color: $text-muted; }
     ProbePane #probe-lists { height: 1fr; }
+    ProbePane #probe-steer { height: auto; max-height: 8; padding: 0 1; }
     ProbePane OptionList { width: 1fr; height: 1fr; border: round $panel; }
     ProbePane OptionList:focus { border: round $accent; }
     """
@@ -41,6 +42,7 @@ class ProbePane(Vertical):
         super().__init__(id=id)
         self.result: Any = None  # saetui.analysis.probe.ProbeResult
         self.focus_feature: int | None = None  # shade the text by this feature
+        self.steering: Any = None  # the last saetui.analysis.causal.SteeringResult
         self._names: dict[int, Any] = {}  # feature -> ActiveFeature (label, top tokens)
         self._token_features: list[int] = []
         self._ranked: list[int] = []
@@ -48,6 +50,7 @@ class ProbePane(Vertical):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="type text and press Enter to probe", id="probe-input")
         yield Static("the model loads on the first probe", id="probe-status")
+        yield Static("", id="probe-steer")
         yield TokenStrip(id="probe-tokens")
         with Horizontal(id="probe-lists"):
             yield OptionList(id="probe-at-token")
@@ -207,6 +210,58 @@ class ProbePane(Vertical):
         index = options.highlighted
         if index is not None and index < len(features):
             self.post_message(self.OpenFeature(features[index]))
+
+    def action_steer(self) -> None:
+        """Ask for features and strengths, then generate steered and unsteered text."""
+        from saetui.tui.screens.path import PathScreen
+
+        text = self.result.text if self.result is not None else self.query_one(Input).value
+        if not text.strip():
+            self.status(Text("type a prompt first (i), then g steers a generation", "yellow"))
+            return
+        feature = self._highlighted_feature() or self.focus_feature
+        default = f"#{feature} x8 mode=all tokens=20" if feature is not None else "#0 x8"
+
+        def chosen(spec: str | None) -> None:
+            if spec:
+                self.run_steer(text, spec)
+
+        self.app.push_screen(
+            PathScreen("Steer: #id xstrength … mode=all|prompt|frozen tokens=N [clamp]", default),
+            chosen,
+        )
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="steer")
+    def run_steer(self, prompt: str, spec: str) -> None:
+        from saetui.analysis.causal import parse_steering
+
+        app: Any = self.app
+        try:
+            features, options = parse_steering(spec)
+            app.call_from_thread(self.status, Text(f"steering {spec}…", style="italic"))
+            result = app.probe_service().steer(prompt, features, **options)
+        except Exception as error:
+            if not get_current_worker().is_cancelled:
+                app.call_from_thread(self.status, Text(f"steering failed: {error}", "red"))
+            return
+        if not get_current_worker().is_cancelled:
+            app.call_from_thread(self.show_steering, result)
+
+    def show_steering(self, result: Any) -> None:
+        self.steering = result
+        names = ", ".join(
+            f"#{f} {'=' if result.clamp else 'x'}{s:g}" for f, s in result.features.items()
+        )
+        self.query_one("#probe-steer", Static).update(
+            Text.assemble(
+                (f"steered ({names}, {result.mode}): ", "bold green"),
+                show_token(result.steered_text),
+                "\n",
+                ("unsteered: ", "bold"),
+                show_token(result.unsteered_text),
+            )
+        )
+        self.status(Text("g steers again · the lists still show the probe", style="dim"))
 
     def _highlighted_feature(self) -> int | None:
         options = self._focused_list()

@@ -104,7 +104,11 @@ def _context_open(pilot_feature: int):
 async def _run_pane(pilot) -> None:
     await _loaded(pilot)
     await pilot.press("1")
-    await pilot.pause(0.5)
+    for _ in range(200):
+        if pilot.app.query_one("TabbedContent").active == "run":
+            break
+        await pilot.pause(0.05)
+    await pilot.pause(0.8)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 30)], ids=["80x24", "120x30"])
@@ -126,7 +130,12 @@ def test_snapshot_every_pane(snap_compare, synthetic_index, pane, size, monkeypa
 async def _probe_pane(pilot) -> None:
     await _loaded(pilot)
     await pilot.press("4")
-    await pilot.pause(0.3)
+    for _ in range(200):  # until the text box has focus (the cursor is part of the picture)
+        focused = pilot.app.focused
+        if focused is not None and focused.id == "probe-input":
+            break
+        await pilot.pause(0.05)
+    await pilot.pause(0.5)
 
 
 # ---------------------------------------------------------------------- tmux

@@ -692,6 +692,13 @@ def test_ablation_from_the_feature_view_shows_each_contexts_loss_change(
             delta = view.ablations[(example.window, example.position)]
             assert delta == pytest.approx(direct.delta_loss[example.position], abs=1e-4)
             assert app.source.cached_ablation(feature, (example.window, example.position))
+            # and what it did at each firing token: the logits it moved, by name
+            effect_rows = [
+                view.line_text(i)
+                for i in range(view.option_count)
+                if view.line_text(i).lstrip().startswith("Δ") and "→" in view.line_text(i)
+            ]
+            assert len(effect_rows) == 10
 
     asyncio.run(flow())
 

@@ -645,6 +645,7 @@ class SaetuiApp(App[int]):
         """Each top context re-run with the feature removed (results kept in the index)."""
         view = self.query_one(FeatureView)
         deltas: dict[tuple[int, int], float] = {}
+        effects: dict[tuple[int, int], Any] = {}
         means = []
         try:
             inputs = self.source.ablation_inputs(feature, contexts)
@@ -652,20 +653,27 @@ class SaetuiApp(App[int]):
                 summary = self.source.cached_ablation(feature, where)
                 if summary is None:
                     result = self.probe_service().ablate(token_ids, feature)
+                    position = where[1]
                     summary = {
-                        "delta": result.delta_loss[where[1]],
+                        "delta": result.delta_loss[position],
                         "mean": result.mean_delta_where_fires,
+                        "next": result.tokens[position + 1]
+                        if position + 1 < len(token_ids)
+                        else "",
+                        "promoted": result.promoted[position][:3],
+                        "suppressed": result.suppressed[position][:3],
                     }
                     self.source.keep_ablation(feature, where, summary)
                 if get_current_worker().is_cancelled:
                     return
                 deltas[where] = float(summary["delta"])
+                effects[where] = summary
                 means.append(float(summary["mean"]))
                 note = (
                     f"  ablation ({done}/{len(inputs)}): loss where it fires "
                     f"{sum(means) / len(means):+.3f} on average; Δ = next-token loss change"
                 )
-                self.call_from_thread(view.show_ablations, feature, deltas, note)
+                self.call_from_thread(view.show_ablations, feature, deltas, note, effects)
         except Exception as error:
             if not get_current_worker().is_cancelled:
                 self.call_from_thread(self.notify, f"Ablation failed: {error}", severity="error")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rich.segment import Segment
 from rich.style import Style
@@ -156,6 +157,7 @@ class FeatureView(ScrollView, can_focus=True):
         # (window, window position) -> loss change when the feature is ablated there
         self.ablations: dict[tuple[int, int], float] = {}
         self.ablation_note = ""
+        self.ablation_effects: dict[tuple[int, int], Any] = {}
 
     # ------------------------------------------------------------------ content
 
@@ -212,6 +214,7 @@ class FeatureView(ScrollView, can_focus=True):
         if self.detail is None or self.detail.row.feature != detail.row.feature:
             if not (restore is None and keep_position and self.detail is None):
                 self.ablations, self.ablation_note = {}, ""
+                self.ablation_effects = {}
         self.detail = detail
         self._build(detail)
         if same:
@@ -274,6 +277,18 @@ class FeatureView(ScrollView, can_focus=True):
                 note(Text(f"  {interval}", style="italic"))
                 for context in contexts:
                     context_row(context, top)
+        if self.ablation_effects:
+            heading("Ablation: what it did at the firing token (next token; logits it moved)")
+            for context in detail.contexts:
+                effect = self.ablation_effects.get((context.window, context.window_position))
+                if effect is None:
+                    continue
+                row = Text(f"  Δ{effect['delta']:+.2f} → {show_token(effect.get('next', ''))!r}  ")
+                for token, value in effect.get("promoted", []):
+                    row.append(f"{show_token(token)!r} {value:+.2f} ", "green")
+                for token, value in effect.get("suppressed", []):
+                    row.append(f"{show_token(token)!r} {value:+.2f} ", "red")
+                text_row(row, Target("context", feature, context))
         if detail.histogram:
             heading("Activation histogram (count per octave of activation value)")
             for row in histogram_rows(detail.histogram):
@@ -457,12 +472,18 @@ class FeatureView(ScrollView, can_focus=True):
             self.feature = feature
 
     def show_ablations(
-        self, feature: int, ablations: dict[tuple[int, int], float], note: str
+        self,
+        feature: int,
+        ablations: dict[tuple[int, int], float],
+        note: str,
+        effects: dict[tuple[int, int], Any] | None = None,
     ) -> None:
-        """Loss changes of ablating ``feature`` on its contexts (shown while it is open)."""
+        """Loss changes of ablating ``feature`` on its contexts (shown while it is open), and
+        per context the logits it moved at the firing token."""
         if self.detail is None or self.detail.row.feature != feature:
             return
         self.ablations, self.ablation_note = dict(ablations), note
+        self.ablation_effects = dict(effects or {})
         self.show(self.detail, keep_position=True)
 
     class Ablate(Message):

@@ -195,6 +195,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SaetuiInputError(
             f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
         )
+    if args.format in ECOSYSTEM_FORMATS:
+        return _export_ecosystem(args)
     if args.format == "jsonl":
         if args.activation_db:
             raise SaetuiInputError(
@@ -213,6 +215,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(path)
+    return 0
+
+
+ECOSYSTEM_FORMATS = ("html",)
+
+
+def _export_ecosystem(args: argparse.Namespace) -> int:
+    """The exports other tools read: static HTML pages."""
+    if args.activation_db:
+        raise SaetuiInputError(
+            f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
+        )
+    if args.format == "html":
+        from saetui.export.html import export_html
+
+        report = export_html(
+            args.index,
+            args.out,
+            features=args.features,
+            n_examples=args.top_examples or 20,
+            say=_say,
+        )
+        _say(
+            f"html: {report.pages:,} feature pages, {report.bytes / 1e6:.1f} MB, "
+            f"{report.seconds:.1f} s"
+        )
+        print(report.out / "index.html")
     return 0
 
 
@@ -278,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write an index's analysis as the old pipeline's files or as JSONL"
     )
     export.add_argument("index", type=Path, help="index directory")
-    export.add_argument("--format", choices=("sae_core", "jsonl"), default="sae_core")
+    export.add_argument(
+        "--format",
+        choices=("sae_core", "jsonl", *ECOSYSTEM_FORMATS),
+        default="sae_core",
+        help="sae_core: the old pipeline's files; jsonl: everything the feature view shows; "
+        "html: static pages to share (index.html + one page per feature)",
+    )
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
     export.add_argument(
         "--top-examples",
@@ -290,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sae_core: also write activation_database/activation_db_<ts>.pkl, the old "
         "pipeline's in-RAM pickle of every token and nonzero (large for big runs)",
+    )
+    export.add_argument(
+        "--features",
+        metavar="SPEC",
+        help="html: the features to write, e.g. '3,10-20,512' (default: every feature that fired)",
     )
     export.set_defaults(handler=cmd_export)
 

@@ -218,11 +218,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-ECOSYSTEM_FORMATS = ("html",)
+ECOSYSTEM_FORMATS = ("html", "delphi")
 
 
 def _export_ecosystem(args: argparse.Namespace) -> int:
-    """The exports other tools read: static HTML pages."""
+    """The exports other tools read: static HTML pages, delphi's latent cache."""
     if args.activation_db:
         raise SaetuiInputError(
             f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
@@ -242,6 +242,18 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
             f"{report.seconds:.1f} s"
         )
         print(report.out / "index.html")
+    elif args.format == "delphi":
+        from saetui.export.delphi import export_delphi
+
+        report = export_delphi(
+            args.index, args.out, n_splits=args.splits, hookpoint=args.hookpoint, say=_say
+        )
+        _say(
+            f"delphi: {report.nonzeros:,} activations of {report.windows:,} windows in "
+            f"{len(report.files)} files, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
+            f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
+        )
+        print(report.out / "latents" / report.hookpoint)
     return 0
 
 
@@ -312,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sae_core", "jsonl", *ECOSYSTEM_FORMATS),
         default="sae_core",
         help="sae_core: the old pipeline's files; jsonl: everything the feature view shows; "
-        "html: static pages to share (index.html + one page per feature)",
+        "html: static pages to share (index.html + one page per feature); delphi: "
+        "delphi's latent cache (safetensors per latent range)",
     )
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
     export.add_argument(
@@ -330,6 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--features",
         metavar="SPEC",
         help="html: the features to write, e.g. '3,10-20,512' (default: every feature that fired)",
+    )
+    export.add_argument(
+        "--splits",
+        type=int,
+        default=5,
+        help="delphi: files the latents are split into (delphi's n_splits, default 5)",
+    )
+    export.add_argument(
+        "--hookpoint",
+        help="delphi: the module name delphi knows the SAE by (default: layers.L for "
+        "blocks.L.hook_resid_post, else the hook name)",
     )
     export.set_defaults(handler=cmd_export)
 

@@ -218,11 +218,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-ECOSYSTEM_FORMATS = ("html", "delphi")
+ECOSYSTEM_FORMATS = ("html", "delphi", "neuronpedia")
 
 
 def _export_ecosystem(args: argparse.Namespace) -> int:
-    """The exports other tools read: static HTML pages, delphi's latent cache."""
+    """The exports other tools read: static HTML pages, delphi's latent cache, Neuronpedia's
+    import bundle."""
     if args.activation_db:
         raise SaetuiInputError(
             f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
@@ -254,6 +255,24 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
             f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
         )
         print(report.out / "latents" / report.hookpoint)
+    else:
+        from saetui.export.neuronpedia import export_neuronpedia
+
+        report = export_neuronpedia(
+            args.index,
+            args.out,
+            model_id=args.model_id,
+            source_set=args.source_set,
+            features=args.features,
+            n_examples=args.top_examples or 20,
+            say=_say,
+        )
+        _say(
+            f"neuronpedia: {report.features:,} features, {report.activations:,} activations, "
+            f"{report.explanations:,} explanations in {report.batches} batches, "
+            f"{report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s"
+        )
+        print(report.source_dir)
     return 0
 
 
@@ -325,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="sae_core",
         help="sae_core: the old pipeline's files; jsonl: everything the feature view shows; "
         "html: static pages to share (index.html + one page per feature); delphi: "
-        "delphi's latent cache (safetensors per latent range)",
+        "delphi's latent cache (safetensors per latent range); neuronpedia: the bundle "
+        "Neuronpedia imports (gzipped JSONL batches)",
     )
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
     export.add_argument(
@@ -342,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--features",
         metavar="SPEC",
-        help="html: the features to write, e.g. '3,10-20,512' (default: every feature that fired)",
+        help="html, neuronpedia: the features to write, e.g. '3,10-20,512' (default: html every "
+        "feature that fired, neuronpedia every feature)",
     )
     export.add_argument(
         "--splits",
@@ -354,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--hookpoint",
         help="delphi: the module name delphi knows the SAE by (default: layers.L for "
         "blocks.L.hook_resid_post, else the hook name)",
+    )
+    export.add_argument(
+        "--model-id", help="neuronpedia: the model's id there (default: the model's name)"
+    )
+    export.add_argument(
+        "--source-set",
+        help="neuronpedia: the source set id (default saetui-<hook kind>-<width>, e.g. "
+        "saetui-res-2k); the source is <layer>-<source set>",
     )
     export.set_defaults(handler=cmd_export)
 

@@ -285,12 +285,18 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
-    """Read feature labels from JSONL into an index."""
-    from saetui.export.labels import import_labels
+    """Read feature labels (JSONL, Neuronpedia explanations) or a delphi run's explanations
+    and scores into an index."""
+    from saetui.export.labels import import_annotations
 
     _check_index(args.index)
-    count = import_labels(args.file, args.index)
-    print(f"imported {count} labels into {args.index}")
+    report = import_annotations(args.file, args.index, hookpoint=args.hookpoint)
+    scores = (
+        f" and {', '.join(report.scorers)} scores of {report.scores} features"
+        if report.scores
+        else ""
+    )
+    print(f"imported {report.labels} labels{scores} into {args.index}")
     return 0
 
 
@@ -397,10 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     labels = commands.add_parser("labels", help="feature labels")
     label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
     label_import = label_commands.add_parser(
-        "import", help="read labels from JSONL (feature/index + label/description/explanation)"
+        "import",
+        help="read labels from JSONL (feature/index + label/description/explanation), "
+        "Neuronpedia explanation exports, or a delphi run's explanations and scores",
     )
-    label_import.add_argument("file", type=Path, help="JSONL file of labels")
+    label_import.add_argument(
+        "file",
+        type=Path,
+        help="JSONL file (.gz too), JSON array, folder of batch-<n>.jsonl.gz, or delphi run dir",
+    )
     label_import.add_argument("index", type=Path, help="index directory")
+    label_import.add_argument(
+        "--hookpoint", help="delphi: the hookpoint whose results to import, when it has several"
+    )
     label_import.set_defaults(handler=cmd_labels_import)
 
     info = commands.add_parser("info", help="describe an SAE directory")

@@ -360,15 +360,15 @@ def _latent_files(folder: Path) -> Iterator[tuple[str, int, Path]]:
 
 
 def is_delphi_results(path: Path) -> bool:
-    """Whether ``path`` is a delphi run directory or its explanations or scores folder."""
+    """Whether ``path`` is a delphi run directory or its explanations or scores folder
+    (a folder holding ``<hookpoint>_latent<N>.txt`` files, or one level above them)."""
     path = Path(path)
     if not path.is_dir():
         return False
-    if (path / "explanations").is_dir() or (path / "scores").is_dir():
-        return True
-    if any(True for _ in _latent_files(path)):
-        return True
-    return any(sub.is_dir() and any(True for _ in _latent_files(sub)) for sub in path.iterdir())
+    folders = [path, *(p for p in path.iterdir() if p.is_dir())]
+    if (path / "scores").is_dir():
+        folders += [p for p in (path / "scores").iterdir() if p.is_dir()]
+    return any(any(True for _ in _latent_files(folder)) for folder in folders)
 
 
 def read_delphi_results(

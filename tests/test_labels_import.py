@@ -159,3 +159,23 @@ def test_folders_without_labels_are_one_sentence(index_copy, tmp_path, capsys):
     argv = ["labels", "import", str(labels), str(index_copy), "--hookpoint", "layers.1"]
     assert main(argv) == 2
     assert "--hookpoint belongs to delphi results" in capsys.readouterr().err
+
+
+def test_imported_scores_show_in_the_html_export(index_copy, tmp_path):
+    from saetui.export.html import export_html
+
+    run = tmp_path / "run"
+    write_delphi_run(
+        run,
+        "layers.1",
+        {3: ("x", classified([True, False], [True, False]), classified([True], [False]))},
+    )
+    import_annotations(run, index_copy)
+    export_html(index_copy, tmp_path / "site", features="2-4", say=lambda _: None)
+    listing = (tmp_path / "site" / "index.html").read_text()
+    assert ">detection score</th>" in listing and ">fuzz score</th>" in listing
+    assert '<td class="num" data-v="1.0">1.000</td><td class="num" data-v="0.0">0.000</td>' in (
+        listing
+    )
+    page = (tmp_path / "site" / "features" / "3.html").read_text()
+    assert "detection score 1.000 · fuzz score 0.000" in page

@@ -3,6 +3,7 @@ Chromium (rendered shaded spans, working links and sorting), plus atomic replace
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from saetui.cli import main
 from saetui.errors import SaetuiInputError
-from saetui.export.html import export_html
+from saetui.export.html import CONTEXT_AFTER, CONTEXT_BEFORE, export_html, show_token
 from saetui.export.staging import MARKER, parse_feature_spec
 from saetui.index import open_index
 
@@ -61,7 +62,7 @@ def test_feature_page_holds_the_index_values(pages):
     contexts = re.findall(r'<div class="ctx">(.*?)</div>', page.split("Interval samples")[0])
     assert len(contexts) == len(examples)
     for context, example in zip(contexts, examples, strict=True):
-        fired = re.findall(r'<span class="t[^"]* f" title="([^"]+)">', context)
+        fired = re.findall(r'<span class="(?:h\d )?f" title="([^"]+)">', context)
         assert len(fired) == 1
         assert float(fired[0]) == pytest.approx(example.value, rel=2e-3)
     # neighbours link to pages that exist, and only to those
@@ -91,13 +92,13 @@ def test_pages_render_shaded_spans_and_sort_in_headless_chromium(pages, tmp_path
 var loaded = 0;
 function report() {{
   var d = document.getElementById('a').contentDocument;
-  var spans = [].slice.call(d.querySelectorAll('.ctx .t'));
+  var spans = [].slice.call(d.querySelectorAll('.ctx span[class]'));
   var drawn = spans.filter(function (s) {{
     var r = s.getBoundingClientRect(); return r.width > 0 && r.height > 0; }});
   var shaded = drawn.filter(function (s) {{
     return /\\bh[1-9]\\b/.test(s.className) &&
       getComputedStyle(s).backgroundColor !== 'rgba(0, 0, 0, 0)'; }});
-  var plain = drawn.filter(function (s) {{ return !/\\bh[1-9]\\b/.test(s.className); }});
+  var first = d.querySelector('.ctx');
   var firing = [].slice.call(d.querySelectorAll('.ctx .f')).map(function (s) {{
     return getComputedStyle(s).outlineStyle; }});
   var bars = d.querySelectorAll('svg rect.bar').length;
@@ -107,7 +108,7 @@ function report() {{
     return parseInt(r.cells[0].dataset.v); }});
   document.getElementById('result').textContent = JSON.stringify({{
     title: d.title, spans: spans.length, drawn: drawn.length, shaded: shaded.length,
-    plain_background: plain.length ? getComputedStyle(plain[0]).backgroundColor : null,
+    context_text: first.textContent, context_height: first.getBoundingClientRect().height,
     firing: firing, bars: bars, order: order}});
 }}
 ['a', 'b'].forEach(function (id) {{
@@ -131,14 +132,20 @@ function report() {{
     )
     match = re.search(r'<pre id="result">(.*?)</pre>', run.stdout, re.S)
     assert match and match.group(1) != "pending", run.stderr[-2000:]
-    result = json.loads(match.group(1).replace("&amp;", "&").replace("&lt;", "<"))
+    result = json.loads(html.unescape(match.group(1)))
     with open_index(index_path) as index:
-        n_examples = len(index.top_examples(busiest, 20))
+        examples = index.top_examples(busiest, 20)
+        n_examples = len(examples)
         page_rows = index.features(sort="density", descending=True, page_size=index.meta.d_sae)
     assert result["title"].startswith(f"Feature {busiest}")
     assert result["spans"] > 0 and result["drawn"] == result["spans"]
     assert result["shaded"] >= n_examples  # at least every firing token is shaded
-    assert result["plain_background"] == "rgba(0, 0, 0, 0)"
+    # the first context shows its value, then its tokens (shaded or bare) in order
+    example = examples[0]
+    lo = max(0, example.position - CONTEXT_BEFORE)
+    hi = min(len(example.tokens), example.position + CONTEXT_AFTER + 1)
+    shown = "".join(show_token(t) for t in example.tokens[lo:hi])
+    assert html.unescape(shown) in result["context_text"] and result["context_height"] > 0
     assert result["firing"].count("solid") >= n_examples
     assert result["bars"] >= 1
     expected = [f for f in page_rows.feature.tolist() if f in set(alive)]

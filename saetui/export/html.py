@@ -47,7 +47,7 @@ th{cursor:pointer;border-bottom:1px solid #ccc;user-select:none}tr:nth-child(eve
 background:#f6f6f6}.num{text-align:right;font-variant-numeric:tabular-nums}
 .ctx{font:13px/1.9 ui-monospace,monospace;white-space:pre-wrap;margin:2px 0;padding:1px 4px;
 border-left:3px solid #eee}.ctx .v{display:inline-block;width:4.5em;color:#555}
-.t{border-radius:2px}.f{outline:2px solid #c2410c}.el{color:#aaa}
+.ctx span{border-radius:2px}.f{outline:2px solid #c2410c}.el{color:#aaa}
 .h1{background:#fff3e6}.h2{background:#ffe4c6}.h3{background:#ffd3a3}.h4{background:#ffc07f}
 .h5{background:#ffab5a}.h6{background:#fb9336}.h7{background:#f07c1c;color:#fff}
 .h8{background:#dd6410;color:#fff}.h9{background:#c2410c;color:#fff}
@@ -171,7 +171,10 @@ def context_html(example: Any, max_value: float) -> str:
     for i in range(lo, hi):
         value = float(example.activations[i])
         level = shade(value, max_value)
-        classes = "t" + (f" h{level}" if level else "") + (" f" if i == pos else "")
+        if not level and i != pos:  # most tokens: bare text keeps pages small
+            parts.append(show_token(example.tokens[i]))
+            continue
+        classes = " ".join(([f"h{level}"] if level else []) + (["f"] if i == pos else []))
         title = f' title="{fmt_value(value)}"' if value > 0 else ""
         parts.append(f'<span class="{classes}"{title}>{show_token(example.tokens[i])}</span>')
     if hi < len(example.tokens):

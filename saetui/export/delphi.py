@@ -43,7 +43,7 @@ from saetui.errors import SaetuiInputError
 from saetui.export.staging import Throttled, staged_directory
 
 ACTIVE_THRESHOLD = 1e-5  # delphi keeps |activation| > 1e-5
-COPY_ROWS = 1 << 20  # rows per read when assembling the files
+COPY_ITEMS = 1 << 21  # numbers per read when assembling the files (8 MB of uint32)
 LATENT_FILE = re.compile(r"^(?P<hook>.+)_latent(?P<latent>\d+)\.txt$")
 
 
@@ -310,7 +310,7 @@ def _write_split(path: Path, scratch: Path, i: int, cache: _Scratch, ctx_len: in
 def _copy(source: Path, handle: Any, stored: Any, written: Any, width: int) -> None:
     with source.open("rb") as part:
         while True:
-            block = np.fromfile(part, dtype=stored, count=COPY_ROWS * width)
+            block = np.fromfile(part, dtype=stored, count=max(1, COPY_ITEMS // width) * width)
             if not len(block):
                 return
             block.astype(written, copy=False).tofile(handle)

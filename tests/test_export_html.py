@@ -23,8 +23,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def pages(tiny_index, tmp_path_factory):
-    """Every feature that fired, exported through the CLI, one of them labelled."""
-    _, _, index_path = tiny_index
+    """Every feature that fired, exported through the CLI, one of them labelled (in a copy
+    of the shared index, so other tests see it unlabelled)."""
+    _, _, original = tiny_index
+    index_path = tmp_path_factory.mktemp("html-index") / "index"
+    shutil.copytree(original, index_path, ignore=shutil.ignore_patterns("user"))
     with open_index(index_path) as index:
         page = index.features(sort="count", descending=True, page_size=index.meta.d_sae)
         busiest = int(page.feature[0])

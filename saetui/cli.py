@@ -195,6 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SaetuiInputError(
             f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
         )
+    _check_format_options(args)
     if args.format in ECOSYSTEM_FORMATS:
         return _export_ecosystem(args)
     if args.format == "jsonl":
@@ -219,6 +220,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 ECOSYSTEM_FORMATS = ("html", "delphi", "neuronpedia")
+
+
+# export options that only some formats read: given to another, they would be ignored
+FORMAT_OPTIONS = {
+    "features": ("html", "neuronpedia"),
+    "splits": ("delphi",),
+    "hookpoint": ("delphi",),
+    "model_id": ("neuronpedia",),
+    "source_set": ("neuronpedia",),
+}
+
+
+def _check_format_options(args: argparse.Namespace) -> None:
+    for option, formats in FORMAT_OPTIONS.items():
+        if getattr(args, option) is not None and args.format not in formats:
+            name = "--" + option.replace("_", "-")
+            raise SaetuiInputError(
+                f"{name} belongs to --format {' / '.join(formats)}; drop it for --format "
+                f"{args.format}."
+            )
 
 
 def _export_ecosystem(args: argparse.Namespace) -> int:
@@ -247,13 +268,23 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
         from saetui.export.delphi import export_delphi
 
         report = export_delphi(
-            args.index, args.out, n_splits=args.splits, hookpoint=args.hookpoint, say=_say
+            args.index,
+            args.out,
+            n_splits=5 if args.splits is None else args.splits,
+            hookpoint=args.hookpoint,
+            say=_say,
         )
         _say(
             f"delphi: {report.nonzeros:,} activations of {report.windows:,} windows in "
             f"{len(report.files)} files, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
             f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
         )
+        if report.ctx_len % 32:
+            _say(
+                f"delphi: its examples default to 32 tokens, which must divide the windows' "
+                f"{report.ctx_len}: run it with --example_ctx_len set to a divisor of "
+                f"{report.ctx_len}"
+            )
         print(report.out / "latents" / report.hookpoint)
     else:
         from saetui.export.neuronpedia import export_neuronpedia
@@ -374,7 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--splits",
         type=int,
-        default=5,
         help="delphi: files the latents are split into (delphi's n_splits, default 5)",
     )
     export.add_argument(

@@ -192,3 +192,18 @@ def test_module_runs_without_textual():
     code = "import sys, saetui.export.delphi, saetui.export.html; print('textual' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_options_of_other_formats_are_refused(tiny_index, tmp_path, capsys):
+    _, _, index_path = tiny_index
+    argv = ["export", str(index_path), "--out", str(tmp_path / "x")]
+    for extra, message in (
+        (["--format", "html", "--splits", "3"], "--splits belongs to --format delphi"),
+        (["--format", "delphi", "--features", "1-3"], "--features belongs to --format html"),
+        (["--format", "jsonl", "--model-id", "m"], "--model-id belongs to --format neuronpedia"),
+    ):
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main([*argv, "--format", "delphi", "--splits", "2"]) == 0
+    assert "--example_ctx_len set to a divisor of 24" in capsys.readouterr().err

@@ -54,6 +54,7 @@ class DelphiExport:
     files: list[Path]
     nonzeros: int
     windows: int
+    ctx_len: int
     bytes: int
     seconds: float
 
@@ -96,6 +97,7 @@ def export_delphi(
         if not index.progress().finished:
             say("delphi: the index is still being collected; exporting what is committed")
         config = index.meta.run_config
+        ctx_len = index.meta.ctx_len
         hookpoint = hookpoint or default_hookpoint(config.get("hook"))
         if not hookpoint or "/" in hookpoint or hookpoint.startswith("."):
             raise SaetuiInputError(
@@ -128,6 +130,7 @@ def export_delphi(
         files=[final / "latents" / hookpoint / p.name for p in files],
         nonzeros=int(sum(cache.counts)),
         windows=cache.windows,
+        ctx_len=ctx_len,
         bytes=size,
         seconds=time.perf_counter() - started,
     )

@@ -27,6 +27,7 @@ from saetui.export.staging import Throttled, parse_feature_spec, staged_director
 CONTEXT_BEFORE = 16  # tokens shown before the firing token (sae_vis shows a similar span)
 CONTEXT_AFTER = 6
 SHADES = 9  # background levels .h1 .. .h9
+LARGE_EXPORT = 5000  # pages above which a default export suggests --features
 NEIGHBOUR_METRICS = {
     "decoder_cosine": "Decoder cosine",
     "jaccard": "Co-occurrence (Jaccard)",
@@ -97,6 +98,11 @@ def export_html(
         page = index.features(sort="id", descending=False, page_size=d_sae)
         if chosen is None:
             chosen = page.feature[page.count > 0]
+            if len(chosen) > LARGE_EXPORT:
+                say(
+                    f"html: {len(chosen):,} features fired, one page each (~20 kB); pick some "
+                    "with --features to keep the export small enough to share"
+                )
         exported = set(chosen.tolist())
         labels = index.labels()
         scores = feature_scores(index)

@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	@command -v tmux >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; } || \
 		echo "tmux is not installed: the real-terminal test will be skipped"
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium is not installed: the HTML export's browser test will be skipped"
 	touch $@
 
 demo: install

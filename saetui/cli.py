@@ -195,6 +195,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SaetuiInputError(
             f"--top-examples {args.top_examples} must be at least 1 (examples per feature)."
         )
+    _check_format_options(args)
+    if args.format in ECOSYSTEM_FORMATS:
+        return _export_ecosystem(args)
     if args.format == "jsonl":
         if args.activation_db:
             raise SaetuiInputError(
@@ -256,6 +259,94 @@ def _feature_in(index: Path, feature: int) -> int:
     return feature
 
 
+ECOSYSTEM_FORMATS = ("html", "delphi", "neuronpedia")
+
+
+# export options that only some formats read: given to another, they would be ignored
+FORMAT_OPTIONS = {
+    "features": ("html", "neuronpedia"),
+    "splits": ("delphi",),
+    "hookpoint": ("delphi",),
+    "model_id": ("neuronpedia",),
+    "source_set": ("neuronpedia",),
+}
+
+
+def _check_format_options(args: argparse.Namespace) -> None:
+    for option, formats in FORMAT_OPTIONS.items():
+        if getattr(args, option) is not None and args.format not in formats:
+            name = "--" + option.replace("_", "-")
+            raise SaetuiInputError(
+                f"{name} belongs to --format {' / '.join(formats)}; drop it for --format "
+                f"{args.format}."
+            )
+
+
+def _export_ecosystem(args: argparse.Namespace) -> int:
+    """The exports other tools read: static HTML pages, delphi's latent cache, Neuronpedia's
+    import bundle."""
+    if args.activation_db:
+        raise SaetuiInputError(
+            f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
+        )
+    if args.format == "html":
+        from saetui.export.html import export_html
+
+        report = export_html(
+            args.index,
+            args.out,
+            features=args.features,
+            n_examples=args.top_examples or 20,
+            say=_say,
+        )
+        _say(
+            f"html: {report.pages:,} feature pages, {report.bytes / 1e6:.1f} MB, "
+            f"{report.seconds:.1f} s"
+        )
+        print(report.out / "index.html")
+    elif args.format == "delphi":
+        from saetui.export.delphi import export_delphi
+
+        report = export_delphi(
+            args.index,
+            args.out,
+            n_splits=5 if args.splits is None else args.splits,
+            hookpoint=args.hookpoint,
+            say=_say,
+        )
+        _say(
+            f"delphi: {report.nonzeros:,} activations of {report.windows:,} windows in "
+            f"{len(report.files)} files, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
+            f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
+        )
+        if report.ctx_len % 32:
+            _say(
+                f"delphi: its examples default to 32 tokens, which must divide the windows' "
+                f"{report.ctx_len}: run it with --example_ctx_len set to a divisor of "
+                f"{report.ctx_len}"
+            )
+        print(report.out / "latents" / report.hookpoint)
+    else:
+        from saetui.export.neuronpedia import export_neuronpedia
+
+        report = export_neuronpedia(
+            args.index,
+            args.out,
+            model_id=args.model_id,
+            source_set=args.source_set,
+            features=args.features,
+            n_examples=args.top_examples or 20,
+            say=_say,
+        )
+        _say(
+            f"neuronpedia: {report.features:,} features, {report.activations:,} activations, "
+            f"{report.explanations:,} explanations in {report.batches} batches, "
+            f"{report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s"
+        )
+        print(report.source_dir)
+    return 0
+
+
 def cmd_share(args: argparse.Namespace) -> int:
     """Write a copy of an index without local paths and timestamps, compacted."""
     from saetui.index.share import share_copy
@@ -265,12 +356,18 @@ def cmd_share(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_import(args: argparse.Namespace) -> int:
-    """Read feature labels from JSONL into an index."""
-    from saetui.export.labels import import_labels
+    """Read feature labels (JSONL, Neuronpedia explanations) or a delphi run's explanations
+    and scores into an index."""
+    from saetui.export.labels import import_annotations
 
     _check_index(args.index)
-    count = import_labels(args.file, args.index)
-    print(f"imported {count} labels into {args.index}")
+    report = import_annotations(args.file, args.index, hookpoint=args.hookpoint)
+    scores = (
+        f" and {', '.join(report.scorers)} scores of {report.scores} features"
+        if report.scores
+        else ""
+    )
+    print(f"imported {report.labels} labels{scores} into {args.index}")
     return 0
 
 
@@ -318,7 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write an index's analysis as the old pipeline's files or as JSONL"
     )
     export.add_argument("index", type=Path, help="index directory")
-    export.add_argument("--format", choices=("sae_core", "jsonl"), default="sae_core")
+    export.add_argument(
+        "--format",
+        choices=("sae_core", "jsonl", *ECOSYSTEM_FORMATS),
+        default="sae_core",
+        help="sae_core: the old pipeline's files; jsonl: everything the feature view shows; "
+        "html: static pages to share (index.html + one page per feature); delphi: "
+        "delphi's latent cache (safetensors per latent range); neuronpedia: the bundle "
+        "Neuronpedia imports (gzipped JSONL batches)",
+    )
     export.add_argument("--out", type=Path, required=True, help="output directory (or .jsonl)")
     export.add_argument(
         "--top-examples",
@@ -330,6 +435,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sae_core: also write activation_database/activation_db_<ts>.pkl, the old "
         "pipeline's in-RAM pickle of every token and nonzero (large for big runs)",
+    )
+    export.add_argument(
+        "--features",
+        metavar="SPEC",
+        help="html, neuronpedia: the features to write, e.g. '3,10-20,512' (default: html every "
+        "feature that fired, neuronpedia every feature)",
+    )
+    export.add_argument(
+        "--splits",
+        type=int,
+        help="delphi: files the latents are split into (delphi's n_splits, default 5)",
+    )
+    export.add_argument(
+        "--hookpoint",
+        help="delphi: the module name delphi knows the SAE by (default: layers.L for "
+        "blocks.L.hook_resid_post, else the hook name)",
+    )
+    export.add_argument(
+        "--model-id", help="neuronpedia: the model's id there (default: the model's name)"
+    )
+    export.add_argument(
+        "--source-set",
+        help="neuronpedia: the source set id (default saetui-<hook kind>-<width>, e.g. "
+        "saetui-res-2k); the source is <layer>-<source set>",
     )
     export.set_defaults(handler=cmd_export)
 
@@ -365,10 +494,19 @@ def build_parser() -> argparse.ArgumentParser:
     labels = commands.add_parser("labels", help="feature labels")
     label_commands = labels.add_subparsers(dest="labels_command", metavar="ACTION", required=True)
     label_import = label_commands.add_parser(
-        "import", help="read labels from JSONL (feature/index + label/description/explanation)"
+        "import",
+        help="read labels from JSONL (feature/index + label/description/explanation), "
+        "Neuronpedia explanation exports, or a delphi run's explanations and scores",
     )
-    label_import.add_argument("file", type=Path, help="JSONL file of labels")
+    label_import.add_argument(
+        "file",
+        type=Path,
+        help="JSONL file (.gz too), JSON array, folder of batch-<n>.jsonl.gz, or delphi run dir",
+    )
     label_import.add_argument("index", type=Path, help="index directory")
+    label_import.add_argument(
+        "--hookpoint", help="delphi: the hookpoint whose results to import, when it has several"
+    )
     label_import.set_defaults(handler=cmd_labels_import)
 
     info = commands.add_parser("info", help="describe an SAE directory")

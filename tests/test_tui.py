@@ -728,3 +728,26 @@ def test_probe_steers_a_generation_beside_the_unsteered_one(index_copy, collecte
             assert "steered" in shown and "unsteered" in shown
 
     asyncio.run(flow())
+
+
+def test_imported_scores_sort_the_table_and_head_the_feature_view(index_copy):
+    from saetui.export.scores import store_feature_scores
+    from saetui.index import open_index
+
+    with open_index(index_copy) as index:
+        store_feature_scores(index, {4: {"detection": 0.9, "fuzz": 0.7}, 9: {"detection": 0.95}})
+
+    async def flow():
+        app = make_app(index_copy)
+        async with app.run_test(size=(100, 30)) as pilot:
+            table = app.query_one(FeatureTable)
+            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            table.apply_query(table.query_state.__class__(sort="score", descending=True))
+            await wait_for(pilot, lambda: table.current_row and table.current_row.feature == 9)
+            assert table.row_at(1).feature == 4 and table.row_at(1).score == pytest.approx(0.8)
+            await pilot.press("enter")
+            view = app.query_one(FeatureView)
+            await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 9)
+            assert "explanation score 0.95" in str(app.query_one("#feature-header").render())
+
+    asyncio.run(flow())

@@ -518,6 +518,9 @@ class SaetuiApp(App[int]):
             ("  n ", "dim"),
             f"{row.count:,}",
         )
+        if row.score is not None:
+            header.append("  explanation score ", "dim")
+            header.append(f"{row.score:.2f}", "bold")
         if detail.notes:
             header.append(f"\n {detail.notes}", style="italic")
         self.query_one("#feature-header", Static).update(header)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SORT_COLUMNS = ("id", "label", "density", "mean", "max")
+SORT_COLUMNS = ("id", "label", "density", "mean", "max", "score")
 FILTERS = ("all", "alive", "dead", "dense", "labelled", "unlabelled", "bookmarked")
 
 
@@ -97,6 +97,7 @@ class FeatureRow:
     count: int = 0
     top_tokens: str = ""
     bookmarked: bool = False
+    score: float | None = None  # an imported explanation score (delphi detection / fuzz)
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ class IndexSource:
         serial = self._serial()
         generation = hash((serial, self._user_generation))
         bookmarks = self._bookmarks()
-        if query.search or query.filter == "bookmarked":
+        if query.search or query.filter == "bookmarked" or query.sort == "score":
             key = ("subset", query, generation)
             ids = self._cached(key, lambda: self._subset(query, bookmarks))
             rows_ids = ids[offset : offset + limit]
@@ -264,8 +264,22 @@ class IndexSource:
     def _subset(self, query: TableQuery, bookmarks: set[int]) -> np.ndarray:
         """Feature ids of a search or the bookmark filter, in the query's sort order (search
         results stay in relevance order while the sort is the default, by id)."""
-        columns = self._columns(query.sort, query.descending, self._filter(query))
+        by_score = query.sort == "score"
+        sort = "id" if by_score else query.sort
+        columns = self._columns(sort, query.descending and not by_score, self._filter(query))
         order = columns.feature
+        if by_score:  # scored features first, best (or worst, reversed) first
+            scores = self.scores()
+            order = np.array(
+                sorted(
+                    order.tolist(),
+                    key=lambda f: (
+                        f not in scores,
+                        -scores.get(f, 0.0) if query.descending else scores.get(f, 0.0),
+                    ),
+                ),
+                dtype=np.int64,
+            )
         if query.filter == "bookmarked":
             order = order[np.isin(order, np.fromiter(bookmarks, np.int64, len(bookmarks)))]
         if not query.search:
@@ -275,6 +289,20 @@ class IndexSource:
             allowed = set(order.tolist())
             return np.array([f for f in found if f in allowed], dtype=np.int64)
         return order[np.isin(order, np.array(found, dtype=np.int64))]
+
+    def scores(self) -> dict[int, float]:
+        """Each scored feature's imported explanation score (the mean over its scorers)."""
+        from saetui.export.scores import feature_scores
+
+        key = ("scores", self._user_generation)
+        return self._cached(
+            key,
+            lambda: {
+                f: sum(per.values()) / len(per)
+                for f, per in feature_scores(self.reader).items()
+                if per
+            },
+        )
 
     def _row(
         self,
@@ -297,6 +325,7 @@ class IndexSource:
             count=int(count),
             top_tokens=tokens,
             bookmarked=feature in bookmarks,
+            score=self.scores().get(feature),
         )
 
     def _top_tokens(self, feature: int) -> str:
@@ -328,6 +357,7 @@ class IndexSource:
             count=stats.count,
             top_tokens=" ".join(t for t, _ in detail.top_tokens[:TOP_TOKENS_SHOWN]),
             bookmarked=feature in self._bookmarks(),
+            score=self.scores().get(feature),
         )
         edges = stats.bin_edges.tolist()
         counts = stats.histogram.tolist()

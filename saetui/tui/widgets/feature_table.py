@@ -40,6 +40,7 @@ def column_widths(width: int) -> list[int]:
 
 HEADERS = ("id", "label", "density", "mean", "max", "top tokens")
 SORT_OF_HEADER = {"id": "id", "label": "label", "density": "density", "mean": "mean", "max": "max"}
+HEADER_OF_SORT = {"score": "label"}  # scores are shown in the label column
 
 
 def _cell(text: str, width: int, right: bool = False) -> str:
@@ -54,6 +55,8 @@ def format_row(row: FeatureRow | None, index: int, width: int) -> str:
         cells = [_cell("", widths[0]), _cell("…", widths[1])] + [_cell("", w) for w in widths[2:]]
     else:
         label = ("★ " if row.bookmarked else "") + (row.label or "")
+        if row.score is not None:  # an imported explanation score leads the label
+            label = f"[{row.score:.2f}] {label}"
         cells = [
             _cell(str(row.feature), widths[0], right=True),
             _cell(label, widths[1]),
@@ -75,6 +78,8 @@ def format_header(width: int, query: TableQuery) -> str:
             name = "best↓"  # search results in relevance order, not by id
         elif SORT_OF_HEADER.get(header) == query.sort:
             name += "↓" if query.descending else "↑"
+        elif HEADER_OF_SORT.get(query.sort) == header:
+            name = f"[{query.sort}]{'↓' if query.descending else '↑'} {header}"
         cells.append(_cell(name, w, right=bool(right)))
     return " ".join(cells)[:width].ljust(width)
 

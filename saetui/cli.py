@@ -13,8 +13,8 @@ from typing import Any
 from saetui import __version__
 from saetui.errors import SaetuiInputError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO_ROOT / "sample_data"
+# the sample ships inside the package (a link to the checkout's sample_data/ in a clone)
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = SAMPLE_DATA / "corpus.json"
 SAMPLE_SAE = SAMPLE_DATA / "sae"
 

@@ -193,7 +193,7 @@ def test_density_filter_box_and_user_key_bindings(index_copy, tmp_path):
             assert app.focused is table
             await pilot.press("D", "ctrl+u", "enter")  # empty clears
             await wait_for(pilot, lambda: table.query_state.density_min is None)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: app.run_state is not None and table.total == app.run_state.d_sae)
 
     asyncio.run(flow())
 
@@ -496,7 +496,7 @@ def test_feature_references_back_to_the_same_row_and_steps_in_table_order(index_
         app = make_app(index_copy)
         async with app.run_test(size=(80, 24)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: app.run_state is not None and table.total == app.run_state.d_sae)
             await pilot.press("s", "s")  # density, descending
             await wait_for(pilot, lambda: table.query_state.sort == "density")
             await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
@@ -567,7 +567,7 @@ def test_search_words_raw_tokens_patterns_and_id_jumps(index_copy, tmp_path):
         app = make_app(index_copy)
         async with app.run_test(size=(100, 30)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: app.run_state is not None and table.total == app.run_state.d_sae)
             await pilot.press("slash", *"the", "enter")
             await wait_for(pilot, lambda: table.total == len(word) and table.current_row)
             assert format_header(100, table.query_state).split()[0] == "best↓"
@@ -672,7 +672,7 @@ def test_ablation_from_the_feature_view_shows_each_contexts_loss_change(
         app = make_app(index_copy, model_loader=lambda: ProbeInputs(embedded_model, sae, HOOK))
         async with app.run_test(size=(80, 24)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: app.run_state is not None and table.total == app.run_state.d_sae)
             await pilot.press("s", "s")  # density: a feature with contexts
             await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
             feature = table.current_row.feature
@@ -741,7 +741,7 @@ def test_imported_scores_sort_the_table_and_head_the_feature_view(index_copy):
         app = make_app(index_copy)
         async with app.run_test(size=(100, 30)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: app.run_state is not None and table.total == app.run_state.d_sae)
             table.apply_query(table.query_state.__class__(sort="score", descending=True))
             await wait_for(pilot, lambda: table.current_row and table.current_row.feature == 9)
             assert table.row_at(1).feature == 4 and table.row_at(1).score == pytest.approx(0.8)

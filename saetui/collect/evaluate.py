@@ -25,11 +25,13 @@ def evaluate_sae(
     with_ce: bool = True,
     progress: Callable[[int], None] | None = None,
     check_stop: Callable[[], None] | None = None,
+    reduce: Callable[..., tuple[Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``sae`` at ``hook`` over window batches (``tokens`` [b, t], ``mask`` [b, t]
     true on real non-BOS tokens). The SAE replaces the activation only at masked positions,
     so BOS and padding keep their clean values in the spliced forward pass.
-    ``check_stop`` is called between batches and raises to stop."""
+    ``check_stop`` is called between batches and raises to stop. ``reduce`` combines the
+    running sums with other processes' (a distributed run) before the metrics are taken."""
     reconstruction = ReconstructionMetrics(d_sae=sae.d_sae)
     behaviour = ModelBehaviourMetrics()
     device = model.device
@@ -63,4 +65,6 @@ def evaluate_sae(
             progress(reconstruction.tokens)
         if max_tokens is not None and reconstruction.tokens >= max_tokens:
             break
+    if reduce is not None:
+        reconstruction, behaviour = reduce(reconstruction, behaviour)
     return {**reconstruction.result(), **behaviour.result()}

@@ -31,6 +31,15 @@ class CollectConfig:
     neighbours: int = 16
     cooccurrence_min_count: int = 3
     top_k_examples: int = 64
+    # Where this process writes its shard (a distributed run: a disk of this machine);
+    # None: in ``out``. With ``gather``, finished shards are then copied into ``out``.
+    shard_dir: Path | None = None
+    gather: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        """The index directory this process writes."""
+        return Path(self.shard_dir or self.out)
 
 
 @dataclass
@@ -83,10 +92,11 @@ def finished_result(config: CollectConfig) -> CollectResult | None:
     from saetui.errors import SaetuiInputError
     from saetui.index import open_index
 
-    if config.overwrite or not (Path(config.out) / "saetui-index.json").is_file():
+    work = config.work_dir
+    if config.overwrite or not (work / "saetui-index.json").is_file():
         return None
     try:
-        with open_index(config.out) as index:
+        with open_index(work) as index:
             progress = index.progress()
             stored = index.get_meta("request")
             metrics = index.metrics()

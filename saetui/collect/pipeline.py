@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saetui.collect.distributed import Team, dealt_batches, reduce_metric_sums
 from saetui.collect.inputs import LoadedRun, load_run
 from saetui.collect.job import (
     PHASES,
@@ -154,61 +155,84 @@ def run_collection(
     progress: Callable[[CollectProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     say: Callable[[str], None] | None = None,
+    team: Team | None = None,
 ) -> CollectResult:
     """Collect (or resume) the index at ``config.out``: loading, collecting, metrics,
     neighbours. Each phase records its completion in the index and is skipped when a
     later run finds it done; a finished index of the same request returns at once,
     without loading the model. ``should_stop`` is checked at safe points in every phase
     (between loading steps, batches and stripes): the result then says "stopped" and
-    where, and running the same config again resumes."""
+    where, and running the same config again resumes.
+
+    ``team``: the ranks of a distributed run (distributed.TorchTeam); each collects the
+    windows dealt to it into its own shard of ``config.work_dir``. Default: one process.
+    A failure on another rank raises distributed.RankFailed after this rank's shard is
+    closed (resumable)."""
     started = time.perf_counter()
     report = _Reporter(progress)
     stop_requested = should_stop or (lambda: False)
+    if team is None:
+        team = Team(stop_requested)
+    else:
+        team.use_stop_check(stop_requested)
 
     def check_stop() -> None:
         if stop_requested():
             raise StopRequested
 
-    report(CollectProgress("loading", message="checking the index"), force=True)
-    done = finished_result(config)
-    if done is not None:
-        report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
-        return done
     phase = "loading"
     writer: Any = None
     collect_rate = 0.0
     try:
+        report(CollectProgress("loading", message="checking the index"), force=True)
+        done = finished_result(config)
+        if team.all_agree(done is not None):
+            assert done is not None
+            report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
+            team.finish()
+            return done
         report(CollectProgress("loading", message="loading corpus, SAE and model"), force=True)
         run = load_run(config.inputs, say, check_stop=check_stop)
-        writer = _open_writer(config, run)
+        team.sync()
+        writer = _open_writer(config, run, team)
+        team.sync()
         phase = "collecting"
-        collect_rate = _collecting_phase(config, run, writer, report, check_stop)
+        collect_rate = _collecting_phase(config, run, writer, report, check_stop, team)
         writer.flush()
         skipped = []
         phases = writer.get_meta("phases") or {}
         windows = writer.next_window
         phase = "metrics"
-        if phases.get("metrics", {}).get("windows") == windows:
+        if team.all_agree(phases.get("metrics", {}).get("windows") == windows):
             skipped.append("metrics")
-            metrics = writer.get_meta("metrics") or {}
+            metrics = _stored_metrics(writer, team)
         else:
-            metrics = _metrics_phase(config, run, writer, report, check_stop)
+            metrics = _metrics_phase(config, run, writer, report, check_stop, team)
             phases["metrics"] = {"windows": windows, "finished": time.time()}
             writer.put_meta("phases", phases)
         phase = "neighbours"
-        if phases.get("neighbours", {}).get("windows") == windows:
+        if team.all_agree(phases.get("neighbours", {}).get("windows") == windows):
             skipped.append("neighbours")
         else:
-            _neighbours_phase(config, run, writer, report, check_stop)
+            from saetui.collect.neighbours import neighbours_phase
+
+            neighbours_phase(config, run, writer, report, check_stop, team, config.work_dir)
             phases["neighbours"] = {"windows": windows, "finished": time.time()}
             writer.put_meta("phases", phases)
-        tokens = writer.summaries.n_tokens
+        tokens = team.sum_ints([writer.summaries.n_tokens])[0]
         writer.finish()
-    except StopRequested:
+        team.finish()
+        if config.gather:
+            _gather(config, team)
+    except (StopRequested, KeyboardInterrupt) as stop:
+        team.abort(None)
         tokens = 0
         if writer is not None:
             writer.close()
             tokens = writer.tokens_committed
+        team.finish(quiet=True)
+        if isinstance(stop, KeyboardInterrupt):
+            raise
         message = f"stopped while {phase}; run the same command again to resume"
         report(CollectProgress("done", tokens, None, message=message), force=True)
         return CollectResult(
@@ -219,9 +243,11 @@ def run_collection(
             collect_rate,
             phase=phase,
         )
-    except BaseException:
+    except BaseException as error:
+        team.abort(error)
         if writer is not None:
             writer.close()
+        team.finish(quiet=True)
         raise
     report(CollectProgress("done", tokens, tokens, message="finished"), force=True)
     return CollectResult(
@@ -235,11 +261,29 @@ def run_collection(
     )
 
 
-def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
+def _stored_metrics(writer: Any, team: Team) -> dict[str, Any]:
+    """Metrics an earlier run stored (in the main rank's shard), on every rank."""
+    return team.gather_objects(writer.get_meta("metrics") if team.is_main else None)[0] or {}
+
+
+def _gather(config: CollectConfig, team: Team) -> None:
+    """Copy every rank's finished shard from its shard directory into ``config.out``."""
+    from saetui.index.merge import copy_shard, verify_index
+
+    if Path(config.work_dir).resolve() != Path(config.out).resolve():
+        copy_shard(config.work_dir, team.rank, config.out, replace=True)
+    team.finish()
+    if team.is_main:
+        verify_index(config.out)
+
+
+def _open_writer(config: CollectConfig, run: LoadedRun, team: Team) -> Any:
     from saetui.index import IndexWriter
 
+    if team.is_main:
+        _check_other_shards(config.work_dir, team.world, config.overwrite)
     writer = IndexWriter.create_or_resume(
-        config.out,
+        config.work_dir,
         run_config_of(config, run),
         d_sae=run.sae.d_sae,
         ctx_len=config.inputs.ctx_len,
@@ -247,6 +291,8 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
         overwrite=config.overwrite,
         top_k=config.top_k_examples,
         summary_device=run.model.device,
+        shard=team.rank,
+        layout=team.layout,
     )
     try:
         writer.put_meta("run_details", {**run.model.describe(), "sae": _sae_facts(run.sae)})
@@ -257,57 +303,107 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
     return writer
 
 
+def _check_other_shards(path: Path, world: int, overwrite: bool) -> None:
+    """Shards past this run's ranks come from a run with more processes: removed with
+    overwrite, refused otherwise (they would be read as part of this index)."""
+    import shutil
+
+    from saetui.errors import SaetuiInputError
+    from saetui.index import format as fmt
+
+    if not Path(path).is_dir():
+        return
+    extra = sorted(
+        p
+        for p in Path(path).iterdir()
+        if p.is_dir()
+        and p.name.startswith(fmt.SHARD_PREFIX)
+        and p.name[len(fmt.SHARD_PREFIX) :].isdigit()
+        and int(p.name[len(fmt.SHARD_PREFIX) :]) >= world
+    )
+    if not extra:
+        return
+    if overwrite:
+        for shard in extra:
+            shutil.rmtree(shard)
+        return
+    raise SaetuiInputError(
+        f"the index {path} holds {extra[-1].name} of a run with more than {world} "
+        f"process{'es' if world > 1 else ''}: run again with as many processes to resume it, "
+        "or pass --overwrite to rebuild it."
+    )
+
+
 def _collecting_phase(
     config: CollectConfig,
     run: LoadedRun,
     writer: Any,
     report: _Reporter,
     check_stop: Callable[[], None],
+    team: Team | None = None,
 ) -> float:
-    """Every window after the index's last commit; returns tokens/s while collecting."""
+    """Every window after the index's last commit (of those dealt to this rank); returns
+    the job's tokens/s while collecting."""
     from saetui.corpus import batch_windows, estimate_tokens, iter_windows
 
+    team = team or Team()
     inputs = config.inputs
     estimated = estimate_tokens(run.corpus, run.model.tokenizer)
     total = min(estimated, inputs.max_tokens) if inputs.max_tokens else estimated
-    first_tokens = done = writer.summaries.n_tokens
+    mine = writer.summaries.n_tokens
+    first_tokens = done = team.sync(tokens=mine, more=True).tokens
     report(CollectProgress("collecting", done, max(total, done)), force=True)
-    windows = iter_windows(
+    windows: Iterator[Any] = iter_windows(
         run.corpus,
         run.model.tokenizer,
         ctx_len=inputs.ctx_len,
         max_tokens=inputs.max_tokens,
         start_window=writer.next_window,
     )
+    layout = team.layout
+    if layout is not None:
+        windows = (window for window in windows if layout.owns(window.window_id))
     stop_tokeniser = threading.Event()
     collect_started = time.perf_counter()
-    for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
-        ids, values, counted = encode_batch(run, batch)
-        writer.add_windows(
-            batch.window_ids,
-            batch.tokens,
-            [
-                [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                for window in batch.segments
-            ],
-            ids,
-            values,
-            mask=counted,
-            lengths=batch.lengths,
-        )
-        # Counted here: reading writer.summaries would wait for its merge thread.
-        done += int(batch.lengths.sum())
-        rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
-        report(
-            CollectProgress(
-                "collecting",
-                tokens_done=done,
-                tokens_total=max(total, done),
-                tokens_per_s=rate,
-                eta_s=max(total - done, 0) / rate if rate > 0 else None,
+    batches = _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser)
+    try:
+        while True:
+            batch = next(batches, None)
+            if batch is not None:
+                ids, values, counted = encode_batch(run, batch)
+                writer.add_windows(
+                    batch.window_ids,
+                    batch.tokens,
+                    [
+                        [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
+                        for window in batch.segments
+                    ],
+                    ids,
+                    values,
+                    mask=counted,
+                    lengths=batch.lengths,
+                )
+                # Counted here: reading writer.summaries would wait for its merge thread.
+                mine += int(batch.lengths.sum())
+            # one small all-reduce per batch: the job's tokens, a stop or a failure anywhere
+            state = team.sync(tokens=mine, more=batch is not None)
+            done = state.tokens
+            rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
+            report(
+                CollectProgress(
+                    "collecting",
+                    tokens_done=done,
+                    tokens_total=max(total, done),
+                    tokens_per_s=rate,
+                    eta_s=max(total - done, 0) / rate if rate > 0 else None,
+                )
             )
-        )
-        check_stop()
+            if not state.more:
+                break
+            if batch is not None:
+                check_stop()
+    finally:
+        batches.close()
     return (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
 
 
@@ -323,6 +419,7 @@ def _metrics_phase(
     writer: Any,
     report: _Reporter,
     check_stop: Callable[[], None],
+    team: Team | None = None,
 ) -> dict[str, Any]:
     """SAE quality on the first ``metrics_tokens`` tokens, plus density over the whole run."""
     from saetui.collect.evaluate import evaluate_sae
@@ -335,95 +432,43 @@ def _metrics_phase(
         run.corpus, run.model.tokenizer, ctx_len=inputs.ctx_len, max_tokens=budget
     )
     # small batches: a stop request waits for at most one batch of three forward passes
+    batches = batch_windows(windows, max(1, inputs.batch_size // 4))
+    team = team or Team()
     metrics = evaluate_sae(
         run.model,
         run.sae,
         run.hook,
-        batch_windows(windows, max(1, inputs.batch_size // 4)),
-        max_tokens=budget,
+        batches if team.world == 1 else dealt_batches(batches, team, budget),
+        max_tokens=budget if team.world == 1 else None,
         progress=lambda n: report(CollectProgress("metrics", n, budget)),
         check_stop=check_stop,
+        reduce=None if team.world == 1 else lambda *sums: reduce_metric_sums(team, sums),
     )
     metrics = {
         f"sample_{key}" if key in _DENSITY_KEYS else key: value for key, value in metrics.items()
     }
-    metrics.update(_density_over_collection(writer.summaries, run.sae.d_sae))
+    metrics.update(_density_over_collection(writer.summaries, run.sae.d_sae, team))
     metrics["metrics_tokens_requested"] = budget
-    writer.put_metrics(metrics)
+    if team.is_main:
+        writer.put_metrics(metrics)
     return metrics
 
 
 _DENSITY_KEYS = ("dead_features", "dead_fraction", "dense_1pct", "dense_10pct")
 
 
-def _density_over_collection(summaries: Any, d_sae: int) -> dict[str, Any]:
-    counts = summaries.count.cpu().numpy()
-    tokens = max(int(summaries.n_counted), 1)
+def _density_over_collection(
+    summaries: Any, d_sae: int, team: Team | None = None
+) -> dict[str, Any]:
+    team = team or Team()
+    counts = team.sum_array(summaries.count.cpu().numpy().astype(np.int64))
+    n_counted = team.sum_ints([int(summaries.n_counted)])[0]
+    tokens = max(n_counted, 1)
     density = counts / tokens
     return {
-        "collection_tokens": int(summaries.n_counted),
+        "collection_tokens": n_counted,
         "dead_features": int((counts == 0).sum()),
         "dead_fraction": float((counts == 0).mean()),
         "dense_1pct": int((density > 0.01).sum()),
         "dense_10pct": int((density > 0.10).sum()),
     }
-
-
-def _neighbours_phase(
-    config: CollectConfig,
-    run: LoadedRun,
-    writer: Any,
-    report: _Reporter,
-    check_stop: Callable[[], None],
-) -> None:
-    """Decoder-cosine and co-occurrence neighbours, and logit effects, into the index."""
-    from saetui.analysis.cooccurrence import METRICS, cooccurrence_neighbours
-    from saetui.analysis.neighbours import decoder_cosine_neighbours, logit_effects
-    from saetui.index import open_index
-
-    report(CollectProgress("neighbours", message="decoder-cosine neighbours"), force=True)
-    w_dec = run.sae.W_dec.detach()
-    ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours, check_stop=check_stop)
-    w_u = getattr(run.model.bridge, "W_U", None)
-    w_out = run.model.residual_directions(run.hook, w_dec)  # hook_z: through W_O
-    if w_u is not None and w_out is not None and w_u.shape[0] == w_out.shape[1]:
-        report(CollectProgress("neighbours", message="logit effects"), force=True)
-        effects = logit_effects(
-            w_out,
-            w_u.detach(),
-            check_stop=check_stop,
-            vocab_size=run.model.tokenizer_vocab_size,
-        )
-    else:
-        effects = None
-    # Co-occurrence reads the committed forward index: the writer's data must be on disk.
-    # The reader shares the writer's environment (see index/env.py).
-    writer.flush()
-    report(CollectProgress("neighbours", message="co-occurrence"), force=True)
-    with open_index(config.out) as index:
-        result = cooccurrence_neighbours(
-            lambda: _binary_chunks(index, run.sae.d_sae),
-            run.sae.d_sae,
-            top_n=config.neighbours,
-            min_count=config.cooccurrence_min_count,
-            check_stop=check_stop,
-        )
-    # every list is computed before any is stored: a stop leaves none half-written
-    writer.put_neighbours("decoder_cosine", ids, scores)
-    if effects is not None:
-        up_ids, up_values, down_ids, down_values = effects
-        writer.put_neighbours("logit_promoted", up_ids, up_values)
-        writer.put_neighbours("logit_suppressed", down_ids, down_values)
-    for metric in METRICS:
-        writer.put_neighbours(metric, result.ids[metric], result.scores[metric])
-
-
-def _binary_chunks(index: Any, d_sae: int) -> Iterator[Any]:
-    """The forward index as binary CSR matrices [tokens, d_sae], one per chunk."""
-    import scipy.sparse as sp
-
-    for chunk in index.iter_forward():
-        data = np.ones(len(chunk.feature_ids), dtype=np.float32)
-        yield sp.csr_matrix(
-            (data, chunk.feature_ids, chunk.offsets), shape=(len(chunk.offsets) - 1, d_sae)
-        )

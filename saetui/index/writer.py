@@ -361,6 +361,11 @@ class IndexWriter:
                 raise exc
 
     @property
+    def windows_added(self) -> int:
+        """Windows this shard holds once everything queued is committed (its local count)."""
+        return self._local_next
+
+    @property
     def windows_committed(self) -> int:
         """Windows durably in the index (the writer thread's last commit)."""
         return int(self._committed["windows"]) if hasattr(self, "_committed") else 0

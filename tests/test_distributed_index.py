@@ -124,3 +124,62 @@ def test_another_world_size_is_refused_with_a_sentence(tmp_path):
         write_rank(path, ShardLayout(0, 3))
     with pytest.raises(SaetuiInputError, match="rank 0 of 2 processes"):
         write_synthetic(path, CORPUS, N_WINDOWS, top_k=8)  # a single process
+
+
+def test_merge_gathers_node_directories_and_refuses_what_does_not_fit(tmp_path, single):
+    from saetui.index.merge import merge_indexes
+
+    node0, node1, out = tmp_path / "node0", tmp_path / "node1", tmp_path / "out"
+    write_rank(node0, ShardLayout(0, 2))
+    write_rank(node1, ShardLayout(1, 2), upto=6)
+    with pytest.raises(SaetuiInputError, match="shard 1 in .* is not finished"):
+        merge_indexes([node1], out)
+    first = merge_indexes([node0], out)
+    assert first.copied == [0] and first.missing == [1]
+    assert "shards 1 are still missing" in first.summary()
+    write_rank(node1, ShardLayout(1, 2))  # resumed and finished
+    with pytest.raises(SaetuiInputError, match="shard 0 is in both"):
+        merge_indexes([node0, node0], tmp_path / "elsewhere")
+    with pytest.raises(SaetuiInputError, match="exists already: pass --overwrite"):
+        merge_indexes([node0, node1], out)
+    report = merge_indexes([node1], out)
+    assert report.complete and report.windows == N_WINDOWS
+    assert_same_index(out, single, metrics=False)
+    # a shard of another run (another seed) is refused
+    other = SyntheticCorpus(d_sae=96, ctx_len=16, k=6, vocab_size=120, doc_len=40, seed=5)
+    stranger = tmp_path / "stranger"
+    with IndexWriter.create_or_resume(
+        stranger,
+        {"model": "synthetic", "seed": 5},
+        96,
+        16,
+        other.vocab(),
+        shard=1,
+        layout=ShardLayout(1, 2),
+        top_k=8,
+    ) as writer:
+        writer.add_windows(**dealt_windows(other, list(range(8, 16)), N_WINDOWS))
+        writer.finish()
+    with pytest.raises(SaetuiInputError, match="different run_config"):
+        merge_indexes([stranger], out, replace=True)
+
+
+def test_merge_checks_window_counts_against_the_layout(tmp_path):
+    from saetui.index.merge import merge_indexes
+
+    write_rank(tmp_path / "a", ShardLayout(0, 2))
+    # rank 1 "finished" early: its shard lacks windows the layout deals it
+    with IndexWriter.create_or_resume(
+        tmp_path / "b",
+        {"model": "synthetic", "seed": CORPUS.seed},
+        CORPUS.d_sae,
+        CORPUS.ctx_len,
+        CORPUS.vocab(),
+        shard=1,
+        layout=ShardLayout(1, 2),
+        top_k=8,
+    ) as writer:
+        writer.add_windows(**dealt_windows(CORPUS, list(range(8, 16)), N_WINDOWS))
+        writer.finish()
+    with pytest.raises(SaetuiInputError, match="shard 0 holds 32 windows but the other shards"):
+        merge_indexes([tmp_path / "a", tmp_path / "b"], tmp_path / "out")

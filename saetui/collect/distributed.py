@@ -208,10 +208,16 @@ class TorchTeam(Team):
         self._group = dist.new_group(backend="gloo") if torch.cuda.is_available() else None
         self._known = False  # the others already know this rank stops (a sync said so)
         self._closed = False
+        self._broken = False  # a collective failed: a rank is gone
 
     @property
     def layout(self) -> ShardLayout | None:
         return ShardLayout(self.rank, self.world)
+
+    @property
+    def broken(self) -> bool:
+        """Whether a collective failed (another rank is gone: killed, or its machine)."""
+        return self._broken
 
     def _all_reduce(self, tensor: Any) -> None:
         self._dist.all_reduce(tensor, group=self._group)
@@ -249,7 +255,7 @@ class TorchTeam(Team):
         return Sync(int(state[2]), bool(state[1] > 0))
 
     def abort(self, error: BaseException | None) -> None:
-        if self._known or self._closed:
+        if self._known or self._closed or self._broken:
             return
         self._known = True
         stopping = error is None or isinstance(error, (StopRequested, KeyboardInterrupt))
@@ -262,20 +268,27 @@ class TorchTeam(Team):
                 self.sync(failure=(repr(error), 1))
         except (StopRequested, RankFailed):
             pass  # another rank failed at the same point: this one stops either way
+        except Exception:  # noqa: BLE001 - a rank is gone (killed): nobody left to tell
+            self._broken = True
 
     def finish(self, quiet: bool = False) -> None:
-        if self._closed:
+        if self._closed or self._broken:
             return
         try:
             self.sync(stop=False)  # a sync, not a barrier: it matches a failing rank's abort
         except (StopRequested, RankFailed):
             if not quiet:
                 raise
+        except Exception:  # noqa: BLE001 - a rank is gone (killed)
+            self._broken = True
+            if not quiet:
+                raise
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._dist.destroy_process_group()
+            if not self._broken:
+                self._dist.destroy_process_group()
 
     def sum_ints(self, values: list[int]) -> list[int]:
         import torch

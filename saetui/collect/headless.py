@@ -272,5 +272,14 @@ def run_distributed(
         if team.is_main:
             raise  # the command line prints it
         return error.exit_code  # the main rank names this rank and says why
+    except Exception:
+        if not team.broken:
+            raise
+        err.write(
+            f"saetui: error: rank {team.rank} lost the other ranks (one was killed, or its "
+            "machine failed); its shard is closed and resumable: run the same command again "
+            "to continue.\n"
+        )
+        return 1
     finally:
         team.close()

@@ -223,7 +223,7 @@ def run_collection(
         writer.finish()
         team.finish()
         if config.gather:
-            _gather(config, team)
+            _gather(config, team, say)
     except (StopRequested, KeyboardInterrupt) as stop:
         team.abort(None)
         tokens = 0
@@ -266,7 +266,7 @@ def _stored_metrics(writer: Any, team: Team) -> dict[str, Any]:
     return team.gather_objects(writer.get_meta("metrics") if team.is_main else None)[0] or {}
 
 
-def _gather(config: CollectConfig, team: Team) -> None:
+def _gather(config: CollectConfig, team: Team, say: Callable[[str], None] | None) -> None:
     """Copy every rank's finished shard from its shard directory into ``config.out``."""
     from saetui.index.merge import copy_shard, verify_index
 
@@ -274,7 +274,9 @@ def _gather(config: CollectConfig, team: Team) -> None:
         copy_shard(config.work_dir, team.rank, config.out, replace=True)
     team.finish()
     if team.is_main:
-        verify_index(config.out)
+        report = verify_index(config.out)
+        if say is not None:
+            say(report.summary())
 
 
 def _open_writer(config: CollectConfig, run: LoadedRun, team: Team) -> Any:
@@ -327,10 +329,17 @@ def _check_other_shards(path: Path, world: int, overwrite: bool) -> None:
         for shard in extra:
             shutil.rmtree(shard)
         return
+    from saetui.index.merge import read_shard
+
+    try:
+        layout = read_shard(extra[-1], int(extra[-1].name[len(fmt.SHARD_PREFIX) :])).layout
+        by = f"{layout.world} processes" if layout else "more processes"
+    except SaetuiInputError:
+        by = "more processes"
     raise SaetuiInputError(
-        f"the index {path} holds {extra[-1].name} of a run with more than {world} "
-        f"process{'es' if world > 1 else ''}: run again with as many processes to resume it, "
-        "or pass --overwrite to rebuild it."
+        f"the index {path} was collected by {by} (it holds {extra[-1].name}), not "
+        f"{world}: run again with as many processes to resume it, or pass --overwrite to "
+        "rebuild it."
     )
 
 

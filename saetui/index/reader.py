@@ -701,9 +701,10 @@ class IndexReader:
             s = self._shard(shard)
             with self._read(s, buffers=True) as txn:
                 for window in windows:
-                    tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
-                    chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
-                    i = window % codec.FWD_CHUNK
+                    local = self._local_or_raise(s, window)
+                    tok = txn.get(fmt.u64_key(local), db=s.dbs[fmt.DB_TOK])
+                    chunk = txn.get(fmt.u64_key(local // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
+                    i = local % codec.FWD_CHUNK
                     fwd = None if chunk is None else codec.chunk_blob(chunk, i)
                     if tok is None or fwd is None:
                         break

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect bench-tui sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-neighbours sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -30,7 +30,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 
-bench: bench-index bench-collect bench-tui
+bench: bench-index bench-collect bench-tui bench-neighbours
 
 bench-index: install
 	$(PY) benchmarks/bench_index.py
@@ -40,6 +40,10 @@ bench-collect: install
 
 bench-tui: install
 	$(PY) benchmarks/bench_tui.py
+
+# neighbours at d_sae 16k / 65k / 131k on a 1M-token synthetic index (~30 min on 2 cores)
+bench-neighbours: install
+	$(PY) benchmarks/bench_neighbours.py
 
 sample-corpus: install
 	$(PY) scripts/make_sample_corpus.py

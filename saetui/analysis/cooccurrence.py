@@ -96,62 +96,68 @@ class _CandidateTable:
         self.seen = np.zeros((n_rows, capacity), dtype=np.int64)
         self.overflowed = np.zeros(n_rows, dtype=bool)
 
-    def _as_csr(self, d_sae: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-        have = self.ids >= 0
-        indptr = np.concatenate([[0], np.cumsum(have.sum(1))])
-        ids = self.ids[have]
-        shape = (self.ids.shape[0], d_sae)
-        return (
-            sp.csr_matrix((self.weight[have], ids, indptr), shape=shape),
-            sp.csr_matrix((self.seen[have], ids, indptr), shape=shape),
-        )
-
-    def fold(self, pending: sp.csr_matrix, weights: np.ndarray) -> None:
-        """Add ``pending`` counts (with their weights, aligned to ``pending.data``) and cut
-        every row back to ``capacity`` partners."""
+    def fold(self, pending: sp.csr_matrix, scale: np.ndarray | None) -> None:
+        """Add ``pending`` counts (weighted by ``scale[partner]``, or by 1) and cut every
+        row back to ``capacity`` partners."""
         n, capacity = self.ids.shape
-        table_weight, table_seen = self._as_csr(pending.shape[1])
-        added_weight = sp.csr_matrix(
-            (weights, pending.indices, pending.indptr), shape=pending.shape
+        have = self.ids >= 0
+        slots = np.flatnonzero(have)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(have.sum(1), out=indptr[1:])
+        # one sparse sum gives the union of table and pending entries; each entry gets at
+        # most one of each, so the table's slot (high 32 bits) and the pending count (low
+        # 32 bits) come out packed side by side
+        table = sp.csr_matrix(
+            ((slots + 1).astype(np.int64) << 32, self.ids.reshape(-1)[slots], indptr),
+            shape=pending.shape,
         )
-        # weights and counts are > 0, so both sums have the same entries in the same order
-        weight = (table_weight + added_weight).tocsr()
-        seen = (table_seen + pending).tocsr()
-        weight.sort_indices()
-        seen.sort_indices()
-        if not np.array_equal(weight.indptr, seen.indptr):
-            raise RuntimeError("co-occurrence tables lost their alignment")
-        lengths = np.diff(weight.indptr)
+        union = (table + pending.astype(np.int64)).tocsr()
+        del table, slots
+        union.sort_indices()
+        slot = (union.data >> 32) - 1
+        seen = union.data & 0xFFFFFFFF
+        partners = union.indices
+        lengths = np.diff(union.indptr)
+        del union
+        values = seen.astype(np.float32)
+        if scale is not None:
+            values *= scale[partners]
+        in_table = np.flatnonzero(slot >= 0)
+        old = slot[in_table]
+        values[in_table] += self.weight.reshape(-1)[old]
+        seen[in_table] += self.seen.reshape(-1)[old]
+        del slot, in_table, old
         row_of = np.repeat(np.arange(n, dtype=np.int32), lengths)
-        values = weight.data
         over = lengths > capacity
         if over.any():
             # the (capacity+1)-th largest weight of each overflowing row, from one sort of
             # (row, weight descending) keys; float32 > 0 orders like its bits
             in_over = over[row_of]
-            keys = (row_of[in_over].astype(np.uint64) << np.uint64(32)) | (
-                np.uint64(0xFFFFFFFF) - values[in_over].view(np.uint32).astype(np.uint64)
-            )
+            keys = row_of[in_over].astype(np.uint64)
+            keys <<= np.uint64(32)
+            keys |= np.uint64(0xFFFFFFFF) - values[in_over].view(np.uint32).astype(np.uint64)
+            del in_over
             keys.sort()
             starts = np.concatenate([[0], np.cumsum(lengths[over])[:-1]])
             kth = keys[starts + capacity] & np.uint64(0xFFFFFFFF)
+            del keys
             cut = np.zeros(n, dtype=np.float32)
             cut[over] = (np.uint64(0xFFFFFFFF) - kth).astype(np.uint32).view(np.float32)
-            values = values - cut[row_of]
-            keep = values > 0
+            values -= cut[row_of]
+            keep = np.flatnonzero(values > 0)
             self.overflowed |= over
         else:
-            keep = np.ones(len(values), dtype=bool)
+            keep = np.arange(len(values))
         kept_rows = row_of[keep]
         per_row = np.bincount(kept_rows, minlength=n)
-        slot = np.arange(len(kept_rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        flat = kept_rows.astype(np.int64) * capacity + slot
+        slot_in_row = np.arange(len(kept_rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        flat = kept_rows.astype(np.int64) * capacity + slot_in_row
         self.ids.fill(_NO_ID)
         self.weight.fill(0)
         self.seen.fill(0)
-        self.ids.reshape(-1)[flat] = weight.indices[keep]
+        self.ids.reshape(-1)[flat] = partners[keep]
         self.weight.reshape(-1)[flat] = values[keep]
-        self.seen.reshape(-1)[flat] = seen.data[keep]
+        self.seen.reshape(-1)[flat] = seen[keep]
 
 
 class CooccurrenceCounter:
@@ -202,10 +208,8 @@ class CooccurrenceCounter:
         pending = self._pending
         if pending is None:
             return
-        pending.sort_indices()
-        counts = pending.data.astype(np.float32)
-        self._by_count.fold(pending, counts)
-        self._by_lift.fold(pending, counts * self._inverse_count[pending.indices])
+        self._by_count.fold(pending, None)
+        self._by_lift.fold(pending, self._inverse_count)
         self._pending = None
 
     def state(self) -> dict[str, np.ndarray]:

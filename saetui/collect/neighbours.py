@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from saetui.analysis.cooccurrence import (
 )
 from saetui.collect.distributed import Team
 from saetui.collect.job import CollectProgress
+from saetui.index.layout import ShardLayout
 
 CHECKPOINT_S = 60.0  # at most this much co-occurrence work is redone after a stop
 DECODER_FILE = "neighbours-decoder.npz"
@@ -90,10 +92,14 @@ def neighbours_phase(
     # Co-occurrence reads the committed forward index: the writer's data must be on disk.
     writer.flush()
     report(CollectProgress("neighbours", message="co-occurrence"), force=True)
+    counts = team.sum_array(writer.summaries.count.cpu().numpy().astype(np.int64))
+    tokens, n_windows = team.sum_ints([int(writer.summaries.n_counted), writer.windows_added])
     with open_index(work_dir) as index:
         result = cooccurrence_rows(
             index,
-            writer,
+            ForwardSource(writer.shard, writer.layout, n_windows),
+            counts,
+            tokens,
             team,
             (lo, hi),
             top_n=config.neighbours,
@@ -162,9 +168,27 @@ def _decoder_rows(
     return ids, scores
 
 
+@dataclass
+class ForwardSource:
+    """Where a rank reads the forward index: its shard, the windows dealt to it, and the
+    number of windows of the whole collection."""
+
+    shard: int
+    layout: ShardLayout | None
+    windows: int
+
+    def local_range(self, first: int, end: int) -> tuple[int, int]:
+        """This shard's local window ids of the global windows [first, end)."""
+        if self.layout is None:
+            return first, end
+        return self.layout.owned_below(first), self.layout.owned_below(end)
+
+
 def cooccurrence_rows(
     index: Any,
-    writer: Any,
+    source: ForwardSource,
+    counts: np.ndarray,
+    tokens: int,
     team: Team,
     rows: tuple[int, int],
     *,
@@ -177,10 +201,10 @@ def cooccurrence_rows(
     pending_pairs: int = DEFAULT_PENDING_PAIRS,
     group_tokens: int = GROUP_TOKENS,
 ) -> Any:
-    """Co-occurrence neighbours of feature rows ``rows`` over the whole collection."""
+    """Co-occurrence neighbours of feature rows ``rows`` over the whole collection
+    (``counts``, ``tokens``: per-feature token counts and counted tokens of all ranks)."""
     d_sae = index.meta.d_sae
-    counts = team.sum_array(writer.summaries.count.cpu().numpy().astype(np.int64))
-    tokens, n_windows = team.sum_ints([int(writer.summaries.n_counted), writer.windows_added])
+    n_windows = source.windows
     group = max(1, group_tokens // index.meta.ctx_len)
     n_groups = -(-n_windows // group)
     counter = CooccurrenceCounter(
@@ -213,12 +237,11 @@ def cooccurrence_rows(
         counter.load_state({k: v for k, v in saved.items() if k != "next_group"})
     else:
         start = 0
-    layout = writer.layout
     last_save = time.monotonic()
     for j in range(start, n_groups):
         a, b = j * group, min((j + 1) * group, n_windows)
-        first, end = (a, b) if layout is None else (layout.owned_below(a), layout.owned_below(b))
-        matrix = _forward_matrix(index, writer.shard, first, end, d_sae)
+        first, end = source.local_range(a, b)
+        matrix = _forward_matrix(index, source.shard, first, end, d_sae)
         pairs = pair_counts(matrix) if matrix.nnz else sp.csr_matrix((d_sae, d_sae), dtype=np.int32)
         check_stop()
         counter.add(team.exchange_rows(pairs))

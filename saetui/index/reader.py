@@ -458,6 +458,8 @@ class IndexReader:
                             offsets.append(offsets[-1][-1] + np.cumsum(lengths))
                 first_window = max(first_record * codec.FWD_CHUNK, lo)
                 first_record += per_read
+                # a scan maps the whole index in turn: give the pages back as it goes
+                self._release_mapped_pages(per_read * codec.FWD_CHUNK)
                 if not ids:
                     continue
                 yield ForwardChunk(

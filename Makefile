@@ -34,6 +34,7 @@ bench: bench-index bench-collect bench-tui bench-neighbours
 
 bench-index: install
 	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_index.py --tokens 2000000 --summaries-done
 
 bench-collect: install
 	$(PY) benchmarks/bench_collect.py

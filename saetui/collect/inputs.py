@@ -97,7 +97,9 @@ def load_run(
         sae_hook=sae.hook_name,
         sae_d_in=sae.d_in,
     )
-    sae.to(model.device, model.dtype)
+    # the SAE keeps its own dtype (fp32 for the sample): a bf16 model's activations are cast
+    # up in encode, so features near the top-k boundary are not decided in bf16
+    sae.to(model.device)
     if sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold":
         if sae.threshold is None:
             value = estimate_threshold(sae, model, corpus, hook, inputs.ctx_len, inputs.batch_size)

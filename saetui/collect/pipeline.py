@@ -138,15 +138,25 @@ def _prefetch(batches: Iterator[Any], stop: threading.Event, depth: int = 2) -> 
 def encode_batch(run: LoadedRun, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse codes of a window batch's real tokens (padding dropped, windows concatenated):
     feature ids [n_tokens, K] int32, values [n_tokens, K], and the counted-token mask."""
-    tokens = torch.as_tensor(batch.tokens)
-    lengths = torch.as_tensor(batch.lengths)
-    real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    # three host-to-device copies per batch (pinned, asynchronous on CUDA); the real-token
+    # mask is built on the device
+    device = torch.device(run.model.device)
+    tokens = _to_device(batch.tokens, device)
+    lengths = _to_device(batch.lengths, device)
+    counted = _to_device(batch.mask, device)
+    real = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
     activations = run.model.activations(tokens, run.hook)
-    device = activations.device
-    real, counted = real.to(device), torch.as_tensor(batch.mask, device=device)
     x = activations[real]
     ids, values = run.sae.encode_sparse(x, mask=counted[real])
     return ids.to(torch.int32), values, counted[real]
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: from pinned memory without waiting on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def run_collection(

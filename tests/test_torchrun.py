@@ -167,6 +167,42 @@ def test_a_killed_rank_leaves_shards_that_resume_to_the_same_index(
     assert_same_index(out, reference)
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_batch(
+    tmp_path, long_corpus, tiny_gpt2_dir, tiny_sae_dir
+):
+    corpus, reference = long_corpus
+    out = tmp_path / "ix"
+    args = tiny_args(tiny_gpt2_dir, tiny_sae_dir, corpus, out)
+    launcher = subprocess.Popen(
+        [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "saetui"]
+        + args,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while committed_windows(out) < 200 and time.monotonic() < deadline:
+            assert launcher.poll() is None, launcher.stdout.read()
+            time.sleep(0.2)
+        rank_process(psutil.Process(launcher.pid), 1).send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert "stopped while collecting" in output and "resumable" in output, output
+    with open_index(out) as index:
+        shards = index.progress().shards
+        assert not any(s["finished"] for s in shards)
+        # the same number of batches on both ranks: at most a batch (4 windows) apart,
+        # plus the block boundary of the deal
+        assert abs(shards[0]["windows"] - shards[1]["windows"]) <= 4 + 8
+    code, output = torchrun(args)
+    assert code == 0, output
+    assert_same_index(out, reference)
+
+
 def test_a_failing_rank_stops_every_rank_with_one_sentence(
     tmp_path, long_corpus, tiny_gpt2_dir, tiny_sae_dir
 ):

@@ -5,7 +5,13 @@
 (b) collect: `run_collection` into a fresh index (collecting phase; metrics and neighbours
     phases are timed separately).
 Prints tokens/s of both, the ratio b/a (target >= 0.90) and the speed-up over the old
-pipeline's 182 tokens/s (target >= 8x). --json prints the figures as one JSON object last.
+pipeline's 182 tokens/s (target >= 8x).
+(c) side by side, each in a fresh process (2 threads, --side-tokens tokens, 128-token
+    windows, batch 16): saetui end to end (model load, collect, metrics, neighbours) and a
+    plain-PyTorch reference (reference_collect.py: forward stopped after the hook layer,
+    batched encode, top-64 per feature merged with torch.topk, nothing stored): collecting
+    tokens/s, end-to-end seconds and peak RSS of each, and the ratios.
+--json prints the figures as one JSON object last.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ def main() -> None:
     parser.add_argument("--ctx-len", type=int, default=128)
     parser.add_argument("--metrics-tokens", type=int, default=2048)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--side-tokens", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=("saetui", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(side_worker(args)))
+        return
 
     from saetui.collect.inputs import RunInputs, load_run
     from saetui.collect.pipeline import CollectConfig, encode_batch, run_collection
@@ -104,8 +116,92 @@ def main() -> None:
     print(f"vs old pipeline (182 tok/s) {figures['speedup_vs_old_pipeline']:.1f}x (target >= 8x)")
     print(f"phases (s)                  {figures['phase_seconds']}")
     print(f"index size                  {index_bytes / 1e6:.1f} MB")
+    side = {name: in_child(name, args) for name in ("reference", "saetui")}
+    ref, ours = side["reference"], side["saetui"]
+    figures["side_by_side"] = side
+    print(f"(c) side by side, {args.side_tokens:,} tokens, {args.threads} threads, fresh processes")
+    print(f"    {'':24s}{'saetui':>12s}{'reference':>12s}{'ratio':>8s}")
+    rows = (
+        ("collecting tokens/s", "collect_tokens_per_s", True),
+        ("end to end s", "total_s", False),
+        ("peak RSS MB", "peak_rss_mb", False),
+    )
+    for label, key, higher_better in rows:
+        ratio = ours[key] / ref[key] if higher_better else ref[key] / ours[key]
+        print(f"    {label:24s}{ours[key]:12,.1f}{ref[key]:12,.1f}{ratio:8.2f}")
+    print(f"    saetui phases (s): {ours['phase_seconds']}")
+    print("    targets: collecting >= 1.0x, end to end >= 0.9x, saetui peak RSS <= 1,536 MB")
     if args.json:
         print(json.dumps(figures))
+
+
+def side_worker(args: argparse.Namespace) -> dict:
+    """One side of (c), in this (fresh) process: its figures and its peak RSS."""
+    import resource
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.worker == "reference":
+        from reference_collect import reference_collect
+
+        from saetui.lm.embedded import embedded_model_dir
+
+        texts = json.loads((ROOT / "sample_data" / "corpus.json").read_text())
+        out = reference_collect(
+            embedded_model_dir("smollm2-135m"),
+            ROOT / "sample_data" / "sae",
+            texts,
+            max_tokens=args.side_tokens,
+        )
+    else:
+        from saetui.collect.inputs import RunInputs
+        from saetui.collect.pipeline import CollectConfig, run_collection
+
+        phases: dict[str, float] = {}
+        last = {"phase": None, "at": time.perf_counter()}
+
+        def progress(update) -> None:
+            now = time.perf_counter()
+            if update.phase != last["phase"]:
+                if last["phase"] is not None:
+                    phases[last["phase"]] = round(now - last["at"], 2)
+                last.update(phase=update.phase, at=now)
+
+        inputs = RunInputs(
+            sae=ROOT / "sample_data" / "sae",
+            data=str(ROOT / "sample_data" / "corpus.json"),
+            max_tokens=args.side_tokens,
+            batch_size=16,
+            ctx_len=128,
+        )
+        workdir = Path(tempfile.mkdtemp(prefix="saetui-bench-"))
+        try:
+            config = CollectConfig(
+                out=workdir / "index", inputs=inputs, metrics_tokens=args.metrics_tokens
+            )
+            result = run_collection(config, progress=progress)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        out = {
+            "tokens": result.tokens,
+            "collect_tokens_per_s": result.collect_tokens_per_s,
+            "phase_seconds": phases,
+        }
+    out["total_s"] = time.perf_counter() - started
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def in_child(name: str, args: argparse.Namespace) -> dict:
+    import subprocess
+    import sys
+
+    command = [sys.executable, __file__, "--worker", name, "--side-tokens", str(args.side_tokens)]
+    command += ["--threads", str(args.threads), "--metrics-tokens", str(args.metrics_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -190,6 +190,35 @@ def main(argv: list[str] | None = None) -> dict:
         f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file() and f.name == "data.mdb"
     )
 
+    if args.summaries_done:  # no summaries were merged: the write is all there is to time
+        peaks = sampler.stop()
+        reader.close()
+        result = {
+            "summaries_done": True,
+            "tokens": progress.tokens,
+            "nonzeros": nnz,
+            "write_s": round(write_s, 2),
+            "write_nnz_per_s": nnz / write_s,
+            "write_tokens_per_s": progress.tokens / write_s,
+            "bytes_per_nnz": disk / max(nnz, 1),
+            "peak_rss_anon_mb": peaks["RssAnon"],
+            "load_avg_1m": os.getloadavg()[0],
+        }
+        print(f"tokens {progress.tokens:,}  nonzeros {nnz:,}  d_sae {d_sae}  k {k}")
+        print(
+            f"write, summaries merged elsewhere (host-side ceiling): {write_s:.1f} s = "
+            f"{result['write_nnz_per_s'] / 1e6:.2f} M nonzeros/s = "
+            f"{result['write_tokens_per_s']:,.0f} tokens/s at k {k} (caller add_windows "
+            f"{caller_busy:.1f} s, finish {finish_s:.1f} s)"
+        )
+        print(
+            f"(load average during the run: {result['load_avg_1m']:.2f} on {os.cpu_count()} cores)"
+        )
+        if args.json:
+            print(json.dumps(result))
+        if not args.keep and args.path is None:
+            shutil.rmtree(root, ignore_errors=True)
+        return result
     page = reader.features(sort="id", descending=False, page_size=d_sae)
     alive = page.feature[page.count > 0]
     qrng = np.random.default_rng(2)

@@ -130,17 +130,32 @@ def main() -> None:
         ratio = ours[key] / ref[key] if higher_better else ref[key] / ours[key]
         print(f"    {label:24s}{ours[key]:12,.1f}{ref[key]:12,.1f}{ratio:8.2f}")
     print(f"    saetui phases (s): {ours['phase_seconds']}")
+    print(f"    saetui peak RSS by phase (MB): {ours['peak_rss_mb_by_phase']}")
+    print(f"    reference peak RSS by phase (MB): {ref['peak_rss_mb_by_phase']}")
     print("    targets: collecting >= 1.0x, end to end >= 0.9x, saetui peak RSS <= 1,536 MB")
     if args.json:
         print(json.dumps(figures))
 
 
 def side_worker(args: argparse.Namespace) -> dict:
-    """One side of (c), in this (fresh) process: its figures and its peak RSS."""
-    import resource
+    """One side of (c), in this (fresh) process: its figures, its peak RSS (VmHWM: unlike
+    ru_maxrss it is not inherited from the parent across exec) and, for saetui, the peak
+    RSS of each phase (sampled every 50 ms)."""
+    import threading
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    phase_peak: dict[str, float] = {}
+    current = {"phase": "start"}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            rss = _status_mb("VmRSS")
+            phase_peak[current["phase"]] = max(phase_peak.get(current["phase"], 0.0), rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     if args.worker == "reference":
         from reference_collect import reference_collect
 
@@ -162,6 +177,7 @@ def side_worker(args: argparse.Namespace) -> dict:
 
         def progress(update) -> None:
             now = time.perf_counter()
+            current["phase"] = update.phase
             if update.phase != last["phase"]:
                 if last["phase"] is not None:
                     phases[last["phase"]] = round(now - last["at"], 2)
@@ -188,8 +204,19 @@ def side_worker(args: argparse.Namespace) -> dict:
             "phase_seconds": phases,
         }
     out["total_s"] = time.perf_counter() - started
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    done.set()
+    sampler.join()
+    out["peak_rss_mb"] = _status_mb("VmHWM")
+    out["peak_rss_mb_by_phase"] = {k: round(v) for k, v in phase_peak.items()}
     return out
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def in_child(name: str, args: argparse.Namespace) -> dict:

@@ -5,6 +5,7 @@ whatever the split of rows (ranks) or a stop and resume at a fold."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from saetui.analysis.cooccurrence import (
@@ -150,3 +151,52 @@ def test_split_rows_and_a_resume_give_the_same_neighbours():
     resumed, _, _ = run_rows(groups, d, counts, 2400, (0, d), budget, state=saved)
     for metric in METRICS:
         np.testing.assert_array_equal(resumed.result().ids[metric], reference.ids[metric])
+
+
+def test_a_stopped_cooccurrence_pass_resumes_from_its_last_checkpoint(
+    tmp_path, tiny_index, monkeypatch
+):
+    """The pipeline's pass over a real index: stopped after a checkpointed fold, the next
+    run starts from the saved tables and ends with the lists of an uninterrupted run."""
+    from saetui.collect import neighbours
+    from saetui.collect.distributed import Team
+    from saetui.collect.job import StopRequested
+    from saetui.index import open_index
+
+    _, _, path = tiny_index
+    monkeypatch.setattr(neighbours, "CHECKPOINT_S", 0.0)  # save at every fold
+    with open_index(path) as index:
+        columns = index._load_columns()
+        source = neighbours.ForwardSource(0, None, index.progress().windows)
+
+        groups_read = []
+
+        def run(stop_after: int | None):
+            groups = iter(range(10_000))
+            groups_read.append(0)
+
+            def check_stop() -> None:
+                groups_read[-1] += 1
+                if stop_after is not None and next(groups) >= stop_after:
+                    raise StopRequested
+
+            return neighbours.cooccurrence_rows(
+                index, source, columns.count, columns.counted_tokens, Team(),
+                (0, index.meta.d_sae), top_n=6, min_count=2, check_stop=check_stop,
+                report=lambda *a, **k: None, state_dir=tmp_path, candidates=8,
+                pending_pairs=100, group_tokens=48,
+            )  # fmt: skip
+
+        reference = run(None)
+        assert reference.overflowed > 0  # small tables: the folds matter
+        (tmp_path / neighbours.COOCCURRENCE_FILE).unlink()
+        with pytest.raises(StopRequested):
+            run(stop_after=8)
+        saved = np.load(tmp_path / neighbours.COOCCURRENCE_FILE)
+        assert 0 < int(saved["next_group"]) <= 8
+        resumed = run(None)
+        # the second run read only the groups after the checkpoint
+        assert groups_read[2] == groups_read[0] - int(saved["next_group"])
+    for metric in METRICS:
+        np.testing.assert_array_equal(resumed.ids[metric], reference.ids[metric])
+        np.testing.assert_array_equal(resumed.scores[metric], reference.scores[metric])

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from saetui import __version__
 from saetui.errors import SaetuiInputError
@@ -159,7 +160,12 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
     if launched_by_torchrun():  # one rank of a torchrun job: no TUI, one rank prints
         from saetui.collect.headless import run_distributed
 
-        return run_distributed(config, say=_say)
+        try:
+            code = run_distributed(config, say=_say)
+        except SaetuiInputError as error:
+            _say(f"saetui: error: {error}")
+            code = SaetuiInputError.exit_code
+        _end_rank(code)
     if args.shard_dir is not None or args.gather:
         raise SaetuiInputError(
             "--shard-dir and --gather are for runs under torchrun (torchrun --nproc-per-node N "
@@ -176,6 +182,17 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
     from saetui.tui.app import run_app
 
     return run_app(out, collect=config)
+
+
+def _end_rank(code: int) -> NoReturn:
+    """End a torchrun rank now that its shard is closed and the process group destroyed:
+    interpreter finalisation can abort the process (SIGABRT, "terminate called without an
+    active exception") while gloo's worker threads release their last tensors, which
+    torchrun would report as a failed job."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _has_terminal() -> bool:

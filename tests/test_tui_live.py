@@ -65,7 +65,7 @@ def test_pause_resume_finish_then_quit(tmp_path, tiny_gpt2_dir, tiny_sae_dir):
     from conftest import tiny_documents
 
     corpus = tmp_path / "corpus.json"
-    corpus.write_text(__import__("json").dumps(tiny_documents(600, seed=4)))
+    corpus.write_text(__import__("json").dumps(tiny_documents(3000, seed=4)))
     config = tiny_collect_config(tmp_path / "index", tiny_gpt2_dir, tiny_sae_dir, corpus)
     app = SaetuiApp(tmp_path / "index", collect=config, watch_terminal=False)
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from saetui.collect.distributed import RankFailed, Team
-from saetui.collect.job import CollectConfig, CollectProgress, CollectResult, resume_command
+from saetui.collect.job import (
+    CollectConfig,
+    CollectProgress,
+    CollectResult,
+    finished_result,
+    resume_command,
+)
 from saetui.collect.pipeline import run_collection
 
 LOG_INTERVAL_S = 5.0
@@ -241,6 +247,8 @@ def run_with_signals(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = EXIT_STOPPED.get(received[0], 130) if received else 130
+    if result is None:
+        result = finished_result(config)  # the stop came after the index was finished
     if result is not None and result.status == "finished":
         return Outcome(0, result, "done", result.tokens)
     where = result.phase if result is not None else phase[0]

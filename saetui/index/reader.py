@@ -943,7 +943,10 @@ class IndexReader:
                 first_window=window,
                 end_window=stop,
                 global_index=np.concatenate(
-                    [w * ctx + np.arange(length) for (w, _, _), length in zip(parts, n, strict=True)]
+                    [
+                        w * ctx + np.arange(length)
+                        for (w, _, _), length in zip(parts, n, strict=True)
+                    ]
                 ),
                 token_ids=np.concatenate([rec.token_ids for _, rec, _ in parts]),
                 counted=np.concatenate([rec.mask for _, rec, _ in parts]),

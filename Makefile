@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -33,10 +33,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 
-bench: bench-index bench-collect bench-tui bench-corpus
+bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours
 
 bench-index: install
 	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_index.py --tokens 2000000 --summaries-done
 
 bench-collect: install
 	$(PY) benchmarks/bench_collect.py
@@ -46,6 +47,10 @@ bench-tui: install
 
 bench-corpus: install
 	$(PY) benchmarks/bench_corpus.py
+
+# neighbours at d_sae 16k / 65k / 131k on a 1M-token synthetic index (~30 min on 2 cores)
+bench-neighbours: install
+	$(PY) benchmarks/bench_neighbours.py
 
 sample-corpus: install
 	$(PY) scripts/make_sample_corpus.py

@@ -7,8 +7,13 @@
 Prints tokens/s of both, the ratio b/a (target >= 0.90), the speed-up over the old
 pipeline's 182 tokens/s (target >= 8x) and the metrics phase's time as a fraction of the
 collecting phase's (target <= 0.25 at default settings: reconstruction metrics come from the
-collection's own activations, CE/KL from a 1% sample of its windows). --json prints the
-figures as one JSON object last.
+collection's own activations, CE/KL from a 1% sample of its windows).
+(c) side by side, each in a fresh process (2 threads, --side-tokens tokens, 128-token
+    windows, batch 16): saetui end to end (model load, collect, metrics, neighbours) and a
+    plain-PyTorch reference (reference_collect.py: forward stopped after the hook layer,
+    batched encode, top-64 per feature merged with torch.topk, nothing stored): collecting
+    tokens/s, end-to-end seconds and peak RSS of each, and the ratios.
+--json prints the figures as one JSON object last.
 """
 
 from __future__ import annotations
@@ -35,7 +40,13 @@ def main() -> None:
         "--metrics-tokens", type=int, default=None, help="default: saetui's (1%% of the run)"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--side-tokens", type=int, default=20_000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=("saetui", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(side_worker(args)))
+        return
 
     from saetui.collect.inputs import RunInputs, load_run
     from saetui.collect.pipeline import CollectConfig, encode_batch, run_collection
@@ -117,8 +128,119 @@ def main() -> None:
         f"{sample.get('tokens', 0):,} of {sample.get('of_tokens', 0):,} tokens)"
     )
     print(f"index size                  {index_bytes / 1e6:.1f} MB")
+    side = {name: in_child(name, args) for name in ("reference", "saetui")}
+    ref, ours = side["reference"], side["saetui"]
+    figures["side_by_side"] = side
+    print(f"(c) side by side, {args.side_tokens:,} tokens, {args.threads} threads, fresh processes")
+    print(f"    {'':24s}{'saetui':>12s}{'reference':>12s}{'ratio':>8s}")
+    rows = (
+        ("collecting tokens/s", "collect_tokens_per_s", True),
+        ("end to end s", "total_s", False),
+        ("peak RSS MB", "peak_rss_mb", False),
+    )
+    for label, key, higher_better in rows:
+        ratio = ours[key] / ref[key] if higher_better else ref[key] / ours[key]
+        print(f"    {label:24s}{ours[key]:12,.1f}{ref[key]:12,.1f}{ratio:8.2f}")
+    print(f"    saetui phases (s): {ours['phase_seconds']}")
+    print(f"    saetui peak RSS by phase (MB): {ours['peak_rss_mb_by_phase']}")
+    print(f"    reference peak RSS by phase (MB): {ref['peak_rss_mb_by_phase']}")
+    print("    targets: collecting >= 1.0x, end to end >= 0.9x, saetui peak RSS <= 1,536 MB")
     if args.json:
         print(json.dumps(figures))
+
+
+def side_worker(args: argparse.Namespace) -> dict:
+    """One side of (c), in this (fresh) process: its figures, its peak RSS (VmHWM: unlike
+    ru_maxrss it is not inherited from the parent across exec) and, for saetui, the peak
+    RSS of each phase (sampled every 50 ms)."""
+    import threading
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    phase_peak: dict[str, float] = {}
+    current = {"phase": "start"}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            rss = _status_mb("VmRSS")
+            phase_peak[current["phase"]] = max(phase_peak.get(current["phase"], 0.0), rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if args.worker == "reference":
+        from reference_collect import reference_collect
+
+        from saetui.lm.embedded import embedded_model_dir
+
+        texts = json.loads((ROOT / "sample_data" / "corpus.json").read_text())
+        out = reference_collect(
+            embedded_model_dir("smollm2-135m"),
+            ROOT / "sample_data" / "sae",
+            texts,
+            max_tokens=args.side_tokens,
+        )
+    else:
+        from saetui.collect.inputs import RunInputs
+        from saetui.collect.pipeline import CollectConfig, run_collection
+
+        phases: dict[str, float] = {}
+        last = {"phase": None, "at": time.perf_counter()}
+
+        def progress(update) -> None:
+            now = time.perf_counter()
+            current["phase"] = update.phase
+            if update.phase != last["phase"]:
+                if last["phase"] is not None:
+                    phases[last["phase"]] = round(now - last["at"], 2)
+                last.update(phase=update.phase, at=now)
+
+        inputs = RunInputs(
+            sae=ROOT / "sample_data" / "sae",
+            data=str(ROOT / "sample_data" / "corpus.json"),
+            max_tokens=args.side_tokens,
+            batch_size=16,
+            ctx_len=128,
+        )
+        workdir = Path(tempfile.mkdtemp(prefix="saetui-bench-"))
+        try:
+            config = CollectConfig(
+                out=workdir / "index", inputs=inputs, metrics_tokens=args.metrics_tokens
+            )
+            result = run_collection(config, progress=progress)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        out = {
+            "tokens": result.tokens,
+            "collect_tokens_per_s": result.collect_tokens_per_s,
+            "phase_seconds": phases,
+        }
+    out["total_s"] = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    out["peak_rss_mb"] = _status_mb("VmHWM")
+    out["peak_rss_mb_by_phase"] = {k: round(v) for k, v in phase_peak.items()}
+    return out
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def in_child(name: str, args: argparse.Namespace) -> dict:
+    import subprocess
+    import sys
+
+    command = [sys.executable, __file__, "--worker", name, "--side-tokens", str(args.side_tokens)]
+    command += ["--threads", str(args.threads), "--metrics-tokens", str(args.metrics_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from typing import Any
 from saetui import __version__
 from saetui.errors import SaetuiInputError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO_ROOT / "sample_data"
+# the sample ships inside the package (a link to the checkout's sample_data/ in a clone)
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = SAMPLE_DATA / "corpus.json"
 SAMPLE_SAE = SAMPLE_DATA / "sae"
 
@@ -100,6 +100,17 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace an existing index made with a different configuration",
     )
+    group.add_argument(
+        "--shard-dir",
+        type=Path,
+        help="under torchrun: the index directory this process writes its shard to, on a disk "
+        "of its own machine (default: the output directory)",
+    )
+    group.add_argument(
+        "--gather",
+        action="store_true",
+        help="under torchrun with --shard-dir: copy the finished shards into the output",
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -126,6 +137,8 @@ def _collect_config(args: argparse.Namespace, out: Path) -> Any:
         inputs=RunInputs.from_namespace(args),
         metrics_tokens=args.metrics_tokens,
         overwrite=args.overwrite,
+        shard_dir=args.shard_dir,
+        gather=args.gather,
     )
 
 
@@ -139,9 +152,19 @@ def demo_index_path() -> Path:
 def _run_collection(args: argparse.Namespace, out: Path) -> int:
     """Headless, or the TUI with the collection in a child process; the request is checked
     first, so bad options never open the TUI or load a model."""
+    from saetui.collect.distributed import launched_by_torchrun
     from saetui.collect.job import check_request
 
     config = _collect_config(args, out)
+    if launched_by_torchrun():  # one rank of a torchrun job: no TUI, one rank prints
+        from saetui.collect.headless import run_distributed
+
+        return run_distributed(config, say=_say)
+    if args.shard_dir is not None or args.gather:
+        raise SaetuiInputError(
+            "--shard-dir and --gather are for runs under torchrun (torchrun --nproc-per-node N "
+            "-m saetui collect ...): leave them out for a single process."
+        )
     check_request(config)
     if not args.headless and not _has_terminal():
         _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
@@ -371,6 +394,17 @@ def cmd_labels_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Copy the finished shards of a distributed run into one index directory."""
+    from saetui.index.merge import merge_indexes
+
+    report = merge_indexes(args.shards, args.out, replace=args.overwrite)
+    for shard in report.copied:
+        print(f"copied shard {shard} into {args.out}")
+    print(report.summary())
+    return 0
+
+
 def _check_index(path: Path) -> None:
     """A missing path or a directory that is no saetui index: one sentence, exit 2."""
     from saetui.index.format import read_marker
@@ -405,6 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collect_options(collect)
     collect.add_argument("--out", type=Path, required=True, help="index directory")
     collect.set_defaults(handler=cmd_collect)
+
+    merge = commands.add_parser(
+        "merge", help="gather the shards of a distributed collection into one index"
+    )
+    merge.add_argument(
+        "shards", type=Path, nargs="+", help="index directories holding finished shards"
+    )
+    merge.add_argument("--out", type=Path, required=True, help="the index directory to fill")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace shards the output holds already"
+    )
+    merge.set_defaults(handler=cmd_merge)
 
     open_ = commands.add_parser("open", help="browse an index in the TUI")
     open_.add_argument("index", type=Path, help="index directory")

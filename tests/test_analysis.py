@@ -21,6 +21,12 @@ def test_decoder_cosine_neighbours_match_dense_matrix():
     torch.testing.assert_close(scores, expected.values)
     assert torch.equal(ids, expected.indices)
     assert not (ids == torch.arange(50)[:, None]).any()
+    # a share of the rows (a rank's), in chunks bounded by bytes: the same rows
+    part_ids, part_scores = decoder_cosine_neighbours(
+        w_dec, top_n=5, rows=(13, 41), max_chunk_bytes=3 * 50 * 4
+    )
+    assert torch.equal(part_ids, ids[13:41])
+    torch.testing.assert_close(part_scores, scores[13:41])
 
 
 def test_logit_effects_are_top_and_bottom_of_dec_times_unembed():
@@ -52,7 +58,7 @@ def test_logit_effects_ignore_unembedding_rows_past_the_tokenizer():
     assert few_ids.shape == (12, 3) and sorted(few_ids[0].tolist()) == [0, 1, 2]
 
 
-def test_cooccurrence_matches_dense_counts_across_stripes_and_chunks():
+def test_cooccurrence_matches_dense_counts_across_chunks():
     rng = np.random.default_rng(0)
     d_sae, tokens = 40, 600
     # Correlated features: 3 and 4 fire together often.
@@ -63,7 +69,7 @@ def test_cooccurrence_matches_dense_counts_across_stripes_and_chunks():
     def chunks():
         return (matrix[i : i + 97] for i in range(0, tokens, 97))
 
-    result = cooccurrence_neighbours(chunks, d_sae, top_n=4, min_count=3, stripe=13)
+    result = cooccurrence_neighbours(chunks, d_sae, top_n=4, min_count=3, candidates=80)
     counts = dense.sum(0)
     pair = dense.T.astype(np.int64) @ dense.astype(np.int64)
     assert result.tokens == tokens

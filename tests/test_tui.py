@@ -81,6 +81,11 @@ async def wait_for(pilot, condition, timeout: float = 20.0) -> None:
         await pilot.pause(0.05)
 
 
+def all_rows_shown(app, table) -> bool:
+    """The run state has arrived and the table lists every feature."""
+    return app.run_state is not None and table.total == app.run_state.d_sae
+
+
 def test_history_back_forward_branching_and_positions():
     history = History()
     for feature in (1, 2, 3):
@@ -175,7 +180,7 @@ def test_density_filter_box_and_user_key_bindings(index_copy, tmp_path):
         app = make_app(index_copy, keys_path=keys)
         async with app.run_test(size=SIZE) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: app.run_state and table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             table.focus()
             await pilot.press("s")  # rebound: s no longer sorts
             await pilot.press("o")
@@ -193,7 +198,7 @@ def test_density_filter_box_and_user_key_bindings(index_copy, tmp_path):
             assert app.focused is table
             await pilot.press("D", "ctrl+u", "enter")  # empty clears
             await wait_for(pilot, lambda: table.query_state.density_min is None)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
 
     asyncio.run(flow())
 
@@ -212,7 +217,7 @@ def test_search_open_related_back_forward(index_copy):
         app = make_app(index_copy)
         async with app.run_test(size=SIZE) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: app.run_state and table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             # search by token text: features whose top examples fire on "the"
             await pilot.press("slash", *"the", "enter")
             await wait_for(pilot, lambda: table.total is not None and table.current_row)
@@ -496,7 +501,7 @@ def test_feature_references_back_to_the_same_row_and_steps_in_table_order(index_
         app = make_app(index_copy)
         async with app.run_test(size=(80, 24)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             await pilot.press("s", "s")  # density, descending
             await wait_for(pilot, lambda: table.query_state.sort == "density")
             await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
@@ -567,7 +572,7 @@ def test_search_words_raw_tokens_patterns_and_id_jumps(index_copy, tmp_path):
         app = make_app(index_copy)
         async with app.run_test(size=(100, 30)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             await pilot.press("slash", *"the", "enter")
             await wait_for(pilot, lambda: table.total == len(word) and table.current_row)
             assert format_header(100, table.query_state).split()[0] == "best↓"
@@ -672,7 +677,7 @@ def test_ablation_from_the_feature_view_shows_each_contexts_loss_change(
         app = make_app(index_copy, model_loader=lambda: ProbeInputs(embedded_model, sae, HOOK))
         async with app.run_test(size=(80, 24)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             await pilot.press("s", "s")  # density: a feature with contexts
             await wait_for(pilot, lambda: table.current_row and table.current_row.count > 0)
             feature = table.current_row.feature
@@ -741,7 +746,7 @@ def test_imported_scores_sort_the_table_and_head_the_feature_view(index_copy):
         app = make_app(index_copy)
         async with app.run_test(size=(100, 30)) as pilot:
             table = app.query_one(FeatureTable)
-            await wait_for(pilot, lambda: table.total == app.run_state.d_sae)
+            await wait_for(pilot, lambda: all_rows_shown(app, table))
             table.apply_query(table.query_state.__class__(sort="score", descending=True))
             await wait_for(pilot, lambda: table.current_row and table.current_row.feature == 9)
             assert table.row_at(1).feature == 4 and table.row_at(1).score == pytest.approx(0.8)

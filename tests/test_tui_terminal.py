@@ -133,6 +133,7 @@ async def _probe_pane(pilot) -> None:
     for _ in range(200):  # until the text box has focus (the cursor is part of the picture)
         focused = pilot.app.focused
         if focused is not None and focused.id == "probe-input":
+            focused.cursor_blink = False  # a blinking cursor makes the picture timing-dependent
             break
         await pilot.pause(0.05)
     await pilot.pause(0.5)
@@ -224,6 +225,12 @@ def _collect_in_tmux(session: str, out: Path, model: Path, sae: Path, corpus: Pa
     return Tmux(session, command)
 
 
+def _describe(pids: list[str]) -> str:
+    """``ps`` lines of ``pids`` (state, kernel wait channel, command) for a failure message."""
+    ps = ["ps", "-o", "pid,ppid,stat,wchan:20,etime,args", "-p", ",".join(pids)]
+    return subprocess.run(ps, capture_output=True, text=True).stdout
+
+
 def _processes_of(out: Path) -> list[str]:
     """The saetui process collecting into ``out`` and its children (not the tmux shell)."""
     pattern = f"^{sys.executable} -m saetui collect .*--out {out}"
@@ -304,7 +311,8 @@ def test_terminal_gone_stops_the_app_and_its_collector(tmp_path, tiny_gpt2_dir, 
     deadline = time.monotonic() + 15
     while _processes_of(out) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _processes_of(out)
+    left = _processes_of(out)
+    assert not left, _describe(left)
     with open_index(out) as index:
         assert index.progress().tokens > 0
 

@@ -14,28 +14,36 @@ def decoder_cosine_neighbours(
     top_n: int = 16,
     chunk: int = 4096,
     check_stop: Callable[[], None] | None = None,
+    *,
+    rows: tuple[int, int] | None = None,
+    max_chunk_bytes: int = 256 << 20,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``top_n`` other features by cosine of decoder rows, for every feature.
+    """Top-``top_n`` other features by cosine of decoder rows, for features ``rows``
+    ([lo, hi), default all).
 
-    ``w_dec`` is [d_sae, d_in]. Works in chunks of rows so memory is O(chunk * d_sae)
-    whatever d_sae is. Returns (ids int64 [d_sae, n], scores float32 [d_sae, n]).
-    ``check_stop`` is called between chunks and raises to stop.
+    ``w_dec`` is [d_sae, d_in]; the products run on its device, ``chunk`` rows at a time
+    and never more than ``max_chunk_bytes`` of [rows, d_sae] cosines (512 rows at d_sae
+    131k), so memory is bounded whatever d_sae is. Returns (ids int64 [rows, n], scores
+    float32 [rows, n]) on the CPU. ``check_stop`` is called between chunks and raises to
+    stop.
     """
     d_sae = w_dec.shape[0]
+    lo, hi = rows or (0, d_sae)
     n = min(top_n, d_sae - 1)
+    chunk = max(1, min(chunk, max_chunk_bytes // (4 * d_sae)))
     unit = torch.nn.functional.normalize(w_dec.float(), dim=-1)
-    ids = torch.empty(d_sae, n, dtype=torch.int64)
-    scores = torch.empty(d_sae, n, dtype=torch.float32)
-    for start in range(0, d_sae, chunk):
+    ids = torch.empty(hi - lo, n, dtype=torch.int64)
+    scores = torch.empty(hi - lo, n, dtype=torch.float32)
+    for start in range(lo, hi, chunk):
         if check_stop is not None:
             check_stop()
-        rows = unit[start : start + chunk]
-        cosine = rows @ unit.T
-        own = torch.arange(start, start + rows.shape[0], device=unit.device)
-        cosine[torch.arange(rows.shape[0]), own] = -float("inf")
+        part = unit[start : min(start + chunk, hi)]
+        cosine = part @ unit.T
+        own = torch.arange(start, start + part.shape[0], device=unit.device)
+        cosine[torch.arange(part.shape[0], device=unit.device), own] = -float("inf")
         best = cosine.topk(n, dim=-1)
-        ids[start : start + rows.shape[0]] = best.indices.cpu()
-        scores[start : start + rows.shape[0]] = best.values.cpu()
+        ids[start - lo : start - lo + part.shape[0]] = best.indices.cpu()
+        scores[start - lo : start - lo + part.shape[0]] = best.values.cpu()
     return ids, scores
 
 

@@ -140,6 +140,7 @@ def evaluate_sae(
     with_ce: bool = True,
     progress: Callable[[int], None] | None = None,
     check_stop: Callable[[], None] | None = None,
+    reduce: Callable[..., tuple[Any, Any]] | None = None,
 ) -> dict[str, Any]:
     """Both metric families of ``sae`` at ``hook`` over consecutive window batches from
     window 0 (``tokens`` [b, t], ``lengths``, ``mask`` true on counted tokens, ``window_ids``).

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from saetui.collect.distributed import RankFailed, Team
 from saetui.collect.job import CollectConfig, CollectProgress, CollectResult, resume_command
 from saetui.collect.pipeline import run_collection
 
@@ -201,13 +202,15 @@ def run_with_signals(
     progress: Callable[[CollectProgress], None] | None = None,
     say: Callable[[str], None] | None = None,
     notice: Callable[[str], None] | None = None,
+    team: Team | None = None,
 ) -> Outcome:
     """Run a collection in the main thread with SIGINT/SIGTERM as stop requests.
 
     While collecting, the first signal stops at the next commit and a second one at once.
     In the other phases nothing is left uncommitted, so the first signal stops at once.
     Either way the index stays resumable and the exit code is 130 (SIGINT) or 143
-    (SIGTERM). SaetuiInputError passes through (the caller prints it, exit code 2).
+    (SIGTERM). SaetuiInputError passes through (the caller prints it, exit code 2), and so
+    does RankFailed (another rank of a distributed ``team`` failed).
     """
     stop = threading.Event()
     received: list[int] = []
@@ -229,7 +232,9 @@ def run_with_signals(
     previous = {sig: signal.signal(sig, on_signal) for sig in EXIT_STOPPED}
     result: CollectResult | None = None
     try:
-        result = run_collection(config, progress=on_progress, should_stop=stop.is_set, say=say)
+        result = run_collection(
+            config, progress=on_progress, should_stop=stop.is_set, say=say, team=team
+        )
     except KeyboardInterrupt:
         result = None
     finally:
@@ -239,7 +244,7 @@ def run_with_signals(
     if result is not None and result.status == "finished":
         return Outcome(0, result, "done", result.tokens)
     where = result.phase if result is not None else phase[0]
-    return Outcome(code, result, where, _tokens_in(config.out))
+    return Outcome(code, result, where, _tokens_in(config.work_dir))
 
 
 def _tokens_in(path: Any) -> int:
@@ -259,15 +264,21 @@ def run_headless(
     *,
     stream: TextIO | None = None,
     say: Callable[[str], None] | None = None,
+    team: Team | None = None,
 ) -> int:
-    """Run a collection without the TUI; returns the process exit code."""
+    """Run a collection without the TUI; returns the process exit code. Of a distributed
+    ``team`` only the main rank prints (progress of the whole job, the summary)."""
+    if team is not None and not team.is_main:
+        return run_with_signals(config, team=team).exit_code
     out = stream or sys.stdout
 
     def notice(text: str) -> None:
         out.write(f"\n{text}\n")
         out.flush()
 
-    outcome = run_with_signals(config, progress=ProgressPrinter(out), say=say, notice=notice)
+    outcome = run_with_signals(
+        config, progress=ProgressPrinter(out), say=say, notice=notice, team=team
+    )
     result = outcome.result
     if outcome.exit_code == 0 and result is not None:
         if "collecting" not in result.skipped:
@@ -279,5 +290,60 @@ def run_headless(
         if result.metrics:
             out.write("metrics:\n" + "\n".join(format_metrics(result.metrics)) + "\n")
     out.write(outcome.summary(config.out) + "\n")
+    if outcome.exit_code == 0 and config.work_dir != config.out and not config.gather:
+        out.write(
+            f"the shards are in {config.work_dir}: gather them with saetui merge "
+            f"{shlex.quote(str(config.work_dir))} --out {shlex.quote(str(config.out))}\n"
+        )
     out.flush()
     return outcome.exit_code
+
+
+def run_distributed(
+    config: CollectConfig,
+    *,
+    stream: TextIO | None = None,
+    say: Callable[[str], None] | None = None,
+) -> int:
+    """One rank of ``torchrun ... -m saetui collect``: joins the job, collects the windows
+    dealt to it, and returns its exit code. A failure on any rank stops every rank at its
+    next sync point with its shard closed (resumable); the main rank prints one sentence
+    naming the rank that failed."""
+    import os
+
+    import torch
+
+    from saetui.collect.distributed import TorchTeam
+    from saetui.errors import SaetuiInputError
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if config.inputs.device in (None, "auto") and torch.cuda.is_available():
+        config.inputs.device = f"cuda:{local_rank}"
+    if str(config.inputs.device).startswith("cuda"):
+        torch.cuda.set_device(torch.device(config.inputs.device))
+    team = TorchTeam()
+    err = sys.stderr
+    try:
+        return run_headless(config, stream=stream, say=say if team.is_main else None, team=team)
+    except RankFailed as failed:
+        if team.is_main:
+            err.write(
+                f"saetui: error: {failed}; every shard is closed and resumable: run the same "
+                "command again to continue.\n"
+            )
+        return failed.exit_code
+    except SaetuiInputError as error:
+        if team.is_main:
+            raise  # the command line prints it
+        return error.exit_code  # the main rank names this rank and says why
+    except Exception:
+        if not team.broken:
+            raise
+        err.write(
+            f"saetui: error: rank {team.rank} lost the other ranks (one was killed, or its "
+            "machine failed); its shard is closed and resumable: run the same command again "
+            "to continue.\n"
+        )
+        return 1
+    finally:
+        team.close()

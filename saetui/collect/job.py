@@ -33,6 +33,15 @@ class CollectConfig:
     neighbours: int = 16
     cooccurrence_min_count: int = 3
     top_k_examples: int = 64
+    # Where this process writes its shard (a distributed run: a disk of this machine);
+    # None: in ``out``. With ``gather``, finished shards are then copied into ``out``.
+    shard_dir: Path | None = None
+    gather: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        """The index directory this process writes."""
+        return Path(self.shard_dir or self.out)
 
 
 @dataclass
@@ -57,9 +66,10 @@ class CollectResult:
     skipped: tuple[str, ...] = ()  # phases already done by an earlier run
 
 
-def check_request(config: CollectConfig) -> None:
+def check_request(config: CollectConfig, shard: int = 0) -> None:
     """Everything about a request that can be checked without loading anything: option
-    ranges and the output directory. Raises one SaetuiInputError sentence."""
+    ranges and the output directory (``shard``: the one this process writes). Raises one
+    SaetuiInputError sentence."""
     from saetui.errors import SaetuiInputError
     from saetui.index.env import check_output
 
@@ -78,7 +88,7 @@ def check_request(config: CollectConfig) -> None:
     ):
         if not isinstance(value, int) or value < low:
             raise SaetuiInputError(f"{name} {value} must be a whole number >= {low}.")
-    check_output(Path(config.out))
+    check_output(config.work_dir, shard)
 
 
 def request_record(config: CollectConfig) -> dict[str, Any]:
@@ -109,10 +119,11 @@ def finished_result(config: CollectConfig) -> CollectResult | None:
     from saetui.errors import SaetuiInputError
     from saetui.index import open_index
 
-    if config.overwrite or not (Path(config.out) / "saetui-index.json").is_file():
+    work = config.work_dir
+    if config.overwrite or not (work / "saetui-index.json").is_file():
         return None
     try:
-        with open_index(config.out) as index:
+        with open_index(work) as index:
             progress = index.progress()
             stored = index.get_meta("request")
             metrics = index.metrics()

@@ -34,7 +34,7 @@ special tokens (the tokenizer's BOS, EOS and pad ids) are left out by id:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,8 @@ class _Rows:
 
 
 class ReconstructionAccumulator:
-    """Both families' reconstruction and sparsity sums over consecutive windows.
+    """Both families' reconstruction and sparsity sums over consecutive windows (a rank of a
+    distributed run skips the other ranks' windows, whole SAELens batches at a time).
 
     Windows arrive in order (``add``); rows of a SAELens batch (``group_windows`` windows by
     window id) wait until the batch is complete, then fold into the sums. ``state`` is the
@@ -151,8 +152,14 @@ class ReconstructionAccumulator:
         first = int(window_ids[0])
         if self.next_window is None:
             self.next_window = self.folded_windows = self.start_window = first
-        if first != self.next_window or np.any(np.diff(window_ids) != 1):
-            raise ValueError(f"windows must follow window {self.next_window - 1} without gaps")
+        expected = np.concatenate([[self.next_window], window_ids[:-1] + 1])
+        jumps = window_ids != expected
+        g = self.group_windows
+        if np.any(jumps & ((window_ids < expected) | (window_ids % g != 0) | (expected % g != 0))):
+            raise ValueError(
+                f"windows must follow window {self.next_window - 1} without gaps, or skip "
+                f"whole batches of {g} windows (another process's)"
+            )
         x64, h64 = x.to(F64), x_hat.to(F64)
         sse = (x64 - h64).pow(2).sum(-1)
         xx, hh, xh = x64.pow(2).sum(-1), h64.pow(2).sum(-1), (x64 * h64).sum(-1)
@@ -185,6 +192,14 @@ class ReconstructionAccumulator:
         complete = self.next_window // self.group_windows * self.group_windows
         if complete > self.folded_windows:
             self._fold_until(complete)
+
+    def reduce(self, sum_array: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Add the folded sums of every process of a distributed run (``sum_array``: an
+        element-wise sum over them) into this one; call after :meth:`finish` on each."""
+        for name in ("_saetui", "_saelens", "_sum_x", "_l0_hist", "_saelens_counts"):
+            tensor = getattr(self, name)
+            total = sum_array(tensor.cpu().numpy())
+            setattr(self, name, torch.as_tensor(total, dtype=tensor.dtype, device=self.device))
 
     def finish(self) -> None:
         """Fold the last, partial SAELens batch (no more windows follow)."""
@@ -444,6 +459,17 @@ class BehaviourMetrics:
             0.0,
         )
     )
+
+    @classmethod
+    def combine(cls, parts: Iterable[BehaviourMetrics]) -> BehaviourMetrics:
+        """One set of sums from several processes' (a distributed run's ranks)."""
+        total = cls()
+        for part in parts:
+            total.windows += part.windows
+            total.batches += part.batches
+            for key, value in part.sums.items():
+                total.sums[key] = total.sums.get(key, 0.0) + value
+        return total
 
     @torch.no_grad()
     def update(

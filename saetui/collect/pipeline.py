@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saetui.collect.distributed import Team
 from saetui.collect.evaluate import (
     EncodedWindows,
     add_reconstruction,
@@ -41,6 +42,7 @@ from saetui.collect.job import (
     request_record,
 )
 from saetui.collect.metrics import (
+    BehaviourMetrics,
     ReconstructionAccumulator,
     density_metrics,
     merge_families,
@@ -154,8 +156,10 @@ def _prefetch(batches: Iterator[Any], stop: threading.Event, depth: int = 2) -> 
 
 @torch.no_grad()
 def encode_windows_of(run: LoadedRun, batch: Any) -> EncodedWindows:
-    """A window batch through the model (stopped after the hook's layer) and the SAE."""
-    activations = run.model.activations(torch.as_tensor(batch.tokens), run.hook)
+    """A window batch through the model (stopped after the hook's layer) and the SAE; the
+    tokens go to the device from pinned memory, asynchronously, on CUDA."""
+    tokens = _to_device(batch.tokens, torch.device(run.model.device))
+    activations = run.model.activations(tokens, run.hook)
     return encode_windows(run.sae, activations, batch)
 
 
@@ -166,12 +170,21 @@ def encode_batch(run: LoadedRun, batch: Any) -> tuple[torch.Tensor, torch.Tensor
     return encoded.ids, encoded.values, encoded.counted
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: from pinned memory without waiting on CUDA."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def run_collection(
     config: CollectConfig,
     *,
     progress: Callable[[CollectProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     say: Callable[[str], None] | None = None,
+    team: Team | None = None,
 ) -> CollectResult:
     """Collect (or resume) the index at ``config.out``: loading, collecting, metrics,
     neighbours. Each phase records its completion in the index and is skipped when a
@@ -182,10 +195,16 @@ def run_collection(
 
     ``overwrite`` on an existing index builds the new one beside it (``.NAME.overwrite``)
     and swaps it in only when it has finished, keeping the user's labels: a stop or a
-    crash leaves the old index as it was, and the same command resumes the new one."""
+    crash leaves the old index as it was, and the same command resumes the new one.
+
+    ``team``: the ranks of a distributed run (distributed.TorchTeam); each collects the
+    windows dealt to it into its own shard of ``config.work_dir``. Default: one process.
+    A failure on another rank raises distributed.RankFailed after this rank's shard is
+    closed (resumable). Under torchrun ``overwrite`` rebuilds each shard in place."""
     out = Path(config.out)
-    if not (config.overwrite and (out / "saetui-index.json").exists()):
-        return _run(config, progress=progress, should_stop=should_stop, say=say)
+    distributed = team is not None and team.world > 1
+    if distributed or not (config.overwrite and (out / "saetui-index.json").exists()):
+        return _run(config, progress=progress, should_stop=should_stop, say=say, team=team)
     check_request(config)  # the old index: no other writer may hold it
     staging = out.with_name(f".{out.name}.overwrite")
     staged = dataclasses.replace(config, out=staging, overwrite=False)
@@ -225,57 +244,81 @@ def _run(
     progress: Callable[[CollectProgress], None] | None,
     should_stop: Callable[[], bool] | None,
     say: Callable[[str], None] | None,
+    team: Team | None = None,
 ) -> CollectResult:
     started = time.perf_counter()
     report = _Reporter(progress)
     stop_requested = should_stop or (lambda: False)
+    if team is None:
+        team = Team(stop_requested)
+    else:
+        team.use_stop_check(stop_requested)
 
     def check_stop() -> None:
         if stop_requested():
             raise StopRequested
 
-    report(CollectProgress("loading", message="checking the index"), force=True)
-    check_request(config)
-    done = finished_result(config)
-    if done is not None:
-        report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
-        return done
     phase = "loading"
     writer: Any = None
     collect_rate = 0.0
     try:
+        report(CollectProgress("loading", message="checking the index"), force=True)
+        check_request(config, shard=team.rank)
+        done = finished_result(config)
+        if team.all_agree(done is not None):
+            assert done is not None
+            report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
+            team.finish()
+            return done
         report(CollectProgress("loading", message="loading corpus, SAE and model"), force=True)
         run = load_run(config.inputs, say, check_stop=check_stop)
-        writer = _open_writer(config, run)
-        reconstruction = _Reconstruction(config, run, writer)
+        team.sync()
+        if team.is_main:  # creates the index directory and its marker first
+            writer = _open_writer(config, run, team)
+        team.sync()
+        if not team.is_main:
+            writer = _open_writer(config, run, team)
+        team.sync()
+        reconstruction = _Reconstruction(config, run, writer, team.layout)
         phase = "collecting"
-        collect_rate = _collecting_phase(config, run, writer, report, check_stop, reconstruction)
+        collect_rate = _collecting_phase(
+            config, run, writer, report, check_stop, reconstruction, team
+        )
         writer.flush()
         skipped = []
         phases = writer.get_meta("phases") or {}
         windows = writer.next_window
         phase = "metrics"
-        if phases.get("metrics", {}).get("windows") == windows:
+        if team.all_agree(phases.get("metrics", {}).get("windows") == windows):
             skipped.append("metrics")
-            metrics = writer.get_meta("metrics") or {}
+            metrics = _stored_metrics(writer, team)
         else:
-            metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction)
+            metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction, team)
             phases["metrics"] = {"windows": windows, "finished": time.time()}
             writer.put_meta("phases", phases)
         phase = "neighbours"
-        if phases.get("neighbours", {}).get("windows") == windows:
+        if team.all_agree(phases.get("neighbours", {}).get("windows") == windows):
             skipped.append("neighbours")
         else:
-            _neighbours_phase(config, run, writer, report, check_stop)
+            from saetui.collect.neighbours import neighbours_phase
+
+            neighbours_phase(config, run, writer, report, check_stop, team, config.work_dir)
             phases["neighbours"] = {"windows": windows, "finished": time.time()}
             writer.put_meta("phases", phases)
-        tokens = writer.summaries.n_tokens
+        tokens = team.sum_ints([writer.summaries.n_tokens])[0]
         writer.finish()
-    except StopRequested:
+        team.finish()
+        if config.gather:
+            _gather(config, team, say)
+    except (StopRequested, KeyboardInterrupt) as stop:
+        team.abort(None)
         tokens = 0
         if writer is not None:
             writer.close()
             tokens = writer.tokens_committed
+        team.finish(quiet=True)
+        if isinstance(stop, KeyboardInterrupt):
+            raise
         message = f"stopped while {phase}; run the same command again to resume"
         report(CollectProgress("done", tokens, None, message=message), force=True)
         return CollectResult(
@@ -286,9 +329,11 @@ def _run(
             collect_rate,
             phase=phase,
         )
-    except BaseException:
+    except BaseException as error:
+        team.abort(error)
         if writer is not None:
             writer.close()
+        team.finish(quiet=True)
         raise
     report(CollectProgress("done", tokens, tokens, message="finished"), force=True)
     return CollectResult(
@@ -302,11 +347,31 @@ def _run(
     )
 
 
-def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
+def _stored_metrics(writer: Any, team: Team) -> dict[str, Any]:
+    """Metrics an earlier run stored (in the main rank's shard), on every rank."""
+    return team.gather_objects(writer.get_meta("metrics") if team.is_main else None)[0] or {}
+
+
+def _gather(config: CollectConfig, team: Team, say: Callable[[str], None] | None) -> None:
+    """Copy every rank's finished shard from its shard directory into ``config.out``."""
+    from saetui.index.merge import copy_shard, verify_index
+
+    if Path(config.work_dir).resolve() != Path(config.out).resolve():
+        copy_shard(config.work_dir, team.rank, config.out, replace=True)
+    team.finish()
+    if team.is_main:
+        report = verify_index(config.out)
+        if say is not None:
+            say(report.summary())
+
+
+def _open_writer(config: CollectConfig, run: LoadedRun, team: Team) -> Any:
     from saetui.index import IndexWriter
 
+    if team.is_main:
+        _check_other_shards(config.work_dir, team.world, config.overwrite)
     writer = IndexWriter.create_or_resume(
-        config.out,
+        config.work_dir,
         run_config_of(config, run),
         d_sae=run.sae.d_sae,
         ctx_len=config.inputs.ctx_len,
@@ -314,6 +379,8 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
         overwrite=config.overwrite,
         top_k=config.top_k_examples,
         summary_device=run.model.device,
+        shard=team.rank,
+        layout=team.layout,
     )
     try:
         details = {**run.model.describe(), "sae": _sae_facts(run.sae), "precision": _precision(run)}
@@ -327,6 +394,44 @@ def _open_writer(config: CollectConfig, run: LoadedRun) -> Any:
     return writer
 
 
+def _check_other_shards(path: Path, world: int, overwrite: bool) -> None:
+    """Shards past this run's ranks come from a run with more processes: removed with
+    overwrite, refused otherwise (they would be read as part of this index)."""
+    import shutil
+
+    from saetui.errors import SaetuiInputError
+    from saetui.index import format as fmt
+
+    if not Path(path).is_dir():
+        return
+    extra = sorted(
+        p
+        for p in Path(path).iterdir()
+        if p.is_dir()
+        and p.name.startswith(fmt.SHARD_PREFIX)
+        and p.name[len(fmt.SHARD_PREFIX) :].isdigit()
+        and int(p.name[len(fmt.SHARD_PREFIX) :]) >= world
+    )
+    if not extra:
+        return
+    if overwrite:
+        for shard in extra:
+            shutil.rmtree(shard)
+        return
+    from saetui.index.merge import read_shard
+
+    try:
+        layout = read_shard(extra[-1], int(extra[-1].name[len(fmt.SHARD_PREFIX) :])).layout
+        by = f"{layout.world} processes" if layout else "more processes"
+    except SaetuiInputError:
+        by = "more processes"
+    raise SaetuiInputError(
+        f"the index {path} was collected by {by} (it holds {extra[-1].name}), not "
+        f"{world}: run again with as many processes to resume it, or pass --overwrite to "
+        "rebuild it."
+    )
+
+
 def _collecting_phase(
     config: CollectConfig,
     run: LoadedRun,
@@ -334,43 +439,56 @@ def _collecting_phase(
     report: _Reporter,
     check_stop: Callable[[], None],
     reconstruction: _Reconstruction,
+    team: Team | None = None,
 ) -> float:
-    """Every window after the index's last commit, its reconstruction metrics accumulated on
-    the way; returns tokens/s while collecting."""
+    """Every window after the index's last commit (of those dealt to this rank), its
+    reconstruction metrics accumulated on the way; returns the job's tokens/s while
+    collecting."""
     from saetui.corpus import batch_windows, estimate_tokens, iter_windows
 
+    team = team or Team()
     inputs = config.inputs
     estimated = estimate_tokens(run.corpus, run.model.tokenizer)
     total = min(estimated, inputs.max_tokens) if inputs.max_tokens else estimated
-    first_tokens = done = writer.summaries.n_tokens
+    mine = writer.summaries.n_tokens
+    first_tokens = done = team.sync(tokens=mine, more=True).tokens
     report(CollectProgress("collecting", done, max(total, done)), force=True)
-    windows = iter_windows(
+    windows: Iterator[Any] = iter_windows(
         run.corpus,
         run.model.tokenizer,
         ctx_len=inputs.ctx_len,
         max_tokens=inputs.max_tokens,
         start_window=writer.next_window,
     )
+    layout = team.layout
+    if layout is not None:
+        windows = (window for window in windows if layout.owns(window.window_id))
     stop_tokeniser = threading.Event()
     collect_started = time.perf_counter()
+    batches = _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser)
     try:
-        for batch in _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser):
-            encoded = encode_windows_of(run, batch)
-            writer.add_windows(
-                batch.window_ids,
-                batch.tokens,
-                [
-                    [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                    for window in batch.segments
-                ],
-                encoded.ids,
-                encoded.values,
-                mask=encoded.counted,
-                lengths=batch.lengths,
-            )
-            reconstruction.add(batch, encoded, check_stop)
-            # Counted here: reading writer.summaries would wait for its merge thread.
-            done += int(batch.lengths.sum())
+        while True:
+            batch = next(batches, None)
+            if batch is not None:
+                encoded = encode_windows_of(run, batch)
+                writer.add_windows(
+                    batch.window_ids,
+                    batch.tokens,
+                    [
+                        [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
+                        for window in batch.segments
+                    ],
+                    encoded.ids,
+                    encoded.values,
+                    mask=encoded.counted,
+                    lengths=batch.lengths,
+                )
+                reconstruction.add(batch, encoded, check_stop)
+                # Counted here: reading writer.summaries would wait for its merge thread.
+                mine += int(batch.lengths.sum())
+            # one small all-reduce per batch: the job's tokens, a stop or a failure anywhere
+            state = team.sync(tokens=mine, more=batch is not None)
+            done = state.tokens
             rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
             report(
                 CollectProgress(
@@ -381,11 +499,16 @@ def _collecting_phase(
                     eta_s=max(total - done, 0) / rate if rate > 0 else None,
                 )
             )
-            check_stop()
+            if not state.more:
+                break
+            if batch is not None:
+                check_stop()
     except (StopRequested, KeyboardInterrupt):
         # queued after the windows it covers, so it never claims uncommitted ones
         reconstruction.save()
         raise
+    finally:
+        batches.close()
     # (after any other error the writer may be broken: the sums since the last save are
     # recomputed on resume, and the error itself reaches the user unmasked)
     reconstruction.save()
@@ -418,8 +541,10 @@ class _Reconstruction:
     a stop), and, after a resume, caught up by re-encoding the few windows the saved sums
     do not cover."""
 
-    def __init__(self, config: CollectConfig, run: LoadedRun, writer: Any) -> None:
-        self._config, self._run, self._writer = config, run, writer
+    def __init__(
+        self, config: CollectConfig, run: LoadedRun, writer: Any, layout: Any = None
+    ) -> None:
+        self._config, self._run, self._writer, self._layout = config, run, writer, layout
         self.special_ids = special_token_ids(run.model.tokenizer)
         state = writer.get_meta(RECONSTRUCTION_STATE)
         if isinstance(state, dict) and state.get("folded_windows", 0) > writer.next_window:
@@ -443,14 +568,17 @@ class _Reconstruction:
         self._saved = time.monotonic()
 
     def catch_up(self, end: int, check_stop: Callable[[], None]) -> None:
-        """Re-encode committed windows [next, end) the saved sums do not cover."""
+        """Re-encode committed windows [next, end) (those this rank holds) that the saved
+        sums do not cover."""
         from saetui.index import open_index
 
-        first = self.accumulator.next_window
-        if first >= end:
+        layout = self._layout
+        ids = [
+            w for w in range(self.accumulator.next_window, end) if layout is None or layout.owns(w)
+        ]
+        if not ids:
             return
-        with open_index(self._config.out) as index:
-            ids = range(first, end)
+        with open_index(self._config.work_dir) as index:
             for batch in index_batches(index, ids, self._config.inputs.batch_size):
                 check_stop()
                 encoded = encode_windows_of(self._run, batch)
@@ -509,19 +637,25 @@ def _metrics_phase(
     report: _Reporter,
     check_stop: Callable[[], None],
     reconstruction: _Reconstruction,
+    team: Team | None = None,
 ) -> dict[str, Any]:
     """Reconstruction metrics of every collected token (accumulated while collecting), CE
     loss and KL of both families on a sample of the collection's windows, densities over the
-    whole run, the SAE's weight metrics."""
+    whole run, the SAE's weight metrics. In a distributed run each rank adds its own windows
+    and the sample windows it holds; the sums are added over ranks (every SAELens batch of
+    16 windows lies within one rank's block), and the main rank stores the result."""
     from saetui.index import open_index
 
-    windows = writer.next_window
+    team = team or Team()
     summaries = writer.summaries
     report(CollectProgress("metrics", message="reconstruction metrics"), force=True)
-    reconstruction.catch_up(windows, check_stop)
+    reconstruction.catch_up(writer.next_window, check_stop)
     accumulator = reconstruction.accumulator
     accumulator.finish()
-    collected = int(summaries.n_tokens)
+    accumulator.reduce(team.sum_array)
+    windows, collected, counted = team.sum_ints(
+        [writer.windows_added, int(summaries.n_tokens), int(summaries.n_counted)]
+    )
     sample, budget = ce_sample_windows(windows, collected, config.metrics_tokens)
     share = len(sample) / max(windows, 1)
     report(
@@ -533,27 +667,32 @@ def _metrics_phase(
         ),
         force=True,
     )
-    with open_index(config.out) as index:
-        sample_tokens = sum(len(index.window(w).token_ids) for w in sample)
+    layout = team.layout
+    mine = [w for w in sample if layout is None or layout.owns(w)]
+    with open_index(config.work_dir) as index:
+        mine_tokens = sum(len(index.window(w).token_ids) for w in mine)
         # small batches: a stop waits for at most one batch of five forward passes
-        batches = index_batches(index, sample, max(1, config.inputs.batch_size // 4))
+        batches = index_batches(index, mine, max(1, config.inputs.batch_size // 4))
         behaviour = measure_sample(
             run.model,
             run.sae,
             run.hook,
             batches,
-            progress=lambda n: report(CollectProgress("metrics", n, sample_tokens)),
+            progress=lambda n: report(CollectProgress("metrics", n, mine_tokens)),
             check_stop=check_stop,
         )
+    behaviour = BehaviourMetrics.combine(team.gather_objects(behaviour))
+    sample_tokens = team.sum_ints([mine_tokens])[0]
     reconstructed = accumulator.result()
     saelens_tokens = reconstructed.get("saelens", {}).get("tokens", 0)
     saelens_counts = accumulator.saelens_feature_counts.cpu().numpy()
+    counts = team.sum_array(summaries.count.cpu().numpy().astype(np.int64))
     weights = weight_metrics(run.sae)
     cosine = np.asarray(weights["encoder_decoder_cosine_sim"])
     metrics = merge_families(
         reconstructed,
-        density_metrics(summaries.count.cpu().numpy(), summaries.n_counted),
-        {"collection_tokens": int(summaries.n_counted)},
+        density_metrics(counts, counted),
+        {"collection_tokens": counted},
         {
             "saelens": {
                 **saelens_density_metrics(saelens_counts, saelens_tokens),
@@ -574,67 +713,8 @@ def _metrics_phase(
             "precision": _precision(run),
         },
     )
-    writer.put_metrics(metrics)
-    density = saelens_counts / max(saelens_tokens, 1)
-    writer.put_meta("saelens_feature_metrics", {"feature_density": density.tolist(), **weights})
+    if team.is_main:
+        writer.put_metrics(metrics)
+        density = saelens_counts / max(saelens_tokens, 1)
+        writer.put_meta("saelens_feature_metrics", {"feature_density": density.tolist(), **weights})
     return metrics
-
-
-def _neighbours_phase(
-    config: CollectConfig,
-    run: LoadedRun,
-    writer: Any,
-    report: _Reporter,
-    check_stop: Callable[[], None],
-) -> None:
-    """Decoder-cosine and co-occurrence neighbours, and logit effects, into the index."""
-    from saetui.analysis.cooccurrence import METRICS, cooccurrence_neighbours
-    from saetui.analysis.neighbours import decoder_cosine_neighbours, logit_effects
-    from saetui.index import open_index
-
-    report(CollectProgress("neighbours", message="decoder-cosine neighbours"), force=True)
-    w_dec = run.sae.W_dec.detach()
-    ids, scores = decoder_cosine_neighbours(w_dec, top_n=config.neighbours, check_stop=check_stop)
-    w_u = getattr(run.model.bridge, "W_U", None)
-    w_out = run.model.residual_directions(run.hook, w_dec)  # hook_z: through W_O
-    if w_u is not None and w_out is not None and w_u.shape[0] == w_out.shape[1]:
-        report(CollectProgress("neighbours", message="logit effects"), force=True)
-        effects = logit_effects(
-            w_out,
-            w_u.detach(),
-            check_stop=check_stop,
-            vocab_size=run.model.tokenizer_vocab_size,
-        )
-    else:
-        effects = None
-    # Co-occurrence reads the committed forward index: the writer's data must be on disk.
-    # The reader shares the writer's environment (see index/env.py).
-    writer.flush()
-    report(CollectProgress("neighbours", message="co-occurrence"), force=True)
-    with open_index(config.out) as index:
-        result = cooccurrence_neighbours(
-            lambda: _binary_chunks(index, run.sae.d_sae),
-            run.sae.d_sae,
-            top_n=config.neighbours,
-            min_count=config.cooccurrence_min_count,
-            check_stop=check_stop,
-        )
-    # every list is computed before any is stored: a stop leaves none half-written
-    writer.put_neighbours("decoder_cosine", ids, scores)
-    if effects is not None:
-        up_ids, up_values, down_ids, down_values = effects
-        writer.put_neighbours("logit_promoted", up_ids, up_values)
-        writer.put_neighbours("logit_suppressed", down_ids, down_values)
-    for metric in METRICS:
-        writer.put_neighbours(metric, result.ids[metric], result.scores[metric])
-
-
-def _binary_chunks(index: Any, d_sae: int) -> Iterator[Any]:
-    """The forward index as binary CSR matrices [tokens, d_sae], one per chunk."""
-    import scipy.sparse as sp
-
-    for chunk in index.iter_forward():
-        data = np.ones(len(chunk.feature_ids), dtype=np.float32)
-        yield sp.csr_matrix(
-            (data, chunk.feature_ids, chunk.offsets), shape=(len(chunk.offsets) - 1, d_sae)
-        )

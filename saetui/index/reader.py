@@ -24,6 +24,7 @@ from saetui.errors import IndexDamagedError, IndexEmptyError, SaetuiInputError
 from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
+from saetui.index.layout import ShardLayout
 from saetui.index.records import (
     SUM_UNIT_LOG2,
     SUMSQ_UNIT_LOG2,
@@ -32,6 +33,7 @@ from saetui.index.records import (
     decode_topk,
     decode_ttok,
     feature_blob,
+    sample_hash,
 )
 from saetui.index.types import (
     Bookmark,
@@ -74,6 +76,11 @@ class _Shard:
     def __init__(self, index: int, path: Path, shared: envs.SharedEnv):
         self.index, self.path, self.shared = index, path, shared
         self.env, self.dbs = shared.env, shared.dbs
+        self.layout: ShardLayout | None = None  # set for a shard of a distributed run
+
+    def local(self, window: int) -> int:
+        """This shard's own id of (global) window ``window``."""
+        return window if self.layout is None else self.layout.local_window(window)
 
 
 # ------------------------------------------------------------------ reader
@@ -129,6 +136,7 @@ class IndexReader:
                     envs.release(shared)
                     continue
                 s = json.loads(raw)
+                shard.layout = ShardLayout.from_json(s.get("layout"))
                 if shape is None:
                     shape = s
                 elif s["identity"] != shape["identity"]:
@@ -141,6 +149,7 @@ class IndexReader:
                     f"the index {self.path} has no committed data yet: wait for the collector's "
                     "first commit (about a second) and open it again."
                 )
+            self._check_layouts()
         except BaseException:
             self.close()
             raise
@@ -161,6 +170,37 @@ class IndexReader:
         self.open_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------ plumbing
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the shards are the ranks of one distributed collection (global window
+        ids), rather than shards that number their windows each by themselves."""
+        return bool(self._shards) and self._shards[0].layout is not None
+
+    def _check_layouts(self) -> None:
+        layouts = [s.layout for s in self._shards]
+        if all(layout is None for layout in layouts):
+            return
+        first = next(layout for layout in layouts if layout is not None)
+        for s in self._shards:
+            ok = (
+                s.layout is not None
+                and (s.layout.world, s.layout.block) == (first.world, first.block)
+                and s.layout.rank == s.index
+            )
+            if not ok:
+                raise SaetuiInputError(
+                    f"shard {s.path.name} of {self.path} does not belong to the same distributed "
+                    f"run as the others ({first.world} processes): remove it or rebuild the index."
+                )
+
+    def _owner(self, window: int, shard: int | None) -> int:
+        """The shard that holds (global) window ``window``; ``shard`` if one is named."""
+        if shard is not None:
+            return shard
+        if self.distributed:
+            return self._shards[0].layout.owner(window)  # type: ignore[union-attr]
+        return 0
 
     def close(self) -> None:
         """Wait for reads in flight in other threads, then release the environments; later
@@ -304,17 +344,22 @@ class IndexReader:
                 self._blocks.move_to_end(key)
                 return hit
         s = self._shard(shard)
+        local = self._local_or_raise(s, window)
         with self._guard(s.path):
             with self._read(s, buffers=True) as txn:  # zero-copy: slice one window out
-                tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
-                chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
-                fwd = None if chunk is None else codec.chunk_blob(chunk, window % codec.FWD_CHUNK)
+                tok = txn.get(fmt.u64_key(local), db=s.dbs[fmt.DB_TOK])
+                chunk = txn.get(fmt.u64_key(local // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
+                fwd = None if chunk is None else codec.chunk_blob(chunk, local % codec.FWD_CHUNK)
                 tok = None if tok is None else bytes(tok)
             if tok is None or fwd is None:
                 n = self._window_count(s)
+                held = (
+                    f"{n} committed windows (0-{n - 1})"
+                    if s.layout is None
+                    else f"{n} committed windows of those dealt to rank {s.index}"
+                )
                 raise SaetuiInputError(
-                    f"window {window} is not in the index: shard {shard} has {n} committed "
-                    f"windows (0-{n - 1})."
+                    f"window {window} is not in the index: shard {shard} has {held}."
                 )
             value = (codec.decode_window(tok), codec.decode_forward(fwd))
         self._release_mapped_pages()
@@ -323,6 +368,16 @@ class IndexReader:
             while len(self._blocks) > self._block_cache:
                 self._blocks.popitem(last=False)
         return value
+
+    def _local_or_raise(self, s: _Shard, window: int) -> int:
+        try:
+            return s.local(window)
+        except ValueError:
+            owner = s.layout.owner(window)  # type: ignore[union-attr]
+            raise SaetuiInputError(
+                f"window {window} is in shard {owner}, not shard {s.index}: pass shard={owner} "
+                "or leave shard out."
+            ) from None
 
     def _release_mapped_pages(self, windows_read: int = 1) -> None:
         """Every ~2048 windows read (~350 MB mapped), unmap the index pages reads faulted into
@@ -343,9 +398,11 @@ class IndexReader:
             raise SaetuiInputError(f"window {window} is not a window id: expected an integer >= 0.")
         return int(window)
 
-    def window(self, window: int, shard: int = 0) -> WindowView:
-        """Tokens, mask and document segments of one window."""
-        rec, _ = self._block(shard, self._check_window(window))
+    def window(self, window: int, shard: int | None = None) -> WindowView:
+        """Tokens, mask and document segments of one window (shard None: the shard that
+        holds it)."""
+        shard = self._owner(self._check_window(window), shard)
+        rec, _ = self._block(shard, int(window))
         return WindowView(
             shard=shard,
             window=int(window),
@@ -355,14 +412,27 @@ class IndexReader:
             segments=[Segment(*map(int, row)) for row in rec.segments],
         )
 
-    def iter_forward(self, windows_per_chunk: int = 256) -> Iterator[ForwardChunk]:
+    def iter_forward(
+        self,
+        windows_per_chunk: int = 256,
+        *,
+        shard: int | None = None,
+        first: int = 0,
+        end: int | None = None,
+    ) -> Iterator[ForwardChunk]:
         """Every committed window's sparse activations, shard by shard in window order,
         in chunks of about ``windows_per_chunk`` windows, counted tokens only (BOS/pad
-        dropped). One short read transaction per chunk; the block cache is left alone."""
+        dropped). One short read transaction per chunk; the block cache is left alone.
+
+        ``shard``: only that shard, and only its windows with local ids in
+        ``[first, end)`` (a distributed shard numbers the windows it holds 0, 1, ...)."""
         per_read = max(1, windows_per_chunk // codec.FWD_CHUNK)
-        for s in self._shards:
+        for s in self._shards if shard is None else [self._shard(shard)]:
             n_windows = self._window_count(s)
-            first_record = 0
+            lo = first if shard is not None else 0
+            if shard is not None and end is not None:
+                n_windows = min(n_windows, end)
+            first_record = lo // codec.FWD_CHUNK
             while first_record * codec.FWD_CHUNK < n_windows:
                 offsets, ids, values = [np.zeros(1, np.int64)], [], []
                 with self._read(s) as txn:
@@ -374,6 +444,8 @@ class IndexReader:
                             window = record * codec.FWD_CHUNK + i
                             if window >= n_windows:
                                 break
+                            if window < lo:
+                                continue
                             tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
                             block = codec.decode_forward(codec.chunk_blob(chunk, i))
                             counted = np.flatnonzero(codec.decode_window(tok).mask)
@@ -385,21 +457,25 @@ class IndexReader:
                             ids.append(block.feature_ids[take])
                             values.append(block.values16[take])
                             offsets.append(offsets[-1][-1] + np.cumsum(lengths))
-                first = first_record * codec.FWD_CHUNK
+                first_window = max(first_record * codec.FWD_CHUNK, lo)
                 first_record += per_read
+                # a scan maps the whole index in turn: give the pages back as it goes
+                self._release_mapped_pages(per_read * codec.FWD_CHUNK)
                 if not ids:
                     continue
                 yield ForwardChunk(
                     shard=s.index,
-                    first_window=first,
+                    first_window=first_window,
                     offsets=np.concatenate(offsets),
                     feature_ids=np.concatenate(ids),
                     values=np.concatenate(values).astype(np.float32),
                 )
 
-    def token(self, window: int, position: int, shard: int = 0) -> TokenFeatures:
-        """All active features at one token, strongest first."""
-        rec, blk = self._block(shard, self._check_window(window))
+    def token(self, window: int, position: int, shard: int | None = None) -> TokenFeatures:
+        """All active features at one token, strongest first (shard None: the shard that
+        holds the window)."""
+        shard = self._owner(self._check_window(window), shard)
+        rec, blk = self._block(shard, int(window))
         n = len(rec.token_ids)
         if not isinstance(position, (int, np.integer)) or not 0 <= position < n:
             raise SaetuiInputError(
@@ -420,12 +496,14 @@ class IndexReader:
         )
 
     def document_context(
-        self, global_index: int, radius: int = 64, shard: int = 0
+        self, global_index: int, radius: int = 64, shard: int | None = None
     ) -> DocumentContext:
-        """Up to `radius` tokens either side of a token, within its document, across windows."""
+        """Up to `radius` tokens either side of a token, within its document, across windows
+        (and across shards in a distributed index)."""
         ctx = self.meta.ctx_len
         window, pos = divmod(int(global_index), ctx)
-        rec, _ = self._block(shard, self._check_window(window))
+        shard = self._owner(self._check_window(window), shard)
+        rec, _ = self._block(shard, window)
         if pos >= len(rec.token_ids):
             raise SaetuiInputError(
                 f"global index {global_index} points past the end of window {window}."
@@ -442,8 +520,8 @@ class IndexReader:
         w, cur = window, (doc_off, s_start)
         while cur[0] > focus_doc - radius and cur[0] > 0 and w > 0:
             w -= 1
-            prev, _ = self._block(shard, w)
-            if not len(prev.segments):
+            prev = self._adjacent(w, shard)
+            if prev is None or not len(prev.segments):
                 break
             last = prev.segments[-1]
             if int(last[0]) != doc_id or int(last[1] + last[3]) != cur[0]:
@@ -452,12 +530,11 @@ class IndexReader:
             cur = (int(last[1]), int(last[2]))
         end = doc_off + s_len
         w = window
-        n_windows = self._window_count(self._shard(shard))
         if s_start + s_len == len(rec.token_ids):
-            while end <= focus_doc + radius and w + 1 < n_windows:
+            while end <= focus_doc + radius:
                 w += 1
-                nxt, _ = self._block(shard, w)
-                if not len(nxt.segments):
+                nxt = self._adjacent(w, shard)
+                if nxt is None or not len(nxt.segments):
                     break
                 first = nxt.segments[0]
                 if int(first[0]) != doc_id or int(first[1]) != end or int(first[2]) != 0:
@@ -474,6 +551,20 @@ class IndexReader:
         return DocumentContext(
             shard, doc_id, base + lo, ids, self.token_strings(ids), focus_doc - base - lo
         )
+
+    def _adjacent(self, window: int, shard: int) -> codec.WindowRecord | None:
+        """A window next to one being shown: in the same shard, or in the shard that holds
+        it in a distributed index; None when it is not (yet) in the index."""
+        if self.distributed:
+            shard = self._owner(window, None)
+        s = self._shard(shard)
+        try:
+            local = s.local(window)
+        except ValueError:
+            return None
+        if local >= self._window_count(s):
+            return None
+        return self._block(shard, window)[0]
 
     # ------------------------------------------------------------ per-feature summaries
 
@@ -580,7 +671,10 @@ class IndexReader:
                     strict=False,
                 )
             )
-        out.sort(key=lambda e: (-e[0], e[1], e[2]))
+        if self.distributed:  # global token indexes: ties go to the earliest token
+            out.sort(key=lambda e: (-e[0], e[2], e[1]))
+        else:
+            out.sort(key=lambda e: (-e[0], e[1], e[2]))
         return out[: self.meta.top_k]
 
     def _contexts(
@@ -610,9 +704,10 @@ class IndexReader:
             s = self._shard(shard)
             with self._read(s, buffers=True) as txn:
                 for window in windows:
-                    tok = txn.get(fmt.u64_key(window), db=s.dbs[fmt.DB_TOK])
-                    chunk = txn.get(fmt.u64_key(window // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
-                    i = window % codec.FWD_CHUNK
+                    local = self._local_or_raise(s, window)
+                    tok = txn.get(fmt.u64_key(local), db=s.dbs[fmt.DB_TOK])
+                    chunk = txn.get(fmt.u64_key(local // codec.FWD_CHUNK), db=s.dbs[fmt.DB_FWD])
+                    i = local % codec.FWD_CHUNK
                     fwd = None if chunk is None else codec.chunk_blob(chunk, i)
                     if tok is None or fwd is None:
                         break
@@ -691,7 +786,12 @@ class IndexReader:
                 per_bin.setdefault(b, []).append((s.index, g, bits))
         out = []
         for b in sorted(per_bin, reverse=True):
-            entries = per_bin[b][: self.meta.samples_per_bin]
+            entries = per_bin[b]
+            if self.distributed and len(self._shards) > 1:
+                # the ones a single process keeps: smallest hash(feature, global index)
+                hashes = sample_hash(f, np.array([g for _, g, _ in entries], dtype=np.int64))
+                entries = [entries[i] for i in np.argsort(hashes, kind="stable")]
+            entries = entries[: self.meta.samples_per_bin]
             low = 2.0 ** (b + fmt.HIST_MIN_OCTAVE)
             examples = (
                 [self._example(f, sh, g, bits) for sh, g, bits in entries] if with_context else []

@@ -65,3 +65,22 @@ def _feature_blobs(txn: Any, db: Any) -> Iterator[tuple[int, bytes]]:
         for j, blob in enumerate(codec.unpack_chunk(rec)):
             if blob:
                 yield base + j, blob
+
+
+_U64 = np.uint64
+_GOLD_U = _U64(0x9E3779B97F4A7C15)
+_C1_U = _U64(0xFF51AFD7ED558CCD)
+_C2_U = _U64(0xC4CEB9FE1A85EC53)
+
+
+def sample_hash(feature: int, global_index: np.ndarray) -> np.ndarray:
+    """summary.sample_hash in numpy (uint64 wrapping arithmetic): the hash that picks a
+    feature's interval samples, so a reader can merge the samples of several shards."""
+    x = np.asarray(global_index, dtype=np.int64).astype(_U64) * _GOLD_U
+    x ^= x >> _U64(33)
+    x *= _C1_U
+    x ^= x >> _U64(33)
+    x ^= np.array([feature], dtype=_U64) * _GOLD_U
+    x *= _C2_U
+    x ^= x >> _U64(29)
+    return (x & _U64((1 << 62) - 1)).astype(np.int64)

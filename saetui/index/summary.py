@@ -227,11 +227,14 @@ class FeatureSummaries:
         values: Any,
         mask: Any = None,
         _checked: bool = False,
+        window_ids: Any = None,
     ) -> None:
         """Merge consecutive windows starting at `first_window` (must equal next_window).
 
         lengths [n_windows]; token_ids [n_tokens] (windows concatenated); feature_ids and
         values [n_tokens, K] (value 0 = inactive slot); mask bool [n_tokens] or None.
+        window_ids [n_windows]: the global window ids that name tokens in top-K and samples
+        (default first_window, first_window + 1, ...: a shard of its own).
         Tensors may live on any device; they are moved to this accumulator's device.
         """
         if first_window != self.next_window:
@@ -244,9 +247,13 @@ class FeatureSummaries:
         ids = torch.as_tensor(feature_ids, device=dev)
         vals = torch.as_tensor(values, device=dev)
         toks = torch.as_tensor(token_ids, device=dev).long()
-        wid = torch.repeat_interleave(
-            torch.arange(first_window, first_window + len(lengths_t), device=dev), lengths_t
-        )
+        if window_ids is None:
+            named = torch.arange(first_window, first_window + len(lengths_t), device=dev)
+        else:
+            named = torch.as_tensor(window_ids, dtype=torch.int64, device=dev)
+            if named.shape != lengths_t.shape:
+                raise ValueError("window_ids needs one id per window")
+        wid = torch.repeat_interleave(named, lengths_t)
         starts = torch.cumsum(lengths_t, 0) - lengths_t
         pos = torch.arange(n_tokens, device=dev) - torch.repeat_interleave(starts, lengths_t)
         gidx = wid * self.ctx_len + pos

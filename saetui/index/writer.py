@@ -33,6 +33,7 @@ from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
 from saetui.index.env import WriterLock
+from saetui.index.layout import ShardLayout, solo_layout
 from saetui.index.summary import (
     FeatureSummaries,
     SummarySnapshot,
@@ -80,6 +81,7 @@ class IndexWriter:
         checkpoint_interval: float = 30.0,
         map_size: int = fmt.DEFAULT_MAP_SIZE,
         queue_size: int = 4,
+        layout: ShardLayout | None = None,
     ) -> IndexWriter:
         """Open shard `shard` of the index at `path` for appending.
 
@@ -87,8 +89,17 @@ class IndexWriter:
         and summary sizes match resumes after its last commit (see `next_window`); a
         mismatch raises SaetuiInputError naming the differing fields unless `overwrite`,
         which deletes this shard's data first (user labels are kept).
+
+        `layout`: this shard is rank `layout.rank` of a distributed collection and takes
+        the global windows the layout deals it (see layout.py); None (or a world of one):
+        the shard numbers its windows 0, 1, 2, ... by itself.
         """
         path = Path(path)
+        layout = solo_layout(layout)
+        if layout is not None and layout.rank != shard:
+            raise SaetuiInputError(
+                f"shard {shard} cannot hold rank {layout.rank}'s windows: pass shard=rank."
+            )
         if not isinstance(run_config, dict):
             raise SaetuiInputError("run_config must be a dict of JSON values.")
         try:
@@ -159,6 +170,7 @@ class IndexWriter:
                 sdir,
                 shared,
                 shard,
+                layout,
                 identity,
                 vocab_json,
                 summary_device,
@@ -180,6 +192,7 @@ class IndexWriter:
         sdir: Path,
         shared: envs.SharedEnv,
         shard: int,
+        layout: ShardLayout | None,
         identity: dict[str, Any],
         vocab_json: bytes,
         summary_device: str | torch.device,
@@ -188,6 +201,7 @@ class IndexWriter:
         queue_size: int,
     ) -> None:
         self.path, self.shard_path, self.shard = path, sdir, shard
+        self.layout = layout
         self._shared = shared
         self._env = env = shared.env
         self.d_sae, self.ctx_len = identity["d_sae"], identity["ctx_len"]
@@ -204,6 +218,14 @@ class IndexWriter:
                 raise SaetuiInputError(
                     f"the index {path} was built with a different {', '.join(diff)}: rerun with "
                     "the same settings to resume, or pass overwrite to rebuild it."
+                )
+            stored_layout = ShardLayout.from_json(stored.get("layout"))
+            if stored_layout != layout:
+                raise SaetuiInputError(
+                    f"shard {shard} of the index {path} was collected as "
+                    f"{_describe_layout(stored_layout)}, not as {_describe_layout(layout)}: "
+                    "run again with the same number of processes to resume it, or pass "
+                    "overwrite to rebuild it."
                 )
             self._progress = json.loads(progress_raw)
         else:
@@ -226,6 +248,8 @@ class IndexWriter:
                 "hist_bin_edges": fmt.hist_bin_edges(),
                 "n_sample_bins": fmt.N_SAMPLE_BINS,
             }
+            if layout is not None:
+                shape["layout"] = layout.to_json()
             with shared.write_lock, env.begin(write=True) as txn:
                 txn.put(fmt.META_FORMAT, fmt.dumps(fmt.marker_content()), db=meta)
                 txn.put(fmt.META_CONFIG, fmt.dumps(identity["run_config"]), db=meta)
@@ -257,7 +281,8 @@ class IndexWriter:
             with env.begin() as txn:
                 rec = txn.get(fmt.u64_key(committed // codec.FWD_CHUNK), db=self._dbs[fmt.DB_FWD])
             self._fwd_tail = codec.unpack_chunk(rec)
-        self.next_window = int(self._progress["windows"])
+        self._local_next = int(self._progress["windows"])
+        self.next_window = self._global(self._local_next)
         self.tokens_committed = int(self._progress["tokens"])
         self._commit_interval = commit_interval
         self._checkpoint_interval = checkpoint_interval
@@ -286,8 +311,14 @@ class IndexWriter:
             b = min(end, a + chunk)
             self._replay(a, b)
 
+    def _global(self, local: Any) -> Any:
+        """Global window id(s) of this shard's local window id(s)."""
+        if self.layout is None:
+            return local if np.ndim(local) == 0 else np.asarray(local, dtype=np.int64)
+        return self.layout.global_window(local)
+
     def _replay(self, first: int, end: int) -> None:
-        """Feed committed windows [first, end) back into the summaries (resume)."""
+        """Feed committed windows [first, end) (local ids) back into the summaries."""
         lengths, tokens, masks, blocks = [], [], [], []
         with self._env.begin() as txn:
             for w in range(first, end):
@@ -309,7 +340,13 @@ class IndexWriter:
         ids[row, col] = np.concatenate([b.feature_ids for b in blocks])
         vals[row, col] = np.concatenate([b.values16 for b in blocks]).astype(np.float32)
         self._summaries.update_windows(
-            first, np.array(lengths), np.concatenate(tokens), ids, vals, np.concatenate(masks)
+            first,
+            np.array(lengths),
+            np.concatenate(tokens),
+            ids,
+            vals,
+            np.concatenate(masks),
+            window_ids=self._global(np.arange(first, end)),
         )
 
     # ---------------------------------------------------------------- public API
@@ -330,6 +367,11 @@ class IndexWriter:
                 raise exc
 
     @property
+    def windows_added(self) -> int:
+        """Windows this shard holds once everything queued is committed (its local count)."""
+        return self._local_next
+
+    @property
     def windows_committed(self) -> int:
         """Windows durably in the index (the writer thread's last commit)."""
         return int(self._committed["windows"]) if hasattr(self, "_committed") else 0
@@ -346,7 +388,10 @@ class IndexWriter:
         *,
         summaries_done: bool = False,
     ) -> None:
-        """Queue consecutive windows (ids must start at `next_window`).
+        """Queue the next windows of this shard (ids must start at `next_window`).
+
+        Window ids are global: consecutive from `next_window` for a shard of its own, the
+        next windows the layout deals this rank otherwise.
 
         tokens: one uint32 array per window, or a padded [n_windows, ctx_len] array with
         `lengths`; segments: per window, rows (doc_id, doc_offset, start_in_window, length);
@@ -360,10 +405,13 @@ class IndexWriter:
         n_w = len(wids)
         if n_w == 0:
             return
-        if wids[0] != self.next_window or np.any(np.diff(wids) != 1):
+        first = self._local_next
+        expected = self._global(np.arange(first, first + n_w))
+        if not np.array_equal(wids, expected):
+            dealt = "" if self.layout is None else f" of those dealt to rank {self.layout.rank}"
             raise SaetuiInputError(
-                f"windows must be added in order without gaps: expected window {self.next_window}"
-                f" next, got {wids[0]}{'...' if n_w > 1 else ''}."
+                f"windows must be added in order without gaps{dealt}: expected window "
+                f"{self.next_window} next, got {wids[0]}{'...' if n_w > 1 else ''}."
             )
         if isinstance(tokens, (np.ndarray, torch.Tensor)) and _as_numpy(tokens).ndim == 2:
             if lengths is None:
@@ -425,13 +473,13 @@ class IndexWriter:
                     f"segments of window {int(wids[w])} do not fit its {int(lens[w])} tokens: "
                     "each needs 0 <= start and start + length <= window length."
                 )
-        first = int(wids[0])
         if summaries_done:
             if self.summaries.next_window != first + n_w:
                 raise SaetuiInputError(
                     f"summaries_done=True but the summaries cover windows up to "
                     f"{self.summaries.next_window}, not {first + n_w}: call "
-                    "writer.summaries.update_windows for exactly these windows first."
+                    "writer.summaries.update_windows for exactly these windows first (with "
+                    "window_ids=the global ids when the shard has a layout)."
                 )
         elif self._sum_pool is not None:
             self._drain_summaries(keep=1)  # bounds the batches held for the summary thread
@@ -445,14 +493,22 @@ class IndexWriter:
                     vals_np,
                     mask_np,
                     _checked=True,
+                    window_ids=wids,
                 )
             )
         else:
             self._summaries.update_windows(
-                first, lens, tokens_flat.astype(np.int64), feature_ids, values, mask_np
+                first,
+                lens,
+                tokens_flat.astype(np.int64),
+                feature_ids,
+                values,
+                mask_np,
+                window_ids=wids,
             )
         self._put(("data", first, lens, tokens_flat, seg_arrays, ids_np, vals_np, mask_np))
-        self.next_window = first + n_w
+        self._local_next = first + n_w
+        self.next_window = self._global(self._local_next)
         if time.monotonic() - self._last_checkpoint >= self._next_interval:
             self._next_interval = min(2 * self._next_interval, self._checkpoint_interval)
             self.checkpoint()
@@ -472,7 +528,7 @@ class IndexWriter:
         else:
             snap = self._summaries.snapshot(copy=not final)
         self._put(("ckpt", snap))
-        self._snapshot_window = self.next_window
+        self._snapshot_window = self._local_next
         self._last_checkpoint = time.monotonic()
 
     def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
@@ -544,7 +600,7 @@ class IndexWriter:
         self._closed = True
         try:
             if self._error is None and self._thread.is_alive():
-                if self.next_window > self._snapshot_window:
+                if self._local_next > self._snapshot_window:
                     self._checkpoint(final=True)
                 self._put(("stop",))
         finally:
@@ -756,6 +812,12 @@ def _return_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _describe_layout(layout: ShardLayout | None) -> str:
+    if layout is None:
+        return "a single process's index"
+    return f"rank {layout.rank} of {layout.world} processes (blocks of {layout.block} windows)"
 
 
 def _differing_fields(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -183,10 +183,13 @@ class SaetuiApp(App[int]):
             self._terminal_gone()
 
     def _terminal_gone(self) -> None:
-        """ssh dropped: stop the collector (resumable) and exit instead of spinning."""
-        if self.job is not None:
-            self.job.request_stop()
-        self.exit(return_code=self.exit_code())
+        """ssh dropped: stop the collector at a safe point (resumable; killed after the
+        grace time), close the probe and the index, and end the process. Nothing can be
+        drawn or restored any more, and Textual's own shutdown writes to the dead terminal:
+        its output queue can block that write for good."""
+        code = self.exit_code()
+        self.shutdown()
+        os._exit(code)
 
     # ------------------------------------------------------------------ polling
 

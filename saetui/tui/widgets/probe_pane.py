@@ -122,12 +122,18 @@ class ProbePane(Vertical):
         ranked.set_options(
             [
                 Option(
-                    Text.assemble(
-                        self._ref(entry.feature, entry.max_value, entry.feature == result.focus),
-                        (
-                            f"  @{show_token(result.tokens[entry.position])!r} ×{entry.n_tokens}",
-                            "dim",
+                    _fit(
+                        Text.assemble(
+                            (
+                                f"@{show_token(result.tokens[entry.position])!r}"
+                                f" ×{entry.n_tokens} ",
+                                "dim",
+                            ),
+                            self._ref(
+                                entry.feature, entry.max_value, entry.feature == result.focus
+                            ),
                         ),
+                        ranked,
                     )
                 )
                 for entry in result.ranked[:RANKED_SHOWN]
@@ -166,10 +172,10 @@ class ProbePane(Vertical):
         self._token_features = [f for f, _ in top]
         at_token = self.query_one("#probe-at-token", OptionList)
         at_token.border_title = f"at {show_token(self.result.tokens[position])!r}"
-        rows = [Option(self._ref(f, v, f == self.result.focus)) for f, v in top]
+        rows = [Option(_fit(self._ref(f, v, f == self.result.focus), at_token)) for f, v in top]
         if self.result.focus is not None and self.result.focus not in self._token_features:
             value = self.result.focus_values[position]
-            rows.append(Option(self._ref(self.result.focus, value, True)))
+            rows.append(Option(_fit(self._ref(self.result.focus, value, True), at_token)))
             self._token_features.append(self.result.focus)
         at_token.set_options(
             rows or [Option(Text("no feature fires here", style="dim"), disabled=True)]
@@ -281,3 +287,11 @@ class ProbePane(Vertical):
         event.stop()
         event.option_list.focus()
         self.action_open()
+
+
+def _fit(text: Text, options: OptionList) -> Text:
+    """One line per option: an OptionList wraps long prompts, so cut them to its width."""
+    width = options.scrollable_content_region.width or options.size.width or 40
+    fitted = text.copy()
+    fitted.truncate(max(8, width - 1), overflow="ellipsis")
+    return fitted

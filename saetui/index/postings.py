@@ -160,8 +160,8 @@ def _identity(reader: Any) -> str:
 
 def _anchor(reader: Any, shard: int) -> str:
     """Fingerprint of the shard's first window: a replaced index does not match it."""
-    view = reader.window(0, shard)
-    return hashlib.sha256(np.ascontiguousarray(view.token_ids, "<u4").tobytes()).hexdigest()[:16]
+    scan = next(iter(reader.scan_forward(shard, 0, 1, windows_per_chunk=1)))
+    return hashlib.sha256(np.ascontiguousarray(scan.token_ids, "<u4").tobytes()).hexdigest()[:16]
 
 
 def _shard_windows(reader: Any) -> dict[int, int]:

@@ -1001,10 +1001,11 @@ class IndexReader:
         end_window: int | None = None,
         windows_per_chunk: int = 256,
     ) -> Iterator[ForwardScan]:
-        """Every token of the shard's committed windows ``[first_window, end_window)`` with
-        its global index, token id, counted flag, document and sparse activations, in window
-        order and chunks of ``windows_per_chunk`` windows. One short read transaction per
-        chunk; the block cache is left alone."""
+        """Every token of the shard's committed windows ``[first_window, end_window)``
+        (local ids: a distributed shard numbers its own windows 0, 1, ...) with its global
+        index, token id, counted flag, document and sparse activations, in window order and
+        chunks of ``windows_per_chunk`` windows. One short read transaction per chunk; the
+        block cache is left alone."""
         s = self._shard(shard)
         n_windows = self._window_count(s)
         end = n_windows if end_window is None else min(int(end_window), n_windows)
@@ -1044,7 +1045,7 @@ class IndexReader:
                 end_window=stop,
                 global_index=np.concatenate(
                     [
-                        w * ctx + np.arange(length)
+                        self._global_window(s, w) * ctx + np.arange(length)
                         for (w, _, _), length in zip(parts, n, strict=True)
                     ]
                 ),
@@ -1060,6 +1061,10 @@ class IndexReader:
             )
             self._release_mapped_pages(len(parts))
             window = stop
+
+    @staticmethod
+    def _global_window(s: _Shard, local: int) -> int:
+        return local if s.layout is None else int(s.layout.global_window(local))
 
     def window_activations(self, window: int, features: list[int], shard: int = 0) -> np.ndarray:
         """The activation of each of ``features`` on every token of one window: float32

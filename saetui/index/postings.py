@@ -610,13 +610,16 @@ def _decode(
         planes = np.frombuffer(raw, np.uint8).reshape(head.n_planes, width)
     except Exception as exc:  # zstd or size mismatch
         raise codec.CorruptBlockError(f"postings frame: {exc}") from None
-    d = planes[:4, column : column + count].astype(np.uint32)
-    deltas = d[0] | (d[1] << 8) | (d[2] << 16) | (d[3] << 24)
-    pos = np.cumsum(deltas, dtype=np.int64)
+    # gather the four byte planes into little-endian u32 deltas (one strided copy)
+    raw4 = np.empty((count, 4), np.uint8)
+    raw4[:] = planes[:4, column : column + count].T
+    deltas = raw4.view("<u4").ravel()
+    pos = np.cumsum(deltas, dtype=np.uint32).astype(np.int64)  # local positions < 2^32
     if head.n_planes == 4:
         return pos, None
-    v = planes[4:6, column : column + count].astype(np.uint16)
-    return pos, (v[0] | (v[1] << 8)).view(np.float16)
+    raw2 = np.empty((count, 2), np.uint8)
+    raw2[:] = planes[4:6, column : column + count].T
+    return pos, raw2.view("<f2").ravel()
 
 
 def _doc_rows(shard: int, gidx: np.ndarray, docs: np.ndarray) -> list[tuple[int, bytes]]:

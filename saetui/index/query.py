@@ -434,11 +434,11 @@ class QueryEngine:
             for s in sets[1:]:
                 if not len(result):
                     break
-                result = result[np.isin(result, s, assume_unique=True)]
+                result = result[_member(result, s)]
             for t in negative:
                 if not len(result):
                     break
-                result = result[~np.isin(result, self._eval(t, values), assume_unique=True)]
+                result = result[~_member(result, self._eval(t, values))]
             return result
         raise SaetuiInputError(f"a negation ({_describe(node)}) needs a positive term beside it.")
 
@@ -471,19 +471,14 @@ class QueryEngine:
         for f in features:
             if f not in values:
                 values[f] = self._feature(f)
-        table = np.zeros((len(positions), len(features)), np.float32)
-        for j, f in enumerate(features):
-            fpos, fvals = values[f]
-            at = np.searchsorted(fpos, positions)
-            at_ok = at < len(fpos)
-            hit = np.zeros(len(positions), bool)
-            hit[at_ok] = fpos[at[at_ok]] == positions[at_ok]
-            table[hit, j] = fvals[at[hit]]
         if order == "value" and features:
-            ranked = np.lexsort((positions, -table[:, 0]))
+            page = _first_by_value(_values_at(values[features[0]], positions), offset + limit)
+            page = page[offset:]
         else:
-            ranked = np.arange(len(positions))
-        page = ranked[offset : offset + limit]
+            page = np.arange(offset, min(offset + limit, len(positions)))
+        table = np.zeros((len(page), len(features)), np.float32)
+        for j, f in enumerate(features):  # only the page's rows: cheap for any match count
+            table[:, j] = _values_at(values[f], positions[page])
         counts, pmi = self._cofiring(node, len(positions), values)
         return QueryPage(
             expression=text,
@@ -492,7 +487,7 @@ class QueryEngine:
             offset=offset,
             positions=positions[page],
             features=features,
-            values=table[page],
+            values=table,
             counts=counts,
             pmi=pmi,
         )
@@ -566,6 +561,50 @@ class QueryEngine:
         if not len(vals):
             return np.full(q.shape, np.nan)
         return np.quantile(vals.astype(np.float64), q)
+
+
+def _values_at(feature: tuple[np.ndarray, np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """The feature's value at each of ``positions`` (0 where it does not fire)."""
+    fpos, fvals = feature
+    out = np.zeros(len(positions), np.float32)
+    if not len(fpos) or not len(positions):
+        return out
+    at = np.searchsorted(fpos, positions)
+    at[at == len(fpos)] = 0
+    hit = fpos[at] == positions
+    out[hit] = fvals[at[hit]]
+    return out
+
+
+def _first_by_value(values: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest values, ties by index (the positions are sorted):
+    a partition first, so a first page of a million matches sorts only its candidates."""
+    if n >= len(values):
+        return np.argsort(-values, kind="stable")
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    kth = np.partition(-values, n - 1)[n - 1]
+    candidates = np.flatnonzero(-values <= kth)
+    return candidates[np.argsort(-values[candidates], kind="stable")][:n]
+
+
+def _member(sorted_a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """Which entries of ``sorted_a`` occur in ``sorted_b`` (both sorted, unique): a binary
+    search of the much shorter one into the other, else np.isin (a merge of both)."""
+    if not len(sorted_a) or not len(sorted_b):
+        return np.zeros(len(sorted_a), bool)
+    if 16 * min(len(sorted_a), len(sorted_b)) > max(len(sorted_a), len(sorted_b)):
+        return np.isin(sorted_a, sorted_b, assume_unique=True)
+    if len(sorted_a) <= len(sorted_b):
+        at = np.searchsorted(sorted_b, sorted_a)
+        at[at == len(sorted_b)] = 0
+        return sorted_b[at] == sorted_a
+    at = np.searchsorted(sorted_a, sorted_b)
+    keep = at < len(sorted_a)
+    at, found = at[keep], sorted_b[keep]
+    out = np.zeros(len(sorted_a), bool)
+    out[at[sorted_a[at] == found]] = True
+    return out
 
 
 def open_query(index_path: str | Path) -> tuple[Any, QueryEngine]:

@@ -205,3 +205,26 @@ class FeatureSource(Protocol):
     def set_bookmark(self, feature: int, bookmarked: bool) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueryMatch:
+    """One match of a query: where it is and its window as a Context of the first feature."""
+
+    shard: int
+    window: int
+    position: int  # inside the window
+    values: list[float]  # of the query's positive features at the match
+    context: Context
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A page of a query's matches with the counts the query bar shows."""
+
+    expression: str
+    total: int
+    features: list[int]
+    counts: dict[str, int]
+    pmi: float | None
+    matches: list[QueryMatch]

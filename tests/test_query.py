@@ -256,6 +256,17 @@ def test_queries_on_a_distributed_index(tmp_path):
         assert all_positions(engine, "re:/t1\\d/").positions.tolist() == sorted(
             brute.regex(r"t1\d")
         )
+        # a document across the two ranks' windows, in document (global index) order
+        spans = {}
+        for r in brute.counted:
+            spans.setdefault(r[3], set()).add(r[0] >> SHARD_SHIFT)
+        doc = next(d for d, shards in sorted(spans.items()) if d >= 0 and len(shards) == 2)
+        rows = sorted(
+            (r for r in brute.counted if r[3] == doc), key=lambda r: r[0] & ((1 << 40) - 1)
+        )
+        view = engine.document(doc, [a])
+        assert view.positions.tolist() == [r[0] for r in rows]
+        assert view.activations[0].tolist() == [pytest.approx(r[4].get(a, 0.0)) for r in rows]
 
 
 def test_cli_query(index, brute, capsys, tmp_path):
@@ -288,3 +299,23 @@ def test_cli_query(index, brute, capsys, tmp_path):
     assert main(["postings", str(bare)]) == 0
     assert "B/nonzero" in capsys.readouterr().out
     assert main(["query", str(bare), "f:1", "--limit", "1"]) == 0
+
+
+def test_document_view_across_windows(engine, brute):
+    a, b = frequent_features(brute, 2)
+    # a document that spans at least two windows
+    windows_of = {}
+    for r in brute.counted:
+        windows_of.setdefault(r[3], set()).add((r[0] & ((1 << 40) - 1)) // 16)
+    doc = next(d for d, ws in sorted(windows_of.items()) if d >= 0 and len(ws) >= 3)
+    rows = sorted((r for r in brute.counted if r[3] == doc), key=lambda r: r[0])
+    view = engine.document(doc, [a, b])
+    assert view.positions.tolist() == [r[0] for r in rows]
+    assert view.tokens == [brute.vocab[r[1]] for r in rows]
+    assert view.activations.tolist() == [
+        [pytest.approx(r[4].get(f, 0.0)) for r in rows] for f in (a, b)
+    ]
+    assert engine.document_of(rows[5][0]) == doc
+    assert view.index_of(rows[5][0]) == 5
+    with pytest.raises(SaetuiInputError, match="is not in the index"):
+        engine.document(10**9)

@@ -277,6 +277,22 @@ class QueryContext:
     features: list[int]
 
 
+@dataclass(frozen=True)
+class DocumentView:
+    """A whole document (its counted tokens, across windows) with features' activations."""
+
+    doc: int
+    positions: np.ndarray  # int64 shard << 40 | global index, in document order
+    tokens: list[str]
+    features: list[int]
+    activations: np.ndarray  # float32 [len(features), len(positions)]
+
+    def index_of(self, position: int) -> int | None:
+        """Where the token at ``position`` is in the document, or None."""
+        hit = np.flatnonzero(self.positions == position)
+        return int(hit[0]) if len(hit) else None
+
+
 def _describe(node: Node) -> str:
     if isinstance(node, Feature):
         tail = "" if node.op is None else f" {node.op} {node.threshold:g}"
@@ -550,6 +566,47 @@ class QueryEngine:
             )
             out.append(QueryContext(shard, window, pos, gidx, view.tokens, acts, page.features))
         return out
+
+    def _text_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, document ids) at ``positions`` (any order), from the text tables."""
+        parts = self.postings.parts()
+        firsts = np.array([p.first for p in parts], np.int64)
+        owner = np.searchsorted(firsts, positions, side="right") - 1
+        tokens = np.zeros(len(positions), np.int64)
+        docs = np.full(len(positions), -1, np.int64)
+        for i in np.unique(owner).tolist():
+            if i < 0:
+                continue
+            sel = np.flatnonzero(owner == i)
+            local = positions[sel] - parts[i].first
+            ok = local < parts[i].end - parts[i].first
+            part_tokens, _, part_docs = self.postings.text(parts[i])
+            tokens[sel[ok]] = part_tokens[local[ok]]
+            docs[sel[ok]] = part_docs[local[ok]]
+        return tokens, docs
+
+    def document_of(self, position: int) -> int:
+        """The document id of the token at ``position`` (-1 outside documents)."""
+        return int(self._text_at(np.array([position], np.int64))[1][0])
+
+    def document(self, doc: int, features: list[int] | None = None) -> DocumentView:
+        """Every counted token of document ``doc`` across windows (and shards), with the
+        activations of ``features`` from the postings."""
+        features = [self.reader._check_feature(f) for f in features or []]
+        positions = self._document(int(doc))
+        if not len(positions):
+            raise SaetuiInputError(
+                f"document {doc} is not in the index {self.reader.path}: pick a document id "
+                "from a match (doc: queries list its tokens)."
+            )
+        order = np.lexsort((positions >> SHARD_SHIFT, positions & fmt.GIDX_MASK))
+        positions = positions[order]
+        token_ids, _ = self._text_at(positions)
+        acts = np.zeros((len(features), len(positions)), np.float32)
+        for row, f in enumerate(features):
+            acts[row] = _values_at(self._feature(f), positions)
+        tokens = self.reader.token_strings(token_ids)
+        return DocumentView(int(doc), positions, tokens, features, acts)
 
     def quantiles(self, feature: int, qs: list[float] | np.ndarray) -> np.ndarray:
         """Exact quantiles (``np.quantile``, linear) of the feature's nonzero fp16

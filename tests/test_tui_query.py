@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from saetui.index import build_postings, open_query
+from saetui.index import build_postings, open_index, open_query
 from saetui.index.synthetic import SyntheticCorpus, write_synthetic
 from saetui.tui.app import SaetuiApp
 from saetui.tui.screens.context import ContextScreen
@@ -35,6 +35,7 @@ async def wait_for(pilot, condition, tries=400):
 def test_query_bar_lists_matches_and_opens_one(index):
     reader, engine = open_query(index)
     expected = engine.query("f:3 & !f:5", limit=50)
+    document = engine.document(engine.document_of(int(expected.positions[0])), [3])
     engine.close()
     reader.close()
     assert expected.total > 0
@@ -66,6 +67,25 @@ def test_query_bar_lists_matches_and_opens_one(index):
             await wait_for(pilot, lambda: isinstance(app.screen, ContextScreen))
             assert app.screen.feature == 3
             assert app.screen.context.value == pytest.approx(float(expected.values[0, 0]))
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: isinstance(app.screen, QueryScreen))
+            # d: the match's whole document, across windows, shaded by feature 3
+            await pilot.press("d")
+            await wait_for(pilot, lambda: isinstance(app.screen, ContextScreen))
+            context = app.screen.context
+            assert context.tokens == document.tokens
+            assert context.values == pytest.approx(document.activations[0].tolist())
+            assert len({w for w, _ in context.locations}) >= 2  # it spans windows
+            assert context.position == document.index_of(int(expected.positions[0]))
+            # moving along the document lists the features of the token in its own window
+            screen_ctx = app.screen
+            target = min(context.position + 1, len(context.tokens) - 1)
+            window, position = context.locations[target]
+            with open_index(index) as reader:
+                want = set(reader.token(window, position).feature_ids.tolist())
+            assert want
+            await pilot.press("l")
+            await wait_for(pilot, lambda: {a.feature for a in screen_ctx.active} == want)
             await pilot.press("escape")
             await wait_for(pilot, lambda: isinstance(app.screen, QueryScreen))
             await pilot.press("escape")

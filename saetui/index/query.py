@@ -286,6 +286,7 @@ class DocumentView:
     tokens: list[str]
     features: list[int]
     activations: np.ndarray  # float32 [len(features), len(positions)]
+    locations: list[tuple[int, int, int]]  # (shard, window, position in window) per token
 
     def index_of(self, position: int) -> int | None:
         """Where the token at ``position`` is in the document, or None."""
@@ -606,7 +607,11 @@ class QueryEngine:
         for row, f in enumerate(features):
             acts[row] = _values_at(self._feature(f), positions)
         tokens = self.reader.token_strings(token_ids)
-        return DocumentView(int(doc), positions, tokens, features, acts)
+        ctx = self.reader.meta.ctx_len
+        locations = [
+            (int(p) >> SHARD_SHIFT, *divmod(int(p) & fmt.GIDX_MASK, ctx)) for p in positions
+        ]
+        return DocumentView(int(doc), positions, tokens, features, acts, locations)
 
     def quantiles(self, feature: int, qs: list[float] | np.ndarray) -> np.ndarray:
         """Exact quantiles (``np.quantile``, linear) of the feature's nonzero fp16

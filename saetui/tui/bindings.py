@@ -144,6 +144,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("probe.steer", "g", "steer", "Steer a generation"),
     # query bar
     KeyAction("query.edit", "ctrl+l", "edit", "Edit the query"),
+    KeyAction("query.document", "d", "document", "Whole document"),
     KeyAction("query.close", "escape", "close", "Close"),
     # label editor
     KeyAction("label.save", "ctrl+s", "save", "Save"),

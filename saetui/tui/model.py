@@ -121,6 +121,8 @@ class Context:
     window_position: int = 0  # the marked token's position within the window
     document: int = -1  # the document the tokens belong to (-1: unknown)
     document_offset: int = -1  # the marked token's offset within its document
+    # (window, position) of each token when they span windows (a whole document)
+    locations: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class QueryMatch:
     shard: int
     window: int
     position: int  # inside the window
+    key: int  # the engine's position of the match (shard << 40 | global index)
     values: list[float]  # of the query's positive features at the match
     context: Context
 

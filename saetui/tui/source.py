@@ -103,7 +103,10 @@ class IndexSource:
             engine = self._engine
         page = engine.query(expression, limit=limit, order=order)
         matches = []
-        for ctx, row in zip(engine.contexts(page), page.values.tolist(), strict=True):
+        rows = zip(
+            engine.contexts(page), page.values.tolist(), page.positions.tolist(), strict=True
+        )
+        for ctx, row, key in rows:
             acts = ctx.activations[0] if page.features else np.zeros(len(ctx.tokens))
             context = Context(
                 window=ctx.window,
@@ -113,9 +116,36 @@ class IndexSource:
                 values=acts.astype(float).tolist(),
                 window_position=ctx.position,
             )
-            matches.append(QueryMatch(ctx.shard, ctx.window, ctx.position, row, context))
+            matches.append(QueryMatch(ctx.shard, ctx.window, ctx.position, key, row, context))
         return QueryResult(
             page.expression, page.total, page.features, page.counts, page.pmi, matches
+        )
+
+    def document(self, match: QueryMatch, feature: int) -> Context:
+        """The whole document of a query match (across windows) shaded by ``feature``."""
+        with self._lock:
+            engine = self._engine
+        if engine is None:
+            raise SaetuiInputError("run a query first: the document view opens one of its matches.")
+        doc = engine.document_of(match.key)
+        if doc < 0:
+            raise SaetuiInputError(
+                f"the token at window {match.window}, position {match.position} belongs to no "
+                "document: open it with Enter instead."
+            )
+        view = engine.document(doc, [feature] if feature >= 0 else [])
+        at = view.index_of(match.key) or 0
+        values = view.activations[0] if len(view.features) else np.zeros(len(view.tokens))
+        return Context(
+            window=match.window,
+            position=at,
+            value=float(values[at]),
+            tokens=view.tokens,
+            values=values.astype(float).tolist(),
+            window_position=match.position,
+            document=doc,
+            document_offset=at,
+            locations=[(window, pos) for _, window, pos in view.locations],
         )
 
     def _cached(self, key: tuple[Any, ...], make: Any) -> Any:

@@ -1,5 +1,6 @@
 """Query bar: type an expression (f:1 & !f:2, tok:" the", re:/get/, doc:17), see the count,
-PMI and the first matches in their windows; Enter opens a match in the context view."""
+PMI and the first matches in their windows; Enter opens a match in the context view, ``d``
+its whole document (across windows)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from saetui.tui.bindings import bindings
-from saetui.tui.model import QueryResult
+from saetui.tui.model import Context, QueryMatch, QueryResult
 from saetui.tui.render import format_value, show_token
 from saetui.tui.screens.context import ContextScreen
 
@@ -115,12 +116,34 @@ class QueryScreen(Screen[int | None]):
             return
         match = self.result.matches[event.option_index]
         feature = self.result.features[0] if self.result.features else -1
+        self._open_context(feature, match.context)
 
+    def action_document(self) -> None:
+        """The highlighted match's whole document, shaded by the query's first feature."""
+        options = self.query_one(OptionList)
+        if self.result is None or options.highlighted is None:
+            return
+        match = self.result.matches[options.highlighted]
+        feature = self.result.features[0] if self.result.features else -1
+        self.load_document(match, feature)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="query-document")
+    def load_document(self, match: QueryMatch, feature: int) -> None:
+        source = self.app.source  # type: ignore[attr-defined]
+        try:
+            context = source.document(match, feature)
+        except Exception as error:
+            self.app.call_from_thread(self.notify, str(error), severity="error")
+            return
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self._open_context, feature, context)
+
+    def _open_context(self, feature: int, context: Context) -> None:
         def opened(chosen: int | None) -> None:
             if chosen is not None:
                 self.dismiss(chosen)
 
-        self.app.push_screen(ContextScreen(feature, match.context), opened)
+        self.app.push_screen(ContextScreen(feature, context), opened)
 
     def action_edit(self) -> None:
         self.query_one(Input).focus()

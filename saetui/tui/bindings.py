@@ -61,7 +61,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("app.quit", "q", "app.quit_app", "Quit"),
     KeyAction("app.help", "question_mark", "app.help", "Help"),
     KeyAction("app.search", "slash", "app.search", "Search"),
-    KeyAction("app.query", "Q", "app.query", "Query the corpus"),
+    KeyAction("app.query", "Q", "app.query", "Query the corpus", show=False),
     KeyAction("app.back", "b,backspace", "app.back", "Back"),
     KeyAction("app.forward", "f", "app.forward", "Forward", show=False),
     KeyAction("app.run_tab", "1", "app.show_tab('run')", "Run", show=False),

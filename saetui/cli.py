@@ -107,6 +107,12 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
         "of its own machine (default: the output directory)",
     )
     group.add_argument(
+        "--postings",
+        action="store_true",
+        help="also build the per-feature postings that `saetui query` and the TUI's query bar "
+        "use, once the index has finished (later: `saetui postings INDEX`)",
+    )
+    group.add_argument(
         "--gather",
         action="store_true",
         help="under torchrun with --shard-dir: copy the finished shards into the output",
@@ -139,6 +145,7 @@ def _collect_config(args: argparse.Namespace, out: Path) -> Any:
         overwrite=args.overwrite,
         shard_dir=args.shard_dir,
         gather=args.gather,
+        postings=args.postings,
     )
 
 

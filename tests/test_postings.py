@@ -164,3 +164,48 @@ def test_postings_of_a_distributed_index(tmp_path):
             shard, gidx = p >> SHARD_SHIFT, p & ((1 << SHARD_SHIFT) - 1)
             token = reader.token(gidx // 16, gidx % 16, shard=shard)
             assert token.values[list(token.feature_ids).index(5)] == pytest.approx(v)
+
+
+def test_collect_with_postings_builds_them_and_a_stop_resumes(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
+):
+    from saetui.collect.pipeline import run_collection
+    from tests.conftest import tiny_collect_config
+
+    out = tmp_path / "index"
+    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, postings=True)
+    phases = []
+    result = run_collection(
+        config,
+        progress=lambda update: phases.append(update.phase),
+        should_stop=lambda: bool(phases) and phases[-1] == "postings",
+    )
+    assert result.status == "stopped" and result.phase == "postings"
+    with open_index(out) as reader:
+        total = reader.progress().windows
+        assert reader.progress().finished
+    post = open_postings(out)
+    if post is not None:  # stopped before it transposed everything
+        with post:
+            state = post.state() or {"shards": {}}
+            assert sum(s["windows"] for s in state["shards"].values()) < total
+    # the same request again: the index is finished, only the postings are built
+    result = run_collection(config, progress=lambda update: phases.append(update.phase))
+    assert result.status == "finished"
+    with open_index(out) as reader, open_postings(out) as post:
+        state = post.state()
+        assert sum(s["windows"] for s in state["shards"].values()) == reader.progress().windows
+        assert sum(s["nnz"] for s in state["shards"].values()) == reader.progress().nonzeros
+    features, _, _ = brute_force(out)
+    with open_postings(out) as post:
+        for f in list(features)[:20]:
+            assert post.read(KIND_FEATURE, f)[0].tolist() == [p for p, _ in features[f]]
+
+
+def test_collect_option_postings_reaches_the_config(tmp_path):
+    from saetui.cli import _collect_config, build_parser
+
+    argv = ["collect", "--sae", "s", "--data", "d.json", "--out", str(tmp_path)]
+    for extra, wanted in (([], False), (["--postings"], True)):
+        args = build_parser().parse_args(argv + extra)
+        assert _collect_config(args, tmp_path).postings is wanted

@@ -444,11 +444,14 @@ def _shade(tokens: list[str], focus: int, values: Any, radius: int) -> str:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """Answer a query expression from an index's postings."""
-    from saetui.index.query import open_query
+    from saetui.index.query import open_query, parse_query
 
     _check_index(args.index)
     if args.limit < 0:
         raise SaetuiInputError(f"--limit {args.limit} must be >= 0: pass a page size.")
+    if args.offset < 0:
+        raise SaetuiInputError(f"--offset {args.offset} must be >= 0: pass where to start.")
+    parse_query(args.expr)  # a malformed expression is reported before anything opens
     reader, engine = open_query(args.index)
     try:
         page = engine.query(args.expr, limit=args.limit, offset=args.offset, order=args.by)

@@ -456,9 +456,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         page = engine.query(args.expr, limit=args.limit, offset=args.offset, order=args.by)
         contexts = engine.contexts(page)
+        covered, committed = engine.coverage()
     finally:
         engine.close()
         reader.close()
+    if covered < committed:  # on stderr: --json output stays one JSON document
+        _say(
+            f"saetui: note: the postings cover {covered} of the index's {committed} windows; "
+            f"run `saetui postings {args.index}` to add the rest."
+        )
     if args.json:
         print(
             json.dumps(

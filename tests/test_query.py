@@ -319,3 +319,18 @@ def test_document_view_across_windows(engine, brute):
     assert view.index_of(rows[5][0]) == 5
     with pytest.raises(SaetuiInputError, match="is not in the index"):
         engine.document(10**9)
+
+
+def test_cli_notes_postings_older_than_the_index(tmp_path, capsys):
+    path = tmp_path / "growing"
+    write_synthetic(path, CORPUS, 10)
+    build_postings(path)
+    write_synthetic(path, CORPUS, 20)  # the index grows after the build
+    assert main(["query", str(path), "f:1", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # still one JSON document
+    assert "cover 10 of the index's 20 windows" in captured.err
+    assert main(["postings", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["query", str(path), "f:1"]) == 0
+    assert "note" not in capsys.readouterr().err

@@ -342,6 +342,13 @@ class QueryEngine:
 
     # -------------------------------------------------------------- atoms
 
+    def coverage(self) -> tuple[int, int]:
+        """(windows the postings cover, windows the index has committed): queries answer
+        the first only; ``saetui postings`` adds the rest."""
+        state = self.postings.state() or {}
+        covered = sum(int(s.get("windows", 0)) for s in state.get("shards", {}).values())
+        return covered, int(self.reader.progress().windows)
+
     def counted_tokens(self) -> int:
         state = self.postings.state() or {}
         return sum(int(s.get("counted", 0)) for s in state.get("shards", {}).values())

@@ -319,8 +319,8 @@ class QueryEngine:
 
     @classmethod
     def open(cls, reader: Any) -> QueryEngine:
-        """The engine of an open IndexReader; a sentence when its postings are missing or
-        older than the index."""
+        """The engine of an open IndexReader; a sentence when it has no postings (postings
+        older than the index answer for the windows they cover: see ``coverage``)."""
         postings = open_postings(reader.path)
         if postings is None or postings.state() is None:
             if postings is not None:

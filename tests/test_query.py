@@ -334,3 +334,58 @@ def test_cli_notes_postings_older_than_the_index(tmp_path, capsys):
     capsys.readouterr()
     assert main(["query", str(path), "f:1"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypatch):
+    from saetui.index import query as query_module
+    from saetui.index.postings import KIND_FEATURE
+
+    path = tmp_path / "dense"
+    write_synthetic(path, CORPUS, N_WINDOWS)
+    build_postings(path, part_nnz=1500, top_min=30)  # big parts: top lists and bitmaps
+    monkeypatch.setattr(query_module, "FREQUENT", 0)
+    brute = Brute(path)
+    f0, f1, f2, f3 = frequent_features(brute, 4)
+    reader, engine = open_query(path)
+    post = engine.postings
+    parts = post.parts()
+    # the densest feature keeps a bitmap and a truncated top list in some part
+    with post._read() as txn:
+        heads = [post._record(txn, KIND_FEATURE, f0, p)[1] for p in parts]
+    assert any(head.bitmap_slots for head in heads if head is not None)
+    assert any(post.part_top(f0, p)[2] is False for p in parts)
+    proven = 0
+    try:
+        for a, b, c in ((f0, f1, f2), (f1, f0, f3), (f0, f3, f1), (f2, f1, f0)):
+            cases = {
+                f"f:{a} & f:{b}": lambda r, a=a, b=b: a in r[4] and b in r[4],
+                f"f:{a} & !f:{b}": lambda r, a=a, b=b: a in r[4] and b not in r[4],
+                f"f:{a} & f:{b} & !f:{c}": lambda r, a=a, b=b, c=c: (
+                    a in r[4] and b in r[4] and c not in r[4]
+                ),
+            }
+            for expr, test in cases.items():
+                rows = sorted((r for r in brute.counted if test(r)), key=lambda r: (-r[4][a], r[0]))
+                for offset, limit in ((0, 20), (10, 20), (0, 64)):
+                    want = rows[offset : offset + limit]
+                    page = engine.query(expr, limit=limit, offset=offset)
+                    assert page.positions.tolist() == [r[0] for r in want], expr
+                    assert page.total == len(rows)
+                    fast = engine._cofiring_page(parse_query(expr), expr, limit, offset, "value")
+                    if fast is None:
+                        continue
+                    proven += 1
+                    assert fast.positions.tolist() == [r[0] for r in want], expr
+                    assert fast.total == len(rows)
+                    assert fast.values.tolist() == [
+                        [pytest.approx(r[4].get(f, 0.0)) for f in fast.features] for r in want
+                    ]
+                    full = engine._eval(parse_query(expr), {})
+                    assert len(full) == len(rows)
+                    assert fast.counts == {
+                        f"f:{f}": sum(f in r[4] for r in brute.counted) for f in fast.features
+                    }
+    finally:
+        engine.close()
+        reader.close()
+    assert proven >= 6

@@ -52,7 +52,7 @@ from saetui.index import env as envs
 from saetui.index import format as fmt
 
 POSTINGS_DIR = "postings"
-VERSION = 1
+VERSION = 2  # 2: dense feature pieces also keep a bitmap
 DB_META = b"meta"
 DB_PARTS = b"parts"
 DB_POST = b"post"
@@ -66,6 +66,7 @@ KIND_TOKEN = 1
 IDS_PER_RECORD = 1024
 TOP_MIN = 2048  # pieces with more postings than this keep a top list
 TOP_N = 64
+BITMAP_DENSITY = 32  # feature pieces firing on >= 1/32 of a part's span keep a bitmap
 FRAME_POSTINGS = 4096  # ids of a record share zstd frames of about this many postings
 DEFAULT_PART_NNZ = 16_000_000  # ~128 MB of sort keys while a part is transposed
 MAX_PART_TOKENS = 1 << 24
@@ -76,7 +77,8 @@ ABSENT_TOKEN = 0xFFFFFFFF
 _POST_KEY = struct.Struct(">HIBI")
 _PART_KEY = struct.Struct(">HI")
 _U32 = struct.Struct("<I")
-_REC_HEAD = struct.Struct("<IIIBI")  # n ids, n frames, n top lists, header zstd?, header bytes
+# n ids, n frames, n top lists, n bitmaps, header zstd?, header bytes
+_REC_HEAD = struct.Struct("<IIIIBI")
 _TEXT_HEAD = struct.Struct("<QI")
 
 
@@ -367,7 +369,13 @@ class _Builder:
         del feature_ids, bits
         keys.sort()
         records = _records(
-            keys, self.pos_bits, first_g, self.n_features, with_values=True, top_min=self.top_min
+            keys,
+            self.pos_bits,
+            first_g,
+            self.n_features,
+            with_values=True,
+            top_min=self.top_min,
+            span=span,
         )
         del keys
         where = np.flatnonzero(counted)
@@ -448,6 +456,7 @@ def _records(
     *,
     with_values: bool,
     top_min: int = TOP_MIN,
+    span: int = 0,
 ) -> list[tuple[int, bytes]]:
     """The ``post`` records of one part and kind from its sorted packed keys
     (id << pos_bits + 16 | local position << 16 | fp16 bits)."""
@@ -508,6 +517,20 @@ def _records(
                 top = np.partition(top, b - a - TOP_N)[b - a - TOP_N :]
                 top_slots.append(int(group_ids[g]) - base_id)
                 tops.append(np.sort(top)[::-1].astype("<i8").tobytes())
+        # dense pieces: a bitmap over the part's span too, so co-firing counts are ANDs
+        bitmap_slots: list[int] = []
+        bitmaps: list[bytes] = []
+        if bits is not None and span > 0:
+            dense = (ends[lo:hi] - starts[lo:hi]) * BITMAP_DENSITY >= span
+            dense &= ends[lo:hi] - starts[lo:hi] > max(top_min, TOP_N)
+            for g in np.flatnonzero(dense) + lo:
+                a, b = int(starts[g]), int(ends[g])
+                mask = np.zeros(span, bool)
+                mask[pos[a:b]] = True
+                bitmap_slots.append(int(group_ids[g]) - base_id)
+                bitmaps.append(_frame(np.packbits(mask).tobytes()))
+        bitmap_off = np.zeros(len(bitmaps) + 1, "<u4")
+        np.cumsum([len(m) for m in bitmaps], out=bitmap_off[1:])
         frame_off = np.zeros(len(frames) + 1, "<u4")
         np.cumsum([len(f) for f in frames], out=frame_off[1:])
         top_off = np.zeros(len(tops) + 1, "<u4")
@@ -520,6 +543,8 @@ def _records(
                 frame_off.tobytes(),
                 np.asarray(top_slots, "<u4").tobytes(),
                 top_off.tobytes(),
+                np.asarray(bitmap_slots, "<u4").tobytes(),
+                bitmap_off.tobytes(),
             )
         )
         packed = codec.compress(header)
@@ -530,10 +555,11 @@ def _records(
                 rec_id,
                 b"".join(
                     (
-                        _REC_HEAD.pack(n, len(frames), len(tops), flag, len(header)),
+                        _REC_HEAD.pack(n, len(frames), len(tops), len(bitmaps), flag, len(header)),
                         header,
                         *frames,
                         *tops,
+                        *bitmaps,
                     )
                 ),
             )
@@ -558,11 +584,12 @@ class _Record:
     frames_at: int  # byte offset of the frame area in the record
     tops_at: int
     n_planes: int
+    bitmap_slots: dict[int, tuple[int, int]]  # slot -> byte range of its bitmap frame
 
 
 def _parse_record(rec: memoryview | bytes, n_planes: int) -> _Record:
     try:
-        n, n_frames, n_tops, flag, size = _REC_HEAD.unpack_from(rec, 0)
+        n, n_frames, n_tops, n_bitmaps, flag, size = _REC_HEAD.unpack_from(rec, 0)
         head = bytes(rec[_REC_HEAD.size : _REC_HEAD.size + size])
         raw = codec.decompress(head) if flag else head
         off = 0
@@ -577,9 +604,15 @@ def _parse_record(rec: memoryview | bytes, n_planes: int) -> _Record:
         slots = np.frombuffer(raw, "<u4", n_tops, off).tolist()
         off += 4 * n_tops
         top_off = np.frombuffer(raw, "<u4", n_tops + 1, off).tolist()
+        off += 4 * (n_tops + 1)
+        bitmap_slots = np.frombuffer(raw, "<u4", n_bitmaps, off).tolist()
+        off += 4 * n_bitmaps
+        bitmap_off = np.frombuffer(raw, "<u4", n_bitmaps + 1, off).tolist()
     except Exception as exc:  # zstd, struct or size errors
         raise codec.CorruptBlockError(f"postings record: {exc}") from None
     frames_at = _REC_HEAD.size + size
+    tops_at = frames_at + int(frame_off[-1])
+    bitmaps_at = tops_at + 8 * int(top_off[-1])
     return _Record(
         count=count,
         max_bits=max_bits,
@@ -587,8 +620,12 @@ def _parse_record(rec: memoryview | bytes, n_planes: int) -> _Record:
         frame_off=frame_off,
         top_slots={s: (top_off[i], top_off[i + 1]) for i, s in enumerate(slots)},
         frames_at=frames_at,
-        tops_at=frames_at + int(frame_off[-1]),
+        tops_at=tops_at,
         n_planes=n_planes,
+        bitmap_slots={
+            slot: (bitmaps_at + bitmap_off[i], bitmaps_at + bitmap_off[i + 1])
+            for i, slot in enumerate(bitmap_slots)
+        },
     )
 
 
@@ -838,6 +875,48 @@ class Postings:
         positions = np.concatenate(pos_out)
         order = np.lexsort((positions, -bits))[:n]
         return bits[order].astype(np.uint16).view(np.float16), positions[order]
+
+    def bits(self, feature: int, part: PartInfo) -> np.ndarray:
+        """Where the feature fires in one part: bool over the part's span (positions
+        ``part.first + i``), from its bitmap when dense, else from its postings."""
+        span = part.end_gidx - part.first_gidx
+        with self._read() as txn:
+            rec, head, slot = self._record(txn, KIND_FEATURE, feature, part)
+            if head is None or not head.count[slot]:
+                return np.zeros(span, bool)
+            where = head.bitmap_slots.get(slot)
+            if where is not None:
+                blob = rec[where[0] : where[1]]
+                try:
+                    raw = codec.decompress(blob[1:]) if blob[0] == 1 else bytes(blob[1:])
+                except Exception as exc:  # zstd
+                    raise codec.CorruptBlockError(f"postings bitmap: {exc}") from None
+                return np.unpackbits(np.frombuffer(raw, np.uint8), count=span).view(bool)
+            pos, _ = _decode(rec, head, slot)
+        mask = np.zeros(span, bool)
+        mask[pos] = True
+        return mask
+
+    def part_top(self, feature: int, part: PartInfo) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """(fp16 bits desc, positions, complete) of the feature's best postings in one part:
+        its top list (``complete`` False: more postings lie below it) or, for a short piece,
+        all of them; None when it does not fire there."""
+        with self._read() as txn:
+            rec, head, slot = self._record(txn, KIND_FEATURE, feature, part)
+            if head is None or not head.count[slot]:
+                return None
+            top = head.top_slots.get(slot)
+            if top is not None:
+                gk = np.frombuffer(rec, "<i8", top[1] - top[0], head.tops_at + 8 * top[0])
+                gidx = fmt.GIDX_MASK - (gk & fmt.GIDX_MASK)
+                bits, complete = gk >> fmt.GIDX_BITS, False
+            else:
+                pos, vals = _decode(rec, head, slot)
+                gidx = pos + part.first_gidx
+                bits, complete = vals.view(np.uint16).astype(np.int64), True
+        positions = (np.int64(part.shard) << SHARD_SHIFT) | gidx
+        order = np.lexsort((positions, -bits))
+        return bits[order], positions[order], complete
 
     # -------------------------------------------------------------- text and documents
 

@@ -32,11 +32,13 @@ from saetui.index.postings import (
     KIND_FEATURE,
     KIND_TOKEN,
     SHARD_SHIFT,
+    TOP_N,
     Postings,
     open_postings,
 )
 
 ORDERS = ("value", "position")
+FREQUENT = 50_000  # postings above which co-firing first pages come from bitmaps
 _EMPTY = np.zeros(0, np.int64)
 
 # ------------------------------------------------------------------ syntax tree
@@ -489,6 +491,8 @@ class QueryEngine:
         features = positive_features(node)
         values: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         fast = self._top_page(node, text, limit, offset, order)
+        if fast is None:
+            fast = self._cofiring_page(node, text, limit, offset, order)
         if fast is not None:
             return fast
         positions = self._eval(node, values)
@@ -537,6 +541,79 @@ class QueryEngine:
             features=[node.feature],
             values=vals[offset : offset + limit].astype(np.float32).reshape(-1, 1),
             counts={_describe(node): total},
+        )
+
+    def _cofiring_page(
+        self, node: Node, text: str, limit: int, offset: int, order: str
+    ) -> QueryPage | None:
+        """``f:A & f:B & !f:C ...`` by value, first pages, when A is frequent: per part, the
+        features' bitmaps ANDed give the count, and A's top list filtered by them the page,
+        without decoding the long postings. None when the top lists cannot prove the page
+        (the caller then evaluates in full)."""
+        if order != "value" or not isinstance(node, And) or offset + limit > TOP_N:
+            return None
+        positive: list[int] = []
+        negative: list[int] = []
+        for term in node.terms:
+            inner = term.term if isinstance(term, Not) else term
+            if not isinstance(inner, Feature) or inner.op is not None:
+                return None
+            self.reader._check_feature(inner.feature)
+            (negative if isinstance(term, Not) else positive).append(inner.feature)
+        first = positive[0]
+        counts = {f"f:{f}": self.postings.counts(KIND_FEATURE, f) for f in positive}
+        if counts[f"f:{first}"] < FREQUENT:
+            return None  # short postings: the full evaluation is as fast
+        total, listed = 0, 0
+        floor = -1  # fp16 bits no unlisted posting of a truncated top list exceeds
+        found_bits, found_pos = [], []
+        for part in self.postings.parts():
+            top = self.postings.part_top(first, part)
+            if top is None:
+                continue
+            mask = self.postings.bits(first, part)
+            for f in positive[1:]:
+                mask &= self.postings.bits(f, part)
+            for f in negative:
+                mask &= ~self.postings.bits(f, part)
+            total += int(np.count_nonzero(mask))
+            bits, positions, complete = top
+            keep = mask[(positions & fmt.GIDX_MASK) - part.first_gidx]
+            found_bits.append(bits[keep])
+            found_pos.append(positions[keep])
+            listed += int(keep.sum())
+            if not complete:
+                floor = max(floor, int(bits[-1]))
+        n = offset + limit
+        bits = np.concatenate(found_bits) if found_bits else np.zeros(0, np.int64)
+        positions = np.concatenate(found_pos) if found_pos else _EMPTY
+        ranked = np.lexsort((positions, -bits))[:n]
+        # proven when every match is listed, or the n-th listed beats every unlisted value
+        if listed < total and (len(ranked) < n or int(bits[ranked[-1]]) <= floor):
+            return None
+        page = ranked[offset:n]
+        table = np.zeros((len(page), len(positive)), np.float32)
+        table[:, 0] = bits[page].astype(np.uint16).view(np.float16)
+        ctx = self.reader.meta.ctx_len
+        for i, p in enumerate(positions[page].tolist()):
+            window, at = divmod(p & fmt.GIDX_MASK, ctx)
+            token = self.reader.token(window, at, shard=p >> SHARD_SHIFT)
+            fired = dict(zip(token.feature_ids.tolist(), token.values.tolist(), strict=True))
+            table[i, 1:] = [fired.get(f, 0.0) for f in positive[1:]]
+        pmi = None
+        n_tokens = self.counted_tokens()
+        if len(positive) >= 2 and total and n_tokens:
+            pmi = math.log(total / n_tokens) - sum(math.log(c / n_tokens) for c in counts.values())
+        return QueryPage(
+            expression=text,
+            total=total,
+            order=order,
+            offset=offset,
+            positions=positions[page],
+            features=positive,
+            values=table,
+            counts=counts,
+            pmi=pmi,
         )
 
     def _cofiring(

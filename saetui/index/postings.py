@@ -16,13 +16,15 @@ Layout (keys big-endian; README.md in this directory has the table):
 - ``parts`` (u16 shard, u32 part): JSON, the part's windows, global indices, counts
 - ``post`` (u16 shard, u32 part, u8 kind, u32 record): the postings of ids
   ``[record * IDS_PER_RECORD, ...)`` of one kind (0 features, 1 token ids) in that part:
-  ``u32 n | u32 count[n] | u16 max_bits[n] | u32 piece_offset[n+1] | u32 top_offset[n+1]``
-  then the pieces, then the top lists. A piece is one byte (0 raw, 1 zstd) and then the
-  position deltas as u32 in 4 byte planes (first delta from the part's first global
-  index) and, for features, the fp16 values in 2 byte planes. Pieces with more than
+  a header (``u32 count[n] | u16 max_bits[n]``, frame, top-list and bitmap tables), then
+  the frames, top lists and bitmaps. A frame holds the pieces of consecutive ids: one byte
+  (0 raw, 1 zstd), then position deltas as u32 in 4 byte planes (first delta from the
+  part's first global index) and, for features, fp16 values in 2 byte planes. Pieces with more than
   ``TOP_MIN`` postings also keep their ``TOP_N`` largest values as i64 keys
   ``fp16 bits << 40 | (2^40 - 1 - global index)``, descending, so the first pages of a
-  feature by value need no full decode.
+  feature by value need no full decode; those firing on at least 1/``BITMAP_DENSITY`` of
+  the part's span also keep a bitmap of it (one zstd frame), so co-firing counts of
+  frequent features are ANDs.
 - ``text`` (u16 shard, u32 part): zstd of the part's token ids (u32; absent positions
   0xFFFFFFFF), counted-mask bits and document ids (i64; -1 outside documents).
 - ``docs`` (u64 document id): i64 rows (shard, first global index, length) of the

@@ -111,7 +111,12 @@ def all_positions(engine, expr, order="position"):
     return page
 
 
-def test_every_form_equals_brute_force(engine, brute):
+@pytest.mark.parametrize("frequent", [None, 0])
+def test_every_form_equals_brute_force(engine, brute, frequent, monkeypatch):
+    if frequent is not None:  # every feature counts as frequent: bitmap lookups, fast pages
+        from saetui.index import query as query_module
+
+        monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b, c = frequent_features(brute, 3)
     tok = brute.vocab[brute.counted[5][1]]
     doc = brute.counted[30][3]
@@ -141,7 +146,12 @@ def test_every_form_equals_brute_force(engine, brute):
         assert engine.count(expr) == len(want)
 
 
-def test_pages_by_value_and_by_position(engine, brute):
+@pytest.mark.parametrize("frequent", [None, 0])
+def test_pages_by_value_and_by_position(engine, brute, frequent, monkeypatch):
+    if frequent is not None:
+        from saetui.index import query as query_module
+
+        monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b = frequent_features(brute, 2)
     for expr, test in (
         (f"f:{a}", lambda r: a in r[4]),

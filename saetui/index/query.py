@@ -38,7 +38,8 @@ from saetui.index.postings import (
 )
 
 ORDERS = ("value", "position")
-FREQUENT = 50_000  # postings above which co-firing first pages come from bitmaps
+FREQUENT = 50_000  # postings above which a feature is looked up in bitmaps, not decoded
+PAGE_FROM_FORWARD = 256  # pages up to this many rows read unread features' values per token
 _EMPTY = np.zeros(0, np.int64)
 
 # ------------------------------------------------------------------ syntax tree
@@ -455,18 +456,53 @@ class QueryEngine:
         if isinstance(node, And):
             positive = [t for t in node.terms if not isinstance(t, Not)]
             negative = [t.term for t in node.terms if isinstance(t, Not)]
-            sets = sorted((self._eval(t, values) for t in positive), key=len)
-            result = sets[0]
-            for s in sets[1:]:
+            # the smallest positive term first (features by their count, unread)
+            positive.sort(key=lambda t: self._size(t, values))
+            result = self._eval(positive[0], values)
+            for t, keep in [(t, True) for t in positive[1:]] + [(t, False) for t in negative]:
                 if not len(result):
                     break
-                result = result[_member(result, s)]
-            for t in negative:
-                if not len(result):
-                    break
-                result = result[~_member(result, self._eval(t, values))]
+                if self._probe_instead(t, len(result), values):
+                    # a long posting list against few candidates: look them up in its
+                    # per-part bitmaps rather than decode it whole
+                    assert isinstance(t, Feature)
+                    hit = self._fires(t.feature, result)
+                else:
+                    hit = _member(result, self._eval(t, values))
+                result = result[hit if keep else ~hit]
             return result
         raise SaetuiInputError(f"a negation ({_describe(node)}) needs a positive term beside it.")
+
+    def _size(self, node: Node, values: dict[Any, Any]) -> int:
+        """How many positions ``node`` has: read from the headers for a plain feature."""
+        if isinstance(node, Feature) and node.op is None and node.feature not in values:
+            self.reader._check_feature(node.feature)
+            return self.postings.counts(KIND_FEATURE, node.feature)
+        return len(self._eval(node, values))
+
+    def _probe_instead(self, node: Node, candidates: int, values: dict[Any, Any]) -> bool:
+        if not isinstance(node, Feature) or node.op is not None or node.feature in values:
+            return False
+        self.reader._check_feature(node.feature)
+        size = self.postings.counts(KIND_FEATURE, node.feature)
+        return size >= FREQUENT and size > 4 * candidates
+
+    def _fires(self, feature: int, positions: np.ndarray) -> np.ndarray:
+        """Whether the feature fires at each of ``positions`` (sorted), part by part."""
+        parts = self.postings.parts()
+        firsts = np.array([p.first for p in parts], np.int64)
+        owner = np.searchsorted(firsts, positions, side="right") - 1
+        out = np.zeros(len(positions), bool)
+        bounds = np.flatnonzero(np.diff(owner)) + 1
+        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(positions)], strict=True):
+            i = int(owner[a])
+            if i < 0 or a == b:
+                continue
+            local = positions[a:b] - parts[i].first
+            ok = local < parts[i].end - parts[i].first
+            bits = self.postings.bits(feature, parts[i])
+            out[a:b][ok] = bits[local[ok]]
+        return out
 
     def _eval_atom(self, node: Token | Regex | Document) -> np.ndarray:
         if isinstance(node, Token):
@@ -496,17 +532,21 @@ class QueryEngine:
         if fast is not None:
             return fast
         positions = self._eval(node, values)
-        for f in features:
-            if f not in values:
-                values[f] = self._feature(f)
         if order == "value" and features:
+            if features[0] not in values:
+                values[features[0]] = self._feature(features[0])
             page = _first_by_value(_values_at(values[features[0]], positions), offset + limit)
             page = page[offset:]
         else:
             page = np.arange(offset, min(offset + limit, len(positions)))
         table = np.zeros((len(page), len(features)), np.float32)
         for j, f in enumerate(features):  # only the page's rows: cheap for any match count
-            table[:, j] = _values_at(values[f], positions[page])
+            if f in values or len(page) > PAGE_FROM_FORWARD:
+                if f not in values:
+                    values[f] = self._feature(f)
+                table[:, j] = _values_at(values[f], positions[page])
+            else:  # a feature never decoded: its values at a few tokens from the forward index
+                table[:, j] = self._forward_values(f, positions[page])
         counts, pmi = self._cofiring(node, len(positions), values)
         return QueryPage(
             expression=text,
@@ -542,6 +582,18 @@ class QueryEngine:
             values=vals[offset : offset + limit].astype(np.float32).reshape(-1, 1),
             counts={_describe(node): total},
         )
+
+    def _forward_values(self, feature: int, positions: np.ndarray) -> np.ndarray:
+        """The feature's value at each of a few ``positions``, from the forward index."""
+        ctx = self.reader.meta.ctx_len
+        out = np.zeros(len(positions), np.float32)
+        for i, p in enumerate(positions.tolist()):
+            window, at = divmod(p & fmt.GIDX_MASK, ctx)
+            token = self.reader.token(window, at, shard=p >> SHARD_SHIFT)
+            hit = np.flatnonzero(token.feature_ids == feature)
+            if len(hit):
+                out[i] = token.values[hit[0]]
+        return out
 
     def _cofiring_page(
         self, node: Node, text: str, limit: int, offset: int, order: str
@@ -594,12 +646,8 @@ class QueryEngine:
         page = ranked[offset:n]
         table = np.zeros((len(page), len(positive)), np.float32)
         table[:, 0] = bits[page].astype(np.uint16).view(np.float16)
-        ctx = self.reader.meta.ctx_len
-        for i, p in enumerate(positions[page].tolist()):
-            window, at = divmod(p & fmt.GIDX_MASK, ctx)
-            token = self.reader.token(window, at, shard=p >> SHARD_SHIFT)
-            fired = dict(zip(token.feature_ids.tolist(), token.values.tolist(), strict=True))
-            table[i, 1:] = [fired.get(f, 0.0) for f in positive[1:]]
+        for j, f in enumerate(positive[1:], start=1):
+            table[:, j] = self._forward_values(f, positions[page])
         pmi = None
         n_tokens = self.counted_tokens()
         if len(positive) >= 2 and total and n_tokens:
@@ -622,7 +670,7 @@ class QueryEngine:
         atoms = (
             [t for t in node.terms if not isinstance(t, Not)] if isinstance(node, And) else [node]
         )
-        counts = {_describe(a): len(self._eval(a, values)) for a in atoms}
+        counts = {_describe(a): self._size(a, values) for a in atoms}
         if len(atoms) < 2 or joint == 0:
             return counts, None
         n = self.counted_tokens()

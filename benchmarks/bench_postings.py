@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"mean postings per f:A: typical {result['mean_postings_typical']:,.0f}, "
         f"by firing {result['mean_postings_by_firing']:,.0f}"
     )
+    result["load_avg_1m"] = os.getloadavg()[0]
+    print(f"(load average at the end: {result['load_avg_1m']:.2f} on {os.cpu_count()} cores)")
     if args.json:
         print(json.dumps(result))
     if not args.keep and args.path is None:

@@ -462,9 +462,9 @@ class QueryEngine:
             for t, keep in [(t, True) for t in positive[1:]] + [(t, False) for t in negative]:
                 if not len(result):
                     break
-                if self._probe_instead(t, len(result), values):
-                    # a long posting list against few candidates: look them up in its
-                    # per-part bitmaps rather than decode it whole
+                if self._probe_instead(t, values):
+                    # a long posting list: look the candidates up in its per-part bitmaps
+                    # rather than decode it whole
                     assert isinstance(t, Feature)
                     hit = self._fires(t.feature, result)
                 else:
@@ -480,12 +480,13 @@ class QueryEngine:
             return self.postings.counts(KIND_FEATURE, node.feature)
         return len(self._eval(node, values))
 
-    def _probe_instead(self, node: Node, candidates: int, values: dict[Any, Any]) -> bool:
+    def _probe_instead(self, node: Node, values: dict[Any, Any]) -> bool:
         if not isinstance(node, Feature) or node.op is not None or node.feature in values:
             return False
         self.reader._check_feature(node.feature)
-        size = self.postings.counts(KIND_FEATURE, node.feature)
-        return size >= FREQUENT and size > 4 * candidates
+        # a frequent feature's bitmaps answer any number of candidates faster than decoding
+        # (and intersecting) its postings; a rare one is decoded
+        return self.postings.counts(KIND_FEATURE, node.feature) >= FREQUENT
 
     def _fires(self, feature: int, positions: np.ndarray) -> np.ndarray:
         """Whether the feature fires at each of ``positions`` (sorted), part by part."""

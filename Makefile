@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -33,7 +33,11 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 
-bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours
+bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings
+
+# postings and queries; the issue's scale: --tokens 10000000 --d-sae 65536 --k 64
+bench-postings: install
+	$(PY) benchmarks/bench_postings.py
 
 bench-index: install
 	$(PY) benchmarks/bench_index.py

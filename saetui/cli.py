@@ -108,6 +108,12 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
         "of its own machine (default: the output directory)",
     )
     group.add_argument(
+        "--postings",
+        action="store_true",
+        help="also build the per-feature postings that `saetui query` and the TUI's query bar "
+        "use, once the index has finished (later: `saetui postings INDEX`)",
+    )
+    group.add_argument(
         "--gather",
         action="store_true",
         help="under torchrun with --shard-dir: copy the finished shards into the output",
@@ -140,6 +146,7 @@ def _collect_config(args: argparse.Namespace, out: Path) -> Any:
         overwrite=args.overwrite,
         shard_dir=args.shard_dir,
         gather=args.gather,
+        postings=args.postings,
     )
 
 
@@ -422,6 +429,96 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_postings(args: argparse.Namespace) -> int:
+    """Build (or continue, or extend) the per-feature postings of an index."""
+    from saetui.index.postings import build_postings
+
+    _check_index(args.index)
+    if args.part_nnz < 1:
+        raise SaetuiInputError(f"--part-nnz {args.part_nnz} must be at least 1 nonzero.")
+    report = build_postings(args.index, part_nnz=args.part_nnz)
+    verb = "rebuilt" if report.rebuilt else "built"
+    print(
+        f"{verb} postings of {args.index}: {report.windows} windows, {report.nnz} nonzeros "
+        f"({report.new_nnz} new, {report.nnz_per_s:,.0f}/s), {report.bytes / 1e6:.1f} MB on "
+        f"disk ({report.bytes_per_nnz:.2f} B/nonzero)"
+    )
+    return 0
+
+
+def _shade(tokens: list[str], focus: int, values: Any, radius: int) -> str:
+    """The window's tokens around ``focus``: the match [[in brackets]] with its value, other
+    tokens where the first feature fires marked with its value."""
+    lo, hi = max(0, focus - radius), min(len(tokens), focus + radius + 1)
+    out = []
+    for i in range(lo, hi):
+        text = json.dumps(tokens[i])[1:-1]
+        value = float(values[i]) if values is not None else 0.0
+        mark = f"{{{value:.3g}}}" if value > 0 else ""
+        out.append(f"[[{text}]]{mark}" if i == focus else f"{text}{mark}")
+    return "".join(out)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Answer a query expression from an index's postings."""
+    from saetui.index.query import open_query, parse_query
+
+    _check_index(args.index)
+    if args.limit < 0:
+        raise SaetuiInputError(f"--limit {args.limit} must be >= 0: pass a page size.")
+    if args.offset < 0:
+        raise SaetuiInputError(f"--offset {args.offset} must be >= 0: pass where to start.")
+    parse_query(args.expr)  # a malformed expression is reported before anything opens
+    reader, engine = open_query(args.index)
+    try:
+        page = engine.query(args.expr, limit=args.limit, offset=args.offset, order=args.by)
+        contexts = engine.contexts(page)
+        covered, committed = engine.coverage()
+    finally:
+        engine.close()
+        reader.close()
+    if covered < committed:  # on stderr: --json output stays one JSON document
+        _say(
+            f"saetui: note: the postings cover {covered} of the index's {committed} windows; "
+            f"run `saetui postings {args.index}` to add the rest."
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "expression": page.expression,
+                    "total": page.total,
+                    "counts": page.counts,
+                    "pmi": page.pmi,
+                    "features": page.features,
+                    "matches": [
+                        {
+                            "shard": c.shard,
+                            "global_index": c.global_index,
+                            "window": c.window,
+                            "position": c.position,
+                            "token": c.tokens[c.position],
+                            "values": [float(v) for v in page.values[i]],
+                            "context": c.tokens,
+                        }
+                        for i, c in enumerate(contexts)
+                    ],
+                }
+            )
+        )
+        return 0
+    counts = ", ".join(f"{k}: {v}" for k, v in page.counts.items())
+    pmi = "" if page.pmi is None else f", PMI {page.pmi:.3f}"
+    print(f"{page.expression}: {page.total} matches ({counts}{pmi})")
+    for i, c in enumerate(contexts):
+        row = zip(page.features, page.values[i], strict=True)
+        values = ", ".join(f"f:{f}={float(v):.3g}" for f, v in row)
+        shaded = _shade(c.tokens, c.position, c.activations[0] if page.features else None, 12)
+        where = f"shard {c.shard} " if reader.meta.n_shards > 1 else ""
+        print(f"{where}window {c.window} pos {c.position} {values}: {shaded}")
+    return 0
+
+
 def _check_index(path: Path) -> None:
     """A missing path or a directory that is no saetui index: one sentence, exit 2."""
     from saetui.index.format import read_marker
@@ -468,6 +565,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace shards the output holds already"
     )
     merge.set_defaults(handler=cmd_merge)
+
+    postings = commands.add_parser(
+        "postings", help="build an index's per-feature postings (resumable), for saetui query"
+    )
+    postings.add_argument("index", type=Path, help="index directory")
+    postings.add_argument(
+        "--part-nnz",
+        type=int,
+        default=16_000_000,
+        help="nonzeros transposed at once (memory ~ 8 bytes each; default 16M)",
+    )
+    postings.set_defaults(handler=cmd_postings)
+
+    query = commands.add_parser(
+        "query",
+        help='search an index: f:123, f:1 & !f:2, f:3 > 2.5, tok:" the", re:/get/, doc:17',
+    )
+    query.add_argument("index", type=Path, help="index directory (with postings)")
+    query.add_argument("expr", help="query expression")
+    query.add_argument("--limit", type=int, default=20, help="matches to show (default 20)")
+    query.add_argument("--offset", type=int, default=0, help="skip this many matches first")
+    query.add_argument(
+        "--by", choices=("value", "position"), default="value", help="order of the matches"
+    )
+    query.add_argument("--json", action="store_true", help="print JSON")
+    query.set_defaults(handler=cmd_query)
 
     open_ = commands.add_parser("open", help="browse an index in the TUI")
     open_.add_argument("index", type=Path, help="index directory")

@@ -37,6 +37,8 @@ class CollectConfig:
     # None: in ``out``. With ``gather``, finished shards are then copied into ``out``.
     shard_dir: Path | None = None
     gather: bool = False
+    # build the per-feature postings (saetui postings) once the index has finished
+    postings: bool = False
 
     @property
     def work_dir(self) -> Path:

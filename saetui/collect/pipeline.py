@@ -267,6 +267,8 @@ def _run(
         done = finished_result(config)
         if team.all_agree(done is not None):
             assert done is not None
+            phase = "postings"
+            _postings_phase(config, team, report, check_stop, say)
             report(CollectProgress("done", done.tokens, done.tokens, message="already finished"))
             team.finish()
             return done
@@ -310,6 +312,8 @@ def _run(
         team.finish()
         if config.gather:
             _gather(config, team, say)
+        phase = "postings"
+        _postings_phase(config, team, report, check_stop, say)
     except (StopRequested, KeyboardInterrupt) as stop:
         team.abort(None)
         tokens = 0
@@ -345,6 +349,39 @@ def _run(
         metrics,
         skipped=tuple(skipped),
     )
+
+
+def _postings_phase(
+    config: CollectConfig,
+    team: Team,
+    report: Any,
+    check_stop: Callable[[], None],
+    say: Callable[[str], None] | None,
+) -> None:
+    """With ``config.postings``: build (or finish) the index's postings after it finished;
+    resumable like every phase (a finished index reruns only this part)."""
+    if not config.postings:
+        return
+    if team.world > 1:
+        if team.is_main and say is not None:
+            say(
+                f"postings are not built under torchrun: once every shard is in {config.out}, "
+                f"run `saetui postings {config.out}`."
+            )
+        return
+    from saetui.index.postings import build_postings
+
+    def progress(update: Any) -> None:
+        report(
+            CollectProgress(
+                "postings",
+                message=f"postings: {update.windows_done:,}/{update.windows_total:,} windows, "
+                f"{update.nnz_per_s / 1e6:.1f} M nonzeros/s",
+            )
+        )
+
+    report(CollectProgress("postings", message="building the postings"), force=True)
+    build_postings(config.out, check_stop=check_stop, progress=progress)
 
 
 def _stored_metrics(writer: Any, team: Team) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """saetui.index: the LMDB token-feature index (layout in README.md next to this file).
 
-Write with `IndexWriter.create_or_resume(...)`, read with `open_index(path)`. Reading
+Write with `IndexWriter.create_or_resume(...)`, read with `open_index(path)`; build the
+per-feature postings with `build_postings(path)` and query them with `open_query(path)`. Reading
 does not import torch; `IndexWriter` and `FeatureSummaries` load it on first use.
 """
 
 from typing import Any
 
+from saetui.index.postings import BuildReport, build_postings, open_postings
+from saetui.index.query import QueryContext, QueryEngine, QueryPage, open_query, parse_query
 from saetui.index.reader import IndexReader, open_index
 from saetui.index.types import (
     Bookmark,
@@ -29,6 +32,7 @@ from saetui.index.user import UserStore
 
 __all__ = [
     "Bookmark",
+    "BuildReport",
     "DocumentContext",
     "Example",
     "FeatureDetail",
@@ -43,12 +47,19 @@ __all__ = [
     "Label",
     "Neighbours",
     "Progress",
+    "QueryContext",
+    "QueryEngine",
+    "QueryPage",
     "Segment",
     "TokenFeatures",
     "TokenMatch",
     "UserStore",
     "WindowView",
+    "build_postings",
     "open_index",
+    "open_postings",
+    "open_query",
+    "parse_query",
 ]
 
 

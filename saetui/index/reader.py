@@ -44,6 +44,7 @@ from saetui.index.types import (
     FeaturePage,
     FeatureStats,
     ForwardChunk,
+    ForwardScan,
     IndexMeta,
     IntervalSamples,
     Label,
@@ -985,6 +986,95 @@ class IndexReader:
 
     def bookmarks(self) -> list[Bookmark]:
         return self.user.bookmarks()
+
+    # ------------------------------------------------------------ positions (postings, queries)
+
+    @property
+    def shard_ids(self) -> list[int]:
+        """The ids of the shards this reader merges, in the order of ``progress().shards``."""
+        return [s.index for s in self._shards]
+
+    def scan_forward(
+        self,
+        shard: int = 0,
+        first_window: int = 0,
+        end_window: int | None = None,
+        windows_per_chunk: int = 256,
+    ) -> Iterator[ForwardScan]:
+        """Every token of the shard's committed windows ``[first_window, end_window)``
+        (local ids: a distributed shard numbers its own windows 0, 1, ...) with its global
+        index, token id, counted flag, document and sparse activations, in window order and
+        chunks of ``windows_per_chunk`` windows. One short read transaction per chunk; the
+        block cache is left alone."""
+        s = self._shard(shard)
+        n_windows = self._window_count(s)
+        end = n_windows if end_window is None else min(int(end_window), n_windows)
+        ctx = self.meta.ctx_len
+        window = max(0, int(first_window))
+        while window < end:
+            stop = min(end, window + max(1, windows_per_chunk))
+            parts: list[tuple[int, codec.WindowRecord, codec.ForwardBlock]] = []
+            with self._read(s) as txn:
+                record, chunk = -1, None
+                for w in range(window, stop):
+                    if w // codec.FWD_CHUNK != record:
+                        record = w // codec.FWD_CHUNK
+                        chunk = txn.get(fmt.u64_key(record), db=s.dbs[fmt.DB_FWD])
+                    tok = txn.get(fmt.u64_key(w), db=s.dbs[fmt.DB_TOK])
+                    blob = None if chunk is None else codec.chunk_blob(chunk, w % codec.FWD_CHUNK)
+                    if tok is None or blob is None:
+                        raise IndexDamagedError(
+                            f"window {w} of shard {shard} of the index {self.path} is missing "
+                            "although committed: restore the index or collect it again."
+                        )
+                    with self._guard(s.path):
+                        parts.append((w, codec.decode_window(tok), codec.decode_forward(blob)))
+            n = [len(rec.token_ids) for _, rec, _ in parts]
+            doc_ids = np.full(sum(n), -1, np.int64)
+            doc_offsets = np.full(sum(n), -1, np.int64)
+            base = 0
+            for (_, rec, _), length in zip(parts, n, strict=True):
+                for doc, offset, start, size in rec.segments.tolist():
+                    doc_ids[base + start : base + start + size] = doc
+                    doc_offsets[base + start : base + start + size] = offset + np.arange(size)
+                base += length
+            nnz = np.cumsum([0] + [int(blk.offsets[-1]) for _, _, blk in parts])
+            yield ForwardScan(
+                shard=shard,
+                first_window=window,
+                end_window=stop,
+                global_index=np.concatenate(
+                    [
+                        self._global_window(s, w) * ctx + np.arange(length)
+                        for (w, _, _), length in zip(parts, n, strict=True)
+                    ]
+                ),
+                token_ids=np.concatenate([rec.token_ids for _, rec, _ in parts]),
+                counted=np.concatenate([rec.mask for _, rec, _ in parts]),
+                doc_ids=doc_ids,
+                doc_offsets=doc_offsets,
+                offsets=np.concatenate(
+                    [[0]] + [blk.offsets[1:] + nnz[i] for i, (_, _, blk) in enumerate(parts)]
+                ).astype(np.int64),
+                feature_ids=np.concatenate([blk.feature_ids for _, _, blk in parts]),
+                values16=np.concatenate([blk.values16 for _, _, blk in parts]),
+            )
+            self._release_mapped_pages(len(parts))
+            window = stop
+
+    @staticmethod
+    def _global_window(s: _Shard, local: int) -> int:
+        return local if s.layout is None else int(s.layout.global_window(local))
+
+    def window_activations(self, window: int, features: list[int], shard: int = 0) -> np.ndarray:
+        """The activation of each of ``features`` on every token of one window: float32
+        ``[len(features), n_tokens]`` (0 where a feature does not fire)."""
+        fs = [self._check_feature(f) for f in features]
+        _, blk = self._block(shard, self._check_window(window))
+        out = np.zeros((len(fs), blk.n_tokens), np.float32)
+        for row, f in enumerate(fs):
+            out[row] = blk.feature_activations(f)
+        return out
 
 
 def _segment_at(segments: np.ndarray, pos: int) -> np.ndarray | None:

@@ -192,3 +192,21 @@ class TokenMatch:
     feature: int
     count: int  # top examples of the feature that fire on a matching token
     tokens: list[str]
+
+
+@dataclass(frozen=True)
+class ForwardScan:
+    """Every token of consecutive windows ``[first_window, end_window)`` of one shard, with
+    where it is: token t owns ids/values[offsets[t]:offsets[t+1]] (none when not counted)."""
+
+    shard: int
+    first_window: int
+    end_window: int
+    global_index: np.ndarray  # int64 [n_tokens]: window * ctx_len + position
+    token_ids: np.ndarray  # uint32 [n_tokens]
+    counted: np.ndarray  # bool [n_tokens]; False for BOS/pad, which carry no features
+    doc_ids: np.ndarray  # int64 [n_tokens]; -1 outside any document
+    doc_offsets: np.ndarray  # int64 [n_tokens]: offset inside the document (-1 outside)
+    offsets: np.ndarray  # int64 [n_tokens + 1]
+    feature_ids: np.ndarray  # int32 [nnz], ascending within a token
+    values16: np.ndarray  # float16 [nnz]

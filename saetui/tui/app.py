@@ -43,6 +43,7 @@ from saetui.tui.screens.context import ContextScreen
 from saetui.tui.screens.help import HelpScreen
 from saetui.tui.screens.label import LabelScreen
 from saetui.tui.screens.path import PathScreen
+from saetui.tui.screens.query import QueryScreen
 from saetui.tui.source import IndexNotReady, IndexSource
 from saetui.tui.widgets.feature_table import FeatureTable, format_header
 from saetui.tui.widgets.feature_view import FeatureView
@@ -565,6 +566,17 @@ class SaetuiApp(App[int]):
         search.focus()
         # typing replaces the previous search
         search.select_all()
+
+    def action_query(self) -> None:
+        """The query bar: matches of an expression over the whole corpus (needs postings)."""
+        if isinstance(self.screen, QueryScreen):
+            return
+
+        def opened(feature: int | None) -> None:
+            if feature is not None:
+                self.open_feature(feature)
+
+        self.push_screen(QueryScreen(), opened)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -52,6 +52,7 @@ SCOPE_TITLES = {
     "context": "Context view",
     "probe": "Probe",
     "run": "Run & metrics",
+    "query": "Query bar",
     "label": "Label editor",
 }
 
@@ -60,6 +61,7 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("app.quit", "q", "app.quit_app", "Quit"),
     KeyAction("app.help", "question_mark", "app.help", "Help"),
     KeyAction("app.search", "slash", "app.search", "Search"),
+    KeyAction("app.query", "Q", "app.query", "Query the corpus", show=False),
     KeyAction("app.back", "b,backspace", "app.back", "Back"),
     KeyAction("app.forward", "f", "app.forward", "Forward", show=False),
     KeyAction("app.run_tab", "1", "app.show_tab('run')", "Run", show=False),
@@ -140,6 +142,10 @@ REGISTRY: tuple[KeyAction, ...] = (
     KeyAction("probe.shade", "s", "shade", "Shade the text by this feature"),
     KeyAction("probe.shade_all", "a", "shade_all", "Shade by each token's top feature"),
     KeyAction("probe.steer", "g", "steer", "Steer a generation"),
+    # query bar
+    KeyAction("query.edit", "ctrl+l", "edit", "Edit the query"),
+    KeyAction("query.document", "d", "document", "Whole document"),
+    KeyAction("query.close", "escape", "close", "Close"),
     # label editor
     KeyAction("label.save", "ctrl+s", "save", "Save"),
     KeyAction("label.cancel", "escape", "cancel", "Cancel"),

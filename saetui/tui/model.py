@@ -121,6 +121,8 @@ class Context:
     window_position: int = 0  # the marked token's position within the window
     document: int = -1  # the document the tokens belong to (-1: unknown)
     document_offset: int = -1  # the marked token's offset within its document
+    # (window, position) of each token when they span windows (a whole document)
+    locations: list[tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,3 +207,27 @@ class FeatureSource(Protocol):
     def set_bookmark(self, feature: int, bookmarked: bool) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueryMatch:
+    """One match of a query: where it is and its window as a Context of the first feature."""
+
+    shard: int
+    window: int
+    position: int  # inside the window
+    key: int  # the engine's position of the match (shard << 40 | global index)
+    values: list[float]  # of the query's positive features at the match
+    context: Context
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A page of a query's matches with the counts the query bar shows."""
+
+    expression: str
+    total: int
+    features: list[int]
+    counts: dict[str, int]
+    pmi: float | None
+    matches: list[QueryMatch]

@@ -17,6 +17,8 @@ from saetui.tui.model import (
     Context,
     FeatureDetail,
     FeatureRow,
+    QueryMatch,
+    QueryResult,
     RunPlots,
     RunState,
     TablePage,
@@ -44,6 +46,7 @@ class IndexSource:
         self._user_generation = 0
         self._cache: dict[tuple[Any, ...], Any] = {}
         self._closed = False
+        self._engine: Any = None  # the QueryEngine, opened on the first query
 
     # ------------------------------------------------------------------ plumbing
 
@@ -79,9 +82,71 @@ class IndexSource:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
+
+    # ------------------------------------------------------------------ queries
+
+    def query(self, expression: str, limit: int = 50, order: str = "value") -> QueryResult:
+        """A page of matches of a query expression (saetui.index.query) with their windows;
+        SaetuiInputError sentences for bad expressions or missing postings."""
+        from saetui.index import QueryEngine
+
+        reader = self.reader
+        with self._lock:
+            if self._engine is None:
+                self._engine = QueryEngine.open(reader)
+            engine = self._engine
+        page = engine.query(expression, limit=limit, order=order)
+        matches = []
+        rows = zip(
+            engine.contexts(page), page.values.tolist(), page.positions.tolist(), strict=True
+        )
+        for ctx, row, key in rows:
+            acts = ctx.activations[0] if page.features else np.zeros(len(ctx.tokens))
+            context = Context(
+                window=ctx.window,
+                position=ctx.position,
+                value=float(row[0]) if row else 0.0,
+                tokens=list(ctx.tokens),
+                values=acts.astype(float).tolist(),
+                window_position=ctx.position,
+            )
+            matches.append(QueryMatch(ctx.shard, ctx.window, ctx.position, key, row, context))
+        return QueryResult(
+            page.expression, page.total, page.features, page.counts, page.pmi, matches
+        )
+
+    def document(self, match: QueryMatch, feature: int) -> Context:
+        """The whole document of a query match (across windows) shaded by ``feature``."""
+        with self._lock:
+            engine = self._engine
+        if engine is None:
+            raise SaetuiInputError("run a query first: the document view opens one of its matches.")
+        doc = engine.document_of(match.key)
+        if doc < 0:
+            raise SaetuiInputError(
+                f"the token at window {match.window}, position {match.position} belongs to no "
+                "document: open it with Enter instead."
+            )
+        view = engine.document(doc, [feature] if feature >= 0 else [])
+        at = view.index_of(match.key) or 0
+        values = view.activations[0] if len(view.features) else np.zeros(len(view.tokens))
+        return Context(
+            window=match.window,
+            position=at,
+            value=float(values[at]),
+            tokens=view.tokens,
+            values=values.astype(float).tolist(),
+            window_position=match.position,
+            document=doc,
+            document_offset=at,
+            locations=[(window, pos) for _, window, pos in view.locations],
+        )
 
     def _cached(self, key: tuple[Any, ...], make: Any) -> Any:
         hit = self._cache.get(key)

@@ -75,6 +75,9 @@ class ContextScreen(Screen[int | None]):
                 ("features active here:", "dim"),
             )
         )
+        if self.context.locations is not None:  # a whole document, across windows
+            self.load_token(*self.context.locations[position])
+            return
         window_position = self.context.window_position - self.context.position + position
         self.load_token(self.context.window, window_position)
 

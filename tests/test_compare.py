@@ -1,0 +1,137 @@
+"""SAE-vs-SAE comparison: decoder matching, activation matching, splits and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saetui.analysis.compare import (
+    find_splits,
+    match_activations,
+    match_decoders,
+)
+from saetui.cli import main
+from saetui.index import open_index
+from saetui.index.synthetic import SyntheticCorpus
+from tests.conftest import write_tiny_sae
+
+
+def _permuted_copy(d_sae: int = 512, d_in: int = 64, noise: float = 0.3, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w_a = torch.randn(d_sae, d_in, generator=gen)
+    perm = torch.randperm(d_sae, generator=gen)
+    scale = noise * w_a.norm(dim=1).mean() / d_in**0.5
+    w_b = w_a[perm] + scale * torch.randn(d_sae, d_in, generator=gen)
+    return w_a, w_b, perm.numpy()  # B's feature i is A's perm[i]
+
+
+def _recovered(pairs: np.ndarray, perm: np.ndarray) -> float:
+    truth = np.empty_like(perm)
+    truth[perm] = np.arange(len(perm))  # A's feature a -> B's feature
+    return float(np.mean(truth[pairs[:, 0]] == pairs[:, 1])) * len(pairs) / len(perm)
+
+
+def test_hungarian_recovers_a_permutation():
+    w_a, w_b, perm = _permuted_copy()
+    match = match_decoders(w_a, w_b, top_n=4, device="cpu")
+    assert match.method == "hungarian"
+    assert _recovered(match.pairs, perm) >= 0.99
+    assert match.mean_max_cos_ab > 0.9 and match.mean_max_cos_ba > 0.9
+    hist = match.histogram()
+    assert sum(hist["a_to_b"]) == 512 and len(hist["edges"]) == len(hist["a_to_b"]) + 1
+    unmatched_a, unmatched_b = match.unmatched(0.5)
+    assert len(unmatched_a) == 0 and len(unmatched_b) == 0
+
+
+def test_greedy_fallback_recovers_a_permutation():
+    w_a, w_b, perm = _permuted_copy(seed=1)
+    match = match_decoders(w_a, w_b, top_n=4, hungarian_max=16, device="cpu")
+    assert match.method == "greedy"
+    assert _recovered(match.pairs, perm) >= 0.99
+
+
+def test_unrelated_features_are_unmatched():
+    w_a, w_b, _ = _permuted_copy(d_sae=128)
+    w_b[:10] = torch.randn(10, w_b.shape[1])  # 10 of B's features have no partner in A
+    match = match_decoders(w_a, w_b, device="cpu")
+    _, unmatched_b = match.unmatched(0.6)
+    assert set(unmatched_b.tolist()) == set(range(10))
+
+
+def test_different_d_in_is_refused():
+    from saetui.errors import SaetuiInputError
+
+    with pytest.raises(SaetuiInputError, match="different d_in"):
+        match_decoders(torch.randn(8, 16), torch.randn(8, 32), device="cpu")
+
+
+# ------------------------------------------------------------------ splits over real indexes
+
+D_IN, D_SMALL = 32, 64
+
+
+def _split_pair(tmp: Path, *, sae_dirs: tuple[Path, Path] | None = None, seed_b: int = 0):
+    """A small SAE A and a width-doubled B whose features 2i, 2i+1 are perturbed copies of
+    A's feature i, firing on a partition of i's tokens; one synthetic index for each, written
+    with the real IndexWriter over the same windows."""
+    from saetui.index.writer import IndexWriter
+
+    gen = torch.Generator().manual_seed(3)
+    w_a = torch.randn(D_SMALL, D_IN, generator=gen)
+    w_b = w_a.repeat_interleave(2, dim=0) + 0.4 * torch.randn(2 * D_SMALL, D_IN, generator=gen)
+    corpus = SyntheticCorpus(d_sae=D_SMALL, k=4, ctx_len=16, seed=0)
+    paths = tmp / "index-a", tmp / "index-b"
+    writers = []
+    for i, (path, d_sae) in enumerate(zip(paths, (D_SMALL, 2 * D_SMALL), strict=True)):
+        config = {"model": "synthetic", "seed": 0 if i == 0 else seed_b}
+        if sae_dirs is not None:
+            config["sae_path"] = str(sae_dirs[i])
+        writers.append(
+            IndexWriter.create_or_resume(path, config, d_sae, corpus.ctx_len, corpus.vocab())
+        )
+    n_windows, w = 60, 0
+    rng = np.random.default_rng(5)
+    while w < n_windows:
+        batch = corpus.windows(w, 10, n_total=n_windows)
+        writers[0].add_windows(**batch)
+        half = rng.integers(0, 2, batch["feature_ids"].shape)
+        writers[1].add_windows(**{**batch, "feature_ids": 2 * batch["feature_ids"] + half})
+        w += 10
+    for writer in writers:
+        writer.finish()
+        writer.close()
+    return w_a, w_b, paths
+
+
+def test_width_doubled_sae_is_found_as_splits(tmp_path):
+    w_a, w_b, (path_a, path_b) = _split_pair(tmp_path)
+    decoder = match_decoders(w_a, w_b, top_n=4, device="cpu")
+    with open_index(path_a) as index_a, open_index(path_b) as index_b:
+        activations = match_activations(index_a, index_b, windows_per_chunk=16)
+        side, splits = find_splits(decoder, activations, index_a, index_b, windows_per_chunk=16)
+    assert side == "a"
+    best = activations.best_partners()
+    fired_b = np.flatnonzero(activations.count_b > 0)
+    assert np.array_equal(best["b"][0][fired_b], fired_b // 2)  # each child's partner: its parent
+    both_fired = [
+        p for p in range(D_SMALL) if activations.count_b[2 * p] and activations.count_b[2 * p + 1]
+    ]
+    assert len(both_fired) > D_SMALL // 2
+    assert sorted(s.parent for s in splits) == both_fired
+    for split in splits:
+        assert {c["feature"] for c in split.children} == {2 * split.parent, 2 * split.parent + 1}
+        assert split.parent_covered == 1.0 and split.children_covered == 1.0
+        assert sum(c["cofire"] for c in split.children) >= split.parent_count
+
+
+def test_activation_matching_refuses_other_windows(tmp_path):
+    from saetui.errors import SaetuiInputError
+
+    _, _, (path_a, path_b) = _split_pair(tmp_path, seed_b=1)
+    with open_index(path_a) as index_a, open_index(path_b) as index_b:
+        with pytest.raises(SaetuiInputError, match="same corpus windows"):
+            match_activations(index_a, index_b)

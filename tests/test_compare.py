@@ -135,3 +135,87 @@ def test_activation_matching_refuses_other_windows(tmp_path):
     with open_index(path_a) as index_a, open_index(path_b) as index_b:
         with pytest.raises(SaetuiInputError, match="same corpus windows"):
             match_activations(index_a, index_b)
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def _sae_dir(directory: Path, w_dec: torch.Tensor) -> Path:
+    """An sae_core SAE directory whose decoder is ``w_dec``."""
+    write_tiny_sae(directory, d_in=w_dec.shape[1], d_sae=w_dec.shape[0])
+    state = torch.load(directory / "weights.pt")
+    state["W_dec"] = w_dec.clone()
+    torch.save(state, directory / "weights.pt")
+    return directory
+
+
+def test_cli_compares_two_indexes_and_writes_the_schema(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(3)  # the decoders _split_pair draws
+    w_a = torch.randn(D_SMALL, D_IN, generator=gen)
+    w_b = w_a.repeat_interleave(2, dim=0) + 0.4 * torch.randn(2 * D_SMALL, D_IN, generator=gen)
+    sae_dirs = _sae_dir(tmp_path / "sae-a", w_a), _sae_dir(tmp_path / "sae-b", w_b)
+    _, _, (path_a, path_b) = _split_pair(tmp_path, sae_dirs=sae_dirs)
+    out = tmp_path / "compare.json"
+    assert main(["compare", str(path_a), str(path_b), "--json", str(out), "--top", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean max cosine" in printed and "splits:" in printed
+    report = json.loads(out.read_text())
+    assert report["schema"] == "saetui-compare/1"
+    assert set(report) == {"schema", "a", "b", "decoder", "activation", "splits"}
+    assert report["a"] == {"path": str(path_a), "kind": "index", "d_sae": 64, "d_in": 32}
+    dec = report["decoder"]
+    assert {
+        "method",
+        "mean_max_cosine_a_to_b",
+        "mean_max_cosine_b_to_a",
+        "histogram",
+        "pairs",
+    } <= set(dec)
+    assert {"unmatched_a", "unmatched_b", "neighbours_a_to_b", "neighbours_b_to_a"} <= set(dec)
+    assert len(dec["pairs"]) == 64 and set(dec["pairs"][0]) == {"a", "b", "cosine", "jaccard"}
+    assert len(dec["neighbours_b_to_a"]) == 128 and len(dec["neighbours_b_to_a"][0]["ids"]) == 3
+    assert all(p["b"] // 2 == p["a"] for p in dec["pairs"])
+    act = report["activation"]
+    assert len(act["best_a"]) == 64 and len(act["best_b"]) == 128
+    assert set(act["best_b"][0]) == {"b", "partner", "jaccard", "cofire", "count"}
+    trees = report["splits"]["trees"]
+    assert report["splits"]["parent_side"] == "a" and len(trees) > 32
+    assert {c["feature"] for c in trees[0]["children"]} == {
+        2 * trees[0]["parent"],
+        2 * trees[0]["parent"] + 1,
+    }
+    assert set(trees[0]) == {"parent", "count", "parent_covered", "children_covered", "children"}
+
+
+def test_cli_compares_sae_directories_by_decoder_only(tmp_path, capsys):
+    w_a, w_b, perm = _permuted_copy(d_sae=96, d_in=32)
+    a, b = _sae_dir(tmp_path / "a", w_a), _sae_dir(tmp_path / "b", w_b)
+    out = tmp_path / "out.json"
+    assert main(["compare", str(a), str(b), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["activation"] is None and report["splits"] is None
+    pairs = np.array([[p["a"], p["b"]] for p in report["decoder"]["pairs"]])
+    assert _recovered(pairs, perm) >= 0.99
+    assert "activations: not compared" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["missing", "d_in", "windows", "top"])
+def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, case):
+    a = write_tiny_sae(tmp_path / "a", d_in=32)
+    b = write_tiny_sae(tmp_path / "b", d_in=16 if case == "d_in" else 32)
+    args = [str(a), str(b)]
+    if case == "missing":
+        args[1] = str(tmp_path / "nowhere")
+    elif case == "windows":
+        gen = torch.Generator().manual_seed(3)
+        w_a = torch.randn(D_SMALL, D_IN, generator=gen)
+        dirs = _sae_dir(tmp_path / "sa", w_a), _sae_dir(tmp_path / "sb", w_a.repeat(2, 1))
+        args = [str(p) for p in _split_pair(tmp_path, sae_dirs=dirs, seed_b=1)[2]]
+    elif case == "top":
+        args.append("--top=0")
+    assert main(["compare", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert {"missing": "does not exist", "d_in": "d_in", "windows": "same corpus", "top": "--top"}[
+        case
+    ] in err
+    assert err.startswith("saetui: error: ") and "\n" not in err and "Traceback" not in err

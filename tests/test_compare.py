@@ -74,10 +74,17 @@ def test_different_d_in_is_refused():
 D_IN, D_SMALL = 32, 64
 
 
-def _split_pair(tmp: Path, *, sae_dirs: tuple[Path, Path] | None = None, seed_b: int = 0):
+def _split_pair(
+    tmp: Path,
+    *,
+    sae_dirs: tuple[Path, Path] | None = None,
+    seed_b: int = 0,
+    absorbed: int | None = None,
+):
     """A small SAE A and a width-doubled B whose features 2i, 2i+1 are perturbed copies of
     A's feature i, firing on a partition of i's tokens; one synthetic index for each, written
-    with the real IndexWriter over the same windows."""
+    with the real IndexWriter over the same windows. From window 30 on, A's feature
+    ``absorbed`` fires with no child firing in B."""
     from saetui.index.writer import IndexWriter
 
     gen = torch.Generator().manual_seed(3)
@@ -99,7 +106,11 @@ def _split_pair(tmp: Path, *, sae_dirs: tuple[Path, Path] | None = None, seed_b:
         batch = corpus.windows(w, 10, n_total=n_windows)
         writers[0].add_windows(**batch)
         half = rng.integers(0, 2, batch["feature_ids"].shape)
-        writers[1].add_windows(**{**batch, "feature_ids": 2 * batch["feature_ids"] + half})
+        values = batch["values"].copy()
+        if absorbed is not None and w >= 30:
+            values[batch["feature_ids"] == absorbed] = 0.0
+        ids_b = 2 * batch["feature_ids"] + half
+        writers[1].add_windows(**{**batch, "feature_ids": ids_b, "values": values})
         w += 10
     for writer in writers:
         writer.finish()
@@ -126,6 +137,31 @@ def test_width_doubled_sae_is_found_as_splits(tmp_path):
         assert {c["feature"] for c in split.children} == {2 * split.parent, 2 * split.parent + 1}
         assert split.parent_covered == 1.0 and split.children_covered == 1.0
         assert sum(c["cofire"] for c in split.children) >= split.parent_count
+        assert split.parent_only == [] and split.children_only == []
+
+
+def test_parent_firing_without_children_is_reported(tmp_path):
+    w_a, w_b, paths = _split_pair(tmp_path / "whole")
+    counts = np.zeros(D_SMALL, dtype=np.int64)
+    with open_index(paths[0]) as index_a:
+        for chunk in index_a.iter_forward():
+            np.add.at(counts, chunk.feature_ids[chunk.values > 0], 1)
+    absorbed = int(np.argsort(counts)[-3])  # a frequent parent
+    _, _, (path_a, path_b) = _split_pair(tmp_path / "absorbed", absorbed=absorbed)
+    decoder = match_decoders(w_a, w_b, top_n=4, device="cpu")
+    with open_index(path_a) as index_a, open_index(path_b) as index_b:
+        activations = match_activations(index_a, index_b, windows_per_chunk=16)
+        _, splits = find_splits(
+            decoder, activations, index_a, index_b, examples=4, windows_per_chunk=16
+        )
+        split = next(s for s in splits if s.parent == absorbed)
+        assert 0.2 < split.parent_covered < 0.8 and split.children_covered == 1.0
+        assert len(split.parent_only) == 4 and split.children_only == []
+        for window, position in split.parent_only:
+            assert window >= 30
+            token = index_a.token(window, position)
+            assert absorbed in token.feature_ids.tolist()
+        assert all(s.parent_only == [] for s in splits if s.parent != absorbed)
 
 
 def test_activation_matching_refuses_other_windows(tmp_path):
@@ -184,7 +220,15 @@ def test_cli_compares_two_indexes_and_writes_the_schema(tmp_path, capsys):
         2 * trees[0]["parent"],
         2 * trees[0]["parent"] + 1,
     }
-    assert set(trees[0]) == {"parent", "count", "parent_covered", "children_covered", "children"}
+    assert set(trees[0]) == {
+        "parent",
+        "count",
+        "parent_covered",
+        "children_covered",
+        "children",
+        "parent_only",
+        "children_only",
+    }
 
 
 def test_cli_compares_sae_directories_by_decoder_only(tmp_path, capsys):
@@ -219,3 +263,17 @@ def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, case):
         case
     ] in err
     assert err.startswith("saetui: error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_a_pruned_pair_table_keeps_the_best_partners(tmp_path):
+    _, _, (path_a, path_b) = _split_pair(tmp_path)
+    with open_index(path_a) as index_a, open_index(path_b) as index_b:
+        exact = match_activations(index_a, index_b)
+        pruned = match_activations(
+            index_a, index_b, windows_per_chunk=16, max_pairs=1000, candidates=8
+        )
+    assert pruned.pruned and not exact.pruned
+    assert pruned.cofire.nnz < exact.cofire.nnz
+    fired_b = np.flatnonzero(exact.count_b > 0)
+    assert np.array_equal(pruned.best_partners()["b"][0][fired_b], fired_b // 2)
+    assert np.array_equal(pruned.count_a, exact.count_a) and pruned.tokens == exact.tokens

@@ -14,12 +14,13 @@ windows, and splits of a smaller SAE's features into a larger one's (no Textual 
 - Splits: a child of parent p (smaller SAE) is a feature c of the larger SAE with decoder cosine
   >= ``split_cosine`` and at least ``child_precision`` of c's firings on tokens where p fires.
   A second pass measures coverage: the share of p's firings where some child fires, and of
-  the children's firings (any child) where p fires.
+  the children's firings (any child) where p fires; and keeps the first tokens where p fires
+  without any child (absorption candidates) and where a child fires without p.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,26 +238,36 @@ def _binary(offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, d: int) ->
     return sp.csr_matrix((data, (row, ids[fired].astype(np.int64))), shape=(len(offsets) - 1, d))
 
 
-def _chunks_in_step(index_a: Any, index_b: Any, windows_per_chunk: int) -> Any:
-    """Pairs of forward chunks of the same windows from both indexes."""
-    for ca, cb in zip(
-        index_a.iter_forward(windows_per_chunk),
-        index_b.iter_forward(windows_per_chunk),
-        strict=False,
-    ):
-        if (ca.shard, ca.first_window, len(ca.offsets)) != (
-            cb.shard,
-            cb.first_window,
-            len(cb.offsets),
-        ):
-            raise SaetuiInputError(
-                f"the indexes {index_a.path} and {index_b.path} hold different windows at "
-                f"window {ca.first_window}: collect both over the same corpus and context length."
-            )
-        yield (
-            _binary(ca.offsets, ca.feature_ids, ca.values, index_a.meta.d_sae),
-            _binary(cb.offsets, cb.feature_ids, cb.values, index_b.meta.d_sae),
+def _chunks_in_step(
+    index_a: Any, index_b: Any, windows_per_chunk: int
+) -> Iterator[tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]]:
+    """The same windows of both indexes, chunk by chunk: (binary A [tokens, d_a], binary B
+    [tokens, d_b], global token index [tokens] = window * ctx_len + position, counted
+    [tokens]); BOS/pad tokens are rows without features."""
+    if index_a.shard_ids != index_b.shard_ids:
+        raise SaetuiInputError(
+            f"the indexes {index_a.path} and {index_b.path} have different shards: collect "
+            "both with the same layout (or merge them) before comparing activations."
         )
+    for shard in index_a.shard_ids:
+        for ca, cb in zip(
+            index_a.scan_forward(shard, windows_per_chunk=windows_per_chunk),
+            index_b.scan_forward(shard, windows_per_chunk=windows_per_chunk),
+            strict=False,
+        ):
+            if not np.array_equal(ca.global_index, cb.global_index) or not np.array_equal(
+                ca.token_ids, cb.token_ids
+            ):
+                raise SaetuiInputError(
+                    f"the indexes {index_a.path} and {index_b.path} hold different tokens at "
+                    f"window {ca.first_window}: collect both over the same corpus windows."
+                )
+            yield (
+                _binary(ca.offsets, ca.feature_ids, ca.values16, index_a.meta.d_sae),
+                _binary(cb.offsets, cb.feature_ids, cb.values16, index_b.meta.d_sae),
+                ca.global_index,
+                ca.counted,
+            )
 
 
 @dataclass
@@ -331,13 +342,13 @@ def match_activations(
     count_a = np.zeros(d_a, dtype=np.int64)
     count_b = np.zeros(d_b, dtype=np.int64)
     tokens, pruned = 0, False
-    for fa, fb in _chunks_in_step(index_a, index_b, windows_per_chunk):
+    for fa, fb, _, counted in _chunks_in_step(index_a, index_b, windows_per_chunk):
         if check_stop is not None:
             check_stop()
         total = total + (fa.T.tocsr() @ fb).astype(np.int64)
         count_a += np.bincount(fa.indices, minlength=d_a)
         count_b += np.bincount(fb.indices, minlength=d_b)
-        tokens += fa.shape[0]
+        tokens += int(counted.sum())
         if total.nnz > max_pairs:
             total, pruned = _prune(total, candidates).astype(np.int64), True
     return ActivationMatch(total.tocsr(), count_a, count_b, tokens, pruned)
@@ -355,6 +366,10 @@ class Split:
     children: list[dict[str, float | int]] = field(default_factory=list)
     parent_covered: float = 0.0  # share of the parent's firings where some child fires
     children_covered: float = 0.0  # share of the children's firings where the parent fires
+    # (window, position) of the first tokens where the parent fires and no child does
+    # (absorption candidates), and where some child fires without the parent
+    parent_only: list[tuple[int, int]] = field(default_factory=list)
+    children_only: list[tuple[int, int]] = field(default_factory=list)
 
 
 def find_splits(
@@ -366,12 +381,15 @@ def find_splits(
     split_cosine: float = 0.5,
     child_precision: float = 0.5,
     min_children: int = 2,
+    examples: int = 5,
     windows_per_chunk: int = 256,
     check_stop: Callable[[], None] | None = None,
 ) -> tuple[str, list[Split]]:
     """Parents in the smaller SAE (A when sizes are equal) with at least ``min_children``
     children in the larger, with coverage from a second pass over both indexes.
-    Returns (the parents' side "a" or "b", splits ordered by parent)."""
+    Each split keeps up to ``examples`` tokens where the parent fires without any child, and
+    where a child fires without the parent. Returns (the parents' side "a" or "b", splits
+    ordered by parent)."""
     d_a, d_b = activations.count_a.size, activations.count_b.size
     side = "a" if d_a <= d_b else "b"
     ids, cos = (decoder.ids_ab, decoder.cos_ab) if side == "a" else (decoder.ids_ba, decoder.cos_ba)
@@ -410,13 +428,34 @@ def find_splits(
     )
     both = np.zeros(n_p, dtype=np.int64)
     any_child = np.zeros(n_p, dtype=np.int64)
-    for fa, fb in _chunks_in_step(index_a, index_b, windows_per_chunk):
+    need = {"parent_only": np.zeros(n_p, dtype=np.int64), "children_only": np.zeros(n_p, np.int64)}
+    for need_of in need.values():
+        need_of[list(splits)] = examples
+    ctx_len = index_a.meta.ctx_len
+    for fa, fb, global_index, _ in _chunks_in_step(index_a, index_b, windows_per_chunk):
         if check_stop is not None:
             check_stop()
         fp, fc = (fa, fb) if side == "a" else (fb, fa)
         hit = (fc @ member).astype(bool).astype(np.int32)  # [tokens, n_p]: some child fired
+        joint_hits = hit.multiply(fp).tocsr()
         any_child += np.asarray(hit.sum(axis=0)).ravel()
-        both += np.asarray(hit.multiply(fp).sum(axis=0)).ravel()
+        both += np.asarray(joint_hits.sum(axis=0)).ravel()
+        for kind, only in (("parent_only", fp - joint_hits), ("children_only", hit - joint_hits)):
+            left = need[kind]
+            if not left.any():
+                continue
+            only = only.tocoo()
+            pick = (only.data > 0) & (left[only.col] > 0)
+            rows, cols = only.row[pick], only.col[pick]
+            order = np.lexsort((rows, cols))
+            rows, cols = rows[order], cols[order]
+            starts = np.r_[0, np.flatnonzero(np.diff(cols)) + 1] if len(cols) else np.zeros(0, int)
+            rank = np.arange(len(cols)) - np.repeat(starts, np.diff(np.r_[starts, len(cols)]))
+            take = rank < left[cols]
+            for row, col in zip(rows[take].tolist(), cols[take].tolist(), strict=True):
+                position = int(global_index[row])
+                getattr(splits[col], kind).append(divmod(position, ctx_len))
+            np.subtract.at(left, cols[take], 1)
     for p, split in splits.items():
         split.parent_covered = float(both[p] / max(split.parent_count, 1))
         split.children_covered = float(both[p] / max(any_child[p], 1))

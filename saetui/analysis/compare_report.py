@@ -142,6 +142,8 @@ def compare(
                 "count": s.parent_count,
                 "parent_covered": round(s.parent_covered, 6),
                 "children_covered": round(s.children_covered, 6),
+                "parent_only": [list(t) for t in s.parent_only],
+                "children_only": [list(t) for t in s.children_only],
                 "children": [
                     {**c, "cosine": round(float(c["cosine"]), 6)}
                     for c in sorted(s.children, key=lambda c: -c["cofire"])

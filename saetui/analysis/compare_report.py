@@ -23,6 +23,7 @@ from saetui.errors import SaetuiInputError
 
 SCHEMA = "saetui-compare/1"
 MATCH_THRESHOLDS = (0.5, 0.7, 0.9)
+SPLIT_CANDIDATES = 16  # decoder neighbours a parent's children are looked for among
 
 
 @dataclass
@@ -83,14 +84,19 @@ def compare(
             f"{a.path} has d_in {a.w_dec.shape[1]} and {b.path} has d_in {b.w_dec.shape[1]}: "
             "compare SAEs trained on activations of the same width."
         )
+    # splits and the greedy fallback look at SPLIT_CANDIDATES neighbours; the export keeps top_n
     decoder = match_decoders(
-        a.w_dec, b.w_dec, top_n=top_n, hungarian_max=hungarian_max, device=device
+        a.w_dec,
+        b.w_dec,
+        top_n=max(top_n, SPLIT_CANDIDATES),
+        hungarian_max=hungarian_max,
+        device=device,
     )
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "a": a.describe(),
         "b": b.describe(),
-        "decoder": _decoder_section(decoder, unmatched_below),
+        "decoder": _decoder_section(decoder, unmatched_below, top_n),
         "activation": None,
         "splits": None,
     }
@@ -155,7 +161,7 @@ def compare(
     return report
 
 
-def _decoder_section(decoder: DecoderMatch, unmatched_below: float) -> dict[str, Any]:
+def _decoder_section(decoder: DecoderMatch, unmatched_below: float, top_n: int) -> dict[str, Any]:
     unmatched_a, unmatched_b = decoder.unmatched(unmatched_below)
     return {
         "method": decoder.method,
@@ -167,8 +173,8 @@ def _decoder_section(decoder: DecoderMatch, unmatched_below: float) -> dict[str,
             {"a": int(i), "b": int(j), "cosine": round(float(c), 6)}
             for (i, j), c in zip(decoder.pairs.tolist(), decoder.pair_cos, strict=True)
         ],
-        "neighbours_a_to_b": _neighbours(decoder.ids_ab, decoder.cos_ab),
-        "neighbours_b_to_a": _neighbours(decoder.ids_ba, decoder.cos_ba),
+        "neighbours_a_to_b": _neighbours(decoder.ids_ab[:, :top_n], decoder.cos_ab[:, :top_n]),
+        "neighbours_b_to_a": _neighbours(decoder.ids_ba[:, :top_n], decoder.cos_ba[:, :top_n]),
         "unmatched_below": unmatched_below,
         "unmatched_a": unmatched_a.tolist(),
         "unmatched_b": unmatched_b.tolist(),

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["2048x1024", "65536x65536"])
     parser.add_argument("--d-in", type=int, default=512)
     parser.add_argument("--noise", type=float, default=0.5, help="noise std (rows have std 1)")
-    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--top", type=int, default=16, help="neighbours per feature (CLI: 16)")
     parser.add_argument("--greedy-check", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -277,3 +277,20 @@ def test_a_pruned_pair_table_keeps_the_best_partners(tmp_path):
     fired_b = np.flatnonzero(exact.count_b > 0)
     assert np.array_equal(pruned.best_partners()["b"][0][fired_b], fired_b // 2)
     assert np.array_equal(pruned.count_a, exact.count_a) and pruned.tokens == exact.tokens
+
+
+def test_cli_compares_a_collected_index_with_itself(tiny_index, tmp_path):
+    """A real collection (tiny GPT-2 and SAE): its run config names the SAE, the corpus check
+    passes against itself, and every feature is its own partner."""
+    _, _, path = tiny_index
+    out = tmp_path / "self.json"
+    assert main(["compare", str(path), str(path), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    pairs = report["decoder"]["pairs"]
+    assert all(p["a"] == p["b"] and p["cosine"] > 0.999 for p in pairs)
+    assert all(
+        p["jaccard"] == 1.0 for p in pairs if report["activation"]["best_a"][p["a"]]["count"]
+    )
+    assert report["activation"]["tokens"] > 0
+    fired = [row for row in report["activation"]["best_a"] if row["count"]]
+    assert fired and all(row["partner"] == row["a"] and row["jaccard"] == 1.0 for row in fired)

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings bench-compare sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 
 bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings
+
+# decoder matching at d_sae 2048x1024 (Hungarian) and 65536x65536 (greedy), d_in 512
+bench-compare: install
+	$(PY) benchmarks/bench_compare.py
 
 # postings and queries; the issue's scale: --tokens 10000000 --d-sae 65536 --k 64
 bench-postings: install

@@ -519,6 +519,20 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare two SAEs (index or SAE directories): matched features, splits, unmatched."""
+    from saetui.analysis.compare_report import compare, load_side, summary, write_json
+
+    if args.top < 1:
+        raise SaetuiInputError(f"--top {args.top} must be at least 1 neighbour per feature.")
+    report = compare(load_side(args.a), load_side(args.b), top_n=args.top)
+    print(summary(report))
+    if args.json is not None:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _check_index(path: Path) -> None:
     """A missing path or a directory that is no saetui index: one sentence, exit 2."""
     from saetui.index.format import read_marker
@@ -591,6 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     query.add_argument("--json", action="store_true", help="print JSON")
     query.set_defaults(handler=cmd_query)
+
+    compare = commands.add_parser(
+        "compare", help="match two SAEs' features: decoder cosines, co-firing, splits"
+    )
+    compare.add_argument("a", type=Path, help="index directory or SAE directory")
+    compare.add_argument("b", type=Path, help="index directory or SAE directory")
+    compare.add_argument("--json", type=Path, metavar="OUT", help="write the comparison as JSON")
+    compare.add_argument(
+        "--top", type=int, default=5, help="decoder neighbours per feature (default 5)"
+    )
+    compare.set_defaults(handler=cmd_compare)
 
     open_ = commands.add_parser("open", help="browse an index in the TUI")
     open_.add_argument("index", type=Path, help="index directory")

@@ -305,9 +305,11 @@ class SaetuiApp(App[int]):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="collect")
     def _launch_collector(self, job: CollectionProcess) -> None:
-        """Start the child, unless this very request already finished (no model load)."""
+        """Start the child, unless this very request already finished (no model load).
+        With postings requested the child runs anyway: it builds what the postings lack
+        (nothing when they are complete) and loads no model either."""
         assert self.collect is not None
-        done = finished_result(self.collect)
+        done = None if self.collect.postings else finished_result(self.collect)
         if done is not None:
             job.on_message("outcome", (0, "finished", "done", done.tokens))
             job.on_message("exit", 0)

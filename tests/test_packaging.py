@@ -51,3 +51,6 @@ def test_the_wheel_carries_the_sample_and_runs_the_demo(tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert (away / "index" / "saetui-index.json").exists()
     assert "holds" in demo.stdout
+    # the demo builds the postings, so its queries answer at once
+    query = run("-m", "saetui", "query", str(away / "index"), "f:0 | f:1", "--json")
+    assert query.returncode == 0, query.stderr[-2000:]

@@ -27,11 +27,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/saetui demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
+	$(VENV)/bin/ruff format --check saetui tests scripts benchmarks
 
 bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings
 

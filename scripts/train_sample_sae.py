@@ -155,8 +155,10 @@ def main() -> None:
         print(json.dumps(measure_quality(model, args.out, held_out_docs, args.ctx_len), indent=2))
         return
     activations = collect_activations(model, train_docs, args.ctx_len)
-    print(f"{activations.shape[0]} training tokens at {HOOK} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"{activations.shape[0]} training tokens at {HOOK} ({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     weights, history = train_batchtopk(
         activations, args.d_sae, args.k, args.k_aux, args.epochs, args.batch_size
     )

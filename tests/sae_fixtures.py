@@ -302,8 +302,15 @@ def write_dictionary_learning(
     trainer.update(trainer_extra or {})
     config = {
         "trainer": trainer,
-        "buffer": {"d_submodule": d_in, "io": io, "n_ctxs": 100, "ctx_len": 128,
-                   "refresh_batch_size": 8, "out_batch_size": 64, "device": "cpu"},
+        "buffer": {
+            "d_submodule": d_in,
+            "io": io,
+            "n_ctxs": 100,
+            "ctx_len": 128,
+            "refresh_batch_size": 8,
+            "out_batch_size": 64,
+            "device": "cpu",
+        },
     }
     (directory / "config.json").write_text(json.dumps(config, indent=4))
     return directory, state

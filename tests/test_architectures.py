@@ -173,8 +173,12 @@ def test_an_architecture_transformer_lens_cannot_boot_is_one_sentence(tmp_path):
     from transformers import BioGptConfig, BioGptForCausalLM
 
     config = BioGptConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     BioGptForCausalLM(config).save_pretrained(tmp_path)
     write_tiny_tokenizer(tmp_path)
@@ -223,14 +227,21 @@ def write_case_sae(root: Path, arch: str, case: Case) -> tuple[Path, str, int]:
         return directory, hook, d_in
     if case.format == "sae_core":
         directory, _ = write_sae_core(
-            root / "core", hook_name=f"hook_{case.hook}_out", hook_layer=LAYER, d_in=d_in,
+            root / "core",
+            hook_name=f"hook_{case.hook}_out",
+            hook_layer=LAYER,
+            d_in=d_in,
             d_sae=D_SAE,
         )
         return directory, f"blocks.{LAYER}.hook_{case.hook}_out", d_in
     if case.format == "dictionary_learning":
         directory, _ = write_dictionary_learning(
-            root / "dl", "BatchTopKSAE", d_in=d_in, d_sae=D_SAE,
-            submodule_name=f"{case.hook}_out_layer_{LAYER}", layer=LAYER,
+            root / "dl",
+            "BatchTopKSAE",
+            d_in=d_in,
+            d_sae=D_SAE,
+            submodule_name=f"{case.hook}_out_layer_{LAYER}",
+            layer=LAYER,
         )
         return directory, module_hook(arch, case.hook), d_in
     hooks = {
@@ -239,8 +250,12 @@ def write_case_sae(root: Path, arch: str, case: Case) -> tuple[Path, str, int]:
         "hook_z": f"blocks.{LAYER}.attn.hook_z",
         "hook_z[2]": f"blocks.{LAYER}.attn.hook_z",
     }
-    metadata: dict[str, Any] = {"model_name": arch, "hook_name": hooks[case.hook],
-                                "prepend_bos": True, "context_size": 128}
+    metadata: dict[str, Any] = {
+        "model_name": arch,
+        "hook_name": hooks[case.hook],
+        "prepend_bos": True,
+        "context_size": 128,
+    }
     extra: dict[str, Any] = {"metadata": metadata}
     if case.hook == "hook_z":
         extra["reshape_activations"] = "hook_z"
@@ -346,13 +361,16 @@ def check_head_logit_effects(out: Path, model: Any, sae: Any, head: int) -> None
         for feature in (0, 1):
             promoted = index.neighbours(feature)["logit_promoted"]
             expected = effects[feature].topk(len(promoted.ids))
-            np.testing.assert_allclose(promoted.scores, expected.values.numpy(), rtol=1e-3,
-                                       atol=1e-4)
+            np.testing.assert_allclose(
+                promoted.scores, expected.values.numpy(), rtol=1e-3, atol=1e-4
+            )
 
 
 def test_gemma_scope_on_gemma2(tmp_path, tiny_model, corpus):
     directory, _ = write_gemma_scope(
-        tmp_path, f"gemma-scope-2b-pt-res/layer_{LAYER}/width_16k/average_l0_71", d_in=D_MODEL,
+        tmp_path,
+        f"gemma-scope-2b-pt-res/layer_{LAYER}/width_16k/average_l0_71",
+        d_in=D_MODEL,
         d_sae=D_SAE,
     )
     config, result = collect(tmp_path, tiny_model("gemma2"), directory, corpus)
@@ -412,11 +430,16 @@ def test_threshold_mode_estimates_and_records_the_threshold(tmp_path, tiny_model
     from saetui.corpus import read_corpus
 
     directory, _ = write_sae_core(
-        tmp_path / "sae", hook_name="hook_resid_post", hook_layer=LAYER, d_in=D_MODEL,
-        d_sae=D_SAE, top_k=4,
+        tmp_path / "sae",
+        hook_name="hook_resid_post",
+        hook_layer=LAYER,
+        d_in=D_MODEL,
+        d_sae=D_SAE,
+        top_k=4,
     )
-    config, result = collect(tmp_path, tiny_model("qwen3"), directory, corpus,
-                             batchtopk_mode="threshold")
+    config, result = collect(
+        tmp_path, tiny_model("qwen3"), directory, corpus, batchtopk_mode="threshold"
+    )
     assert result.status == "finished"
     model = load_model(str(tiny_model("qwen3")), device="cpu", numerics="hooked")
     sae = load_sae(directory, batchtopk_mode="threshold")

@@ -253,8 +253,7 @@ def test_forward_scan_matches_token_lookups(finished_index):
         assert len(scanned) == index.progress().counted_tokens
         # Co-occurrence agrees with a brute-force pass over the same tokens.
         with_neighbours = [
-            (feature, index.neighbours(feature)["jaccard"])
-            for feature in range(index.meta.d_sae)
+            (feature, index.neighbours(feature)["jaccard"]) for feature in range(index.meta.d_sae)
         ]
     with_neighbours = [(f, n) for f, n in with_neighbours if len(n.ids)]
     assert with_neighbours

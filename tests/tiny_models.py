@@ -31,12 +31,19 @@ class TokenizerStyle:
 
 
 GPT2_STYLE = TokenizerStyle(("<|endoftext|>",), "<|endoftext|>", "<|endoftext|>", None)
-QWEN3_STYLE = TokenizerStyle(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
-                             "<|endoftext|>")
-LLAMA3_STYLE = TokenizerStyle(("<|begin_of_text|>", "<|end_of_text|>"), "<|begin_of_text|>",
-                              "<|end_of_text|>", None, adds_bos=True)
-GEMMA_STYLE = TokenizerStyle(("<pad>", "<eos>", "<bos>", "<unk>"), "<bos>", "<eos>", "<pad>",
-                             adds_bos=True)
+QWEN3_STYLE = TokenizerStyle(
+    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>"
+)
+LLAMA3_STYLE = TokenizerStyle(
+    ("<|begin_of_text|>", "<|end_of_text|>"),
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    None,
+    adds_bos=True,
+)
+GEMMA_STYLE = TokenizerStyle(
+    ("<pad>", "<eos>", "<bos>", "<unk>"), "<bos>", "<eos>", "<pad>", adds_bos=True
+)
 MISTRAL_STYLE = TokenizerStyle(("<unk>", "<s>", "</s>"), "<s>", "</s>", None, adds_bos=True)
 
 
@@ -53,9 +60,9 @@ def write_family_tokenizer(directory: Path, style: TokenizerStyle) -> dict[str, 
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     if style.adds_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{style.bos} $A", pair=f"{style.bos} $A $B", special_tokens=[
-                (style.bos, vocab[style.bos])
-            ]
+            single=f"{style.bos} $A",
+            pair=f"{style.bos} $A $B",
+            special_tokens=[(style.bos, vocab[style.bos])],
         )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -116,14 +123,22 @@ ARCHITECTURES: dict[str, Architecture] = {
             },
             padded=True,
         ),
-        Architecture("qwen3", "Qwen3Config", "Qwen3ForCausalLM", QWEN3_STYLE, _DECODER,
-                     padded=True),
+        Architecture(
+            "qwen3", "Qwen3Config", "Qwen3ForCausalLM", QWEN3_STYLE, _DECODER, padded=True
+        ),
         Architecture("llama3", "LlamaConfig", "LlamaForCausalLM", LLAMA3_STYLE, _DECODER),
         Architecture("mistral", "MistralConfig", "MistralForCausalLM", MISTRAL_STYLE, _DECODER),
-        Architecture("gemma2", "Gemma2Config", "Gemma2ForCausalLM", GEMMA_STYLE, _DECODER,
-                     post_norms=True),
-        Architecture("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA_STYLE, _DECODER,
-                     post_norms=True),
+        Architecture(
+            "gemma2", "Gemma2Config", "Gemma2ForCausalLM", GEMMA_STYLE, _DECODER, post_norms=True
+        ),
+        Architecture(
+            "gemma3",
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            GEMMA_STYLE,
+            _DECODER,
+            post_norms=True,
+        ),
     )
 }
 

@@ -35,6 +35,8 @@ from saetui.errors import IndexDamagedError, SaetuiInputError
 from saetui.index import format as fmt
 
 WRITER_LOCK_FILE = "writer.lock"
+
+
 def writer_map_size(requested: int = fmt.DEFAULT_MAP_SIZE) -> int:
     """The map size of writers and readers: ``requested`` (virtual; the file grows with
     the data), or half of what an address-space limit (ulimit -v) allows, when there is one.

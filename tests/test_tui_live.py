@@ -139,7 +139,7 @@ def stress_inputs(tmp_path_factory):
                 sae=sae_dir, data=str(corpus), model="smollm2-135m", device="cpu",
                 dtype="float32", numerics="raw", ctx_len=64, batch_size=8, max_tokens=12000,
             ),
-            metrics_tokens=1024,
+            metrics_tokens=256,  # the metrics phase is stopped and restarted: keep it short
         )  # fmt: skip
 
     reference = root / "reference"
@@ -175,8 +175,10 @@ def test_stress_start_pause_resume_quit_cycles_under_load(tmp_path, stress_input
             phases = ["loading", "collecting", "metrics", "neighbours", "done"]
             await wait_for(
                 pilot,
+                # a restarted metrics phase runs five forward passes per sampled window on
+                # two busy cores: minutes, not a hang
                 lambda: phase() in phases[phases.index(target) :] or not app.collecting,
-                300,
+                600,
                 f"phase {target}",
             )
             await pilot.pause(delays[0])
@@ -195,7 +197,7 @@ def test_stress_start_pause_resume_quit_cycles_under_load(tmp_path, stress_input
             await wait_for(pilot, lambda: app.return_code is not None, 60, "exit after q")
 
         print(f"cycle {cycle}: {target} {plan} {[round(d, 2) for d in delays]}", flush=True)
-        _run_app(app, flow, 400)
+        _run_app(app, flow, 700)
         landed = app.outcome[2] if app.outcome else phase()
         outcomes.append((cycle, target, plan, app.return_code, landed))
         assert app.return_code in (0, 130), outcomes[-1]

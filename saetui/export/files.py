@@ -43,3 +43,30 @@ def labels_json(index: Any) -> dict[str, Any]:
         str(f): {"label": label.label, "notes": label.notes}
         for f, label in sorted(index.labels().items())
     }
+
+
+# ---------------------------------------------------------------------- the TUI's exports
+# What the TUI's palette offers: each asks for a path (these names in the current
+# directory by default) and writes there from a worker thread.
+
+
+def default_name(kind: str, feature: int | None = None) -> str:
+    """The file name an export of ``kind`` ("feature", "labels" or "table") suggests."""
+    if kind == "feature":
+        return f"saetui-feature-{feature}.json"
+    return {"labels": "saetui-labels.json", "table": "saetui-features.json"}[kind]
+
+
+def export_feature(index: Any, feature: int, path: str | Path) -> Path:
+    """Write one feature (:func:`feature_json`) to ``path``; returns the absolute path."""
+    return write_json(path, feature_json(index, feature))
+
+
+def export_labels(index: Any, path: str | Path) -> Path:
+    """Write every label and note (:func:`labels_json`) to ``path``."""
+    return write_json(path, labels_json(index))
+
+
+def export_rows(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write the feature table's rows (as the TUI's source lists them) to ``path``."""
+    return write_json(path, rows)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
 from saetui.errors import SaetuiInputError
 
@@ -154,7 +155,7 @@ REGISTRY: tuple[KeyAction, ...] = (
 _BY_ID = {entry.id: entry for entry in REGISTRY}
 
 
-def bindings(scope: str) -> list[Binding]:
+def bindings(scope: str) -> list[BindingType]:
     """The Textual bindings of one scope, for a class's BINDINGS."""
     return [entry.binding() for entry in REGISTRY if entry.scope == scope]
 
@@ -197,14 +198,15 @@ def load_keymap(path: Path | None = None) -> dict[str, str]:
         if path.suffix == ".json":
             raw = json.loads(text)
         else:
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # Python 3.10
+
+                raw = tomllib.loads(text)
+            else:
                 raise SaetuiInputError(
                     f"{path}: reading TOML needs Python 3.11; write the same mapping to "
                     f"{path.with_suffix('.json')} instead."
-                ) from None
-            raw = tomllib.loads(text)
+                )
     except (OSError, ValueError) as error:
         raise SaetuiInputError(
             f"{path} is not a readable key-binding file ({error}): fix or delete it."

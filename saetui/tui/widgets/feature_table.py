@@ -22,6 +22,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from saetui.tui.bindings import bindings
+from saetui.tui.messages import OpenFeature
 from saetui.tui.model import FILTERS, SORT_COLUMNS, FeatureRow, TablePage, TableQuery
 from saetui.tui.render import format_density, format_value, show_token
 
@@ -85,7 +86,7 @@ def format_header(width: int, query: TableQuery) -> str:
 
 
 class FeatureTable(ScrollView, can_focus=True):
-    """Every feature of the index; Enter posts :class:`FeatureTable.OpenFeature`."""
+    """Every feature of the index; Enter posts :class:`saetui.tui.messages.OpenFeature`."""
 
     BINDINGS = bindings("table")
     COMPONENT_CLASSES = {"feature-table--cursor", "feature-table--placeholder"}
@@ -97,11 +98,6 @@ class FeatureTable(ScrollView, can_focus=True):
     """
 
     cursor: reactive[int] = reactive(0, always_update=True, repaint=False)
-
-    class OpenFeature(Message):
-        def __init__(self, feature: int) -> None:
-            super().__init__()
-            self.feature = feature
 
     class Highlighted(Message):
         def __init__(self, row: FeatureRow | None, index: int, total: int) -> None:
@@ -331,7 +327,7 @@ class FeatureTable(ScrollView, can_focus=True):
     def action_open(self) -> None:
         row = self.current_row
         if row is not None:
-            self.post_message(self.OpenFeature(row.feature))
+            self.post_message(OpenFeature(row.feature))
 
     async def _on_click(self, event: events.Click) -> None:
         self.move_cursor(int(self.scroll_offset.y) + event.y)

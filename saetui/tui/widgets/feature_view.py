@@ -27,6 +27,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from saetui.tui.bindings import bindings
+from saetui.tui.messages import OpenFeature
 from saetui.tui.model import Context, FeatureDetail
 from saetui.tui.render import (
     context_segments,
@@ -132,11 +133,6 @@ class FeatureView(ScrollView, can_focus=True):
     FeatureView > .feature-view--cursor { background: $primary 35%; }
     FeatureView:focus > .feature-view--cursor { background: $primary 70%; }
     """
-
-    class OpenFeature(Message):
-        def __init__(self, feature: int) -> None:
-            super().__init__()
-            self.feature = feature
 
     class OpenContext(Message):
         def __init__(self, feature: int, context: Context) -> None:
@@ -438,7 +434,7 @@ class FeatureView(ScrollView, can_focus=True):
         if target is None:
             return
         if target.kind == "feature":
-            self.post_message(self.OpenFeature(target.feature))
+            self.post_message(OpenFeature(target.feature))
         elif target.context is not None:
             self.post_message(self.OpenContext(target.feature, target.context))
 

@@ -9,12 +9,12 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from saetui.tui.bindings import bindings
+from saetui.tui.messages import OpenFeature
 from saetui.tui.render import feature_ref, show_token
 from saetui.tui.widgets.tokens import TokenStrip
 
@@ -32,11 +32,6 @@ class ProbePane(Vertical):
     ProbePane OptionList { width: 1fr; height: 1fr; border: round $panel; }
     ProbePane OptionList:focus { border: round $accent; }
     """
-
-    class OpenFeature(Message):
-        def __init__(self, feature: int) -> None:
-            super().__init__()
-            self.feature = feature
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -215,7 +210,7 @@ class ProbePane(Vertical):
         features = self._ranked if options.id == "probe-ranked" else self._token_features
         index = options.highlighted
         if index is not None and index < len(features):
-            self.post_message(self.OpenFeature(features[index]))
+            self.post_message(OpenFeature(features[index]))
 
     def action_steer(self) -> None:
         """Ask for features and strengths, then generate steered and unsteered text."""

@@ -140,7 +140,7 @@ class RunPane(VerticalScroll, can_focus=True):
         for key, value in run_facts(state):
             config.add_row(key, value)
         self.query_one("#run-config", Static).update(config)
-        cards = list(self.query(".card"))
+        cards = list(self.query(".card").results(Static))
         for card, (title, names) in zip(cards, CARDS, strict=True):
             card.update(_card(title, _metric(state.metrics, names)))
 
@@ -196,7 +196,7 @@ class RunPane(VerticalScroll, can_focus=True):
             "dense_1pct": f"{sum(d > 0.01 for d in plots.density):,}",
             "dense_10pct": f"{sum(d > 0.1 for d in plots.density):,}",
         }
-        cards = list(self.query(".card"))
+        cards = list(self.query(".card").results(Static))
         for card, (title, names) in zip(cards, CARDS, strict=True):
             if _metric(metrics, names) != "–":
                 continue

@@ -1,17 +1,19 @@
 """The app's door to an index: wraps :class:`saetui.index.IndexReader` and turns its results
 into the display types of :mod:`saetui.tui.model`. No analysis here, only reads, joins with
 labels/bookmarks, and caching. Every method blocks: the app calls them from thread workers.
+
+Three modules, one class: :mod:`saetui.tui.source_base` (opening the reader, the cache),
+:mod:`saetui.tui.source_table` (the feature table's rows), and this one (queries, the run,
+a feature's detail, labels and bookmarks).
 """
 
 from __future__ import annotations
 
-import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from saetui.errors import IndexEmptyError, IndexMissingError, SaetuiInputError
+from saetui.errors import SaetuiInputError
 from saetui.tui.model import (
     ActiveFeature,
     Context,
@@ -21,73 +23,19 @@ from saetui.tui.model import (
     QueryResult,
     RunPlots,
     RunState,
-    TablePage,
-    TableQuery,
 )
-from saetui.tui.render import show_token
+from saetui.tui.source_base import IndexNotReady
+from saetui.tui.source_table import DENSE_THRESHOLD, TOP_TOKENS_SHOWN, TableReads
 
-DENSE_THRESHOLD = 0.01  # "dense" = fires on more than 1% of tokens
-TOP_TOKENS_SHOWN = 3
+__all__ = ["DENSE_THRESHOLD", "IndexNotReady", "IndexSource"]
+
 LOGIT_PREFIX = "logit_"  # neighbour metrics holding token ids: a feature's logit effects
 
 
-class IndexNotReady(Exception):
-    """The index has no committed data yet (a collection is starting)."""
-
-
-class IndexSource:
+class IndexSource(TableReads):
     """Reads one index for the app; opens the reader lazily (the index may not exist yet
-    while a collection starts)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._reader: Any = None
-        self._lock = threading.Lock()
-        self._user_generation = 0
-        self._cache: dict[tuple[Any, ...], Any] = {}
-        self._closed = False
-        self._engine: Any = None  # the QueryEngine, opened on the first query
-
-    # ------------------------------------------------------------------ plumbing
-
-    @property
-    def reader(self) -> Any:
-        """The open IndexReader; IndexNotReady until the first commit, SaetuiInputError when
-        the path is not a readable index."""
-        with self._lock:
-            if self._closed:
-                raise IndexNotReady("the index is closed")
-            if self._reader is None:
-                from saetui.index import open_index
-
-                if not self.path.exists():
-                    raise IndexNotReady(f"waiting for {self.path} to be created")
-                try:
-                    self._reader = open_index(self.path)
-                except (IndexEmptyError, IndexMissingError) as error:
-                    raise IndexNotReady(str(error)) from None
-            return self._reader
-
-    def reopen(self) -> None:
-        """Read the index afresh (e.g. after ``--overwrite`` swapped a new one in)."""
-        with self._lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            self._cache.clear()
-
-    def is_open(self) -> bool:
-        return self._reader is not None
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+    while a collection starts). The plumbing is :class:`SourceBase`, the table's reads
+    :class:`TableReads`."""
 
     # ------------------------------------------------------------------ queries
 
@@ -148,19 +96,6 @@ class IndexSource:
             locations=[(window, pos) for _, window, pos in view.locations],
         )
 
-    def _cached(self, key: tuple[Any, ...], make: Any) -> Any:
-        hit = self._cache.get(key)
-        if hit is None:
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            hit = self._cache[key] = make()
-        return hit
-
-    def _serial(self) -> tuple[int, ...]:
-        """Changes when the feature summaries change (the reader's checkpoint serial)."""
-        progress = self.reader.progress()
-        return (progress.summary_windows, progress.windows, int(progress.finished))
-
     # ------------------------------------------------------------------ run
 
     def run_state(self) -> RunState:
@@ -185,12 +120,6 @@ class IndexSource:
             details=reader.get_meta("run_details") or {},
         )
 
-    def _columns(self, sort: str = "id", descending: bool = False, filter: Any = None) -> Any:
-        reader = self.reader
-        return reader.features(
-            sort=sort, descending=descending, filter=filter, page=0, page_size=reader.meta.d_sae
-        )
-
     def run_plots(self) -> RunPlots:
         page = self._columns()
         alive = page.count > 0
@@ -203,199 +132,6 @@ class IndexSource:
             density=page.density[alive].tolist(),
             l0_histogram=l0_hist,
         )
-
-    # ------------------------------------------------------------------ table
-
-    def _filter(self, query: TableQuery) -> Any:
-        from saetui.index import FeatureFilter
-
-        args: dict[str, Any] = {}
-        if query.filter == "alive":
-            args["alive"] = True
-        elif query.filter == "dead":
-            args["alive"] = False
-        elif query.filter == "dense":
-            args["min_density"] = DENSE_THRESHOLD
-        elif query.filter == "labelled":
-            args["labelled"] = True
-        elif query.filter == "unlabelled":
-            args["labelled"] = False
-        if query.density_min is not None:
-            args["min_density"] = max(args.get("min_density", 0.0), query.density_min)
-        if query.density_max is not None:
-            args["max_density"] = query.density_max
-        return FeatureFilter(**args) if args else None
-
-    def _bookmarks(self) -> set[int]:
-        return {b.feature for b in self.reader.bookmarks()}
-
-    def search_ids(self, text: str) -> list[int]:
-        """Features matching a search, label matches first, then token matches:
-
-        - ``123`` or ``#123``: that feature;
-        - ``word``: labels and notes containing it, and tokens equal to it without their
-          leading space, any case (``the`` finds " the" and "The", not "their");
-        - ``"  the"`` in quotes: tokens exactly as typed, spaces included;
-        - ``*ing`` / ``pho*``: tokens matching the pattern (``*`` any text).
-        """
-        reader = self.reader
-        if not text.strip():
-            return []
-        number = text.strip().lstrip("#")
-        if number.isdigit():
-            feature = int(number)
-            return [feature] if feature < reader.meta.d_sae else []
-        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'"
-        if quoted:
-            needle, match = text[1:-1], "raw"
-        else:
-            needle = text.strip()
-            match = "glob" if any(c in needle for c in "*?[") else "word"
-        if not needle:
-            return []
-        lowered = needle.strip().lower()
-        ids = [
-            f
-            for f, label in sorted(reader.labels().items())
-            if not quoted and lowered in (label.label + " " + label.notes).lower()
-        ]
-        seen = set(ids)
-        for hit in reader.search_tokens(needle, limit=500, match=match):
-            if hit.feature not in seen:
-                seen.add(hit.feature)
-                ids.append(hit.feature)
-        return ids
-
-    def page(self, query: TableQuery, offset: int, limit: int) -> TablePage:
-        reader = self.reader
-        serial = self._serial()
-        generation = hash((serial, self._user_generation))
-        bookmarks = self._bookmarks()
-        if query.search or query.filter == "bookmarked" or query.sort == "score":
-            key = ("subset", query, generation)
-            ids = self._cached(key, lambda: self._subset(query, bookmarks))
-            rows_ids = ids[offset : offset + limit]
-            columns = self._cached(("columns", generation), self._columns)
-            labels = reader.labels()
-            rows = [
-                self._row(
-                    int(f),
-                    columns.count[f],
-                    columns.density[f],
-                    columns.mean[f],
-                    columns.max[f],
-                    labels[f].label if f in labels else "",
-                    bookmarks,
-                    serial,
-                )
-                for f in rows_ids
-            ]
-            return TablePage(total=len(ids), offset=offset, rows=rows, generation=generation)
-        if offset % limit:
-            raise ValueError("page offsets must be multiples of the page size")
-        page = reader.features(
-            sort=query.sort,
-            descending=query.descending,
-            filter=self._filter(query),
-            page=offset // limit,
-            page_size=limit,
-        )
-        rows = [
-            self._row(int(f), c, d, m, x, label, bookmarks, serial)
-            for f, c, d, m, x, label in zip(
-                page.feature.tolist(),
-                page.count.tolist(),
-                page.density.tolist(),
-                page.mean.tolist(),
-                page.max.tolist(),
-                page.labels,
-                strict=True,
-            )
-        ]
-        return TablePage(total=int(page.total), offset=offset, rows=rows, generation=generation)
-
-    def step(self, query: TableQuery, feature: int, delta: int) -> int:
-        """The feature ``delta`` rows from ``feature`` in the table's order under ``query``
-        (clamped at its ends); by id when ``feature`` is not among the rows."""
-        if query.search or query.filter == "bookmarked":
-            order = self._subset(query, self._bookmarks())
-        else:
-            order = self._columns(query.sort, query.descending, self._filter(query)).feature
-        where = np.flatnonzero(order == feature)
-        if not len(order) or not len(where):
-            return int(min(max(feature + delta, 0), self.reader.meta.d_sae - 1))
-        return int(order[min(max(int(where[0]) + delta, 0), len(order) - 1)])
-
-    def _subset(self, query: TableQuery, bookmarks: set[int]) -> np.ndarray:
-        """Feature ids of a search or the bookmark filter, in the query's sort order (search
-        results stay in relevance order while the sort is the default, by id)."""
-        by_score = query.sort == "score"
-        sort = "id" if by_score else query.sort
-        columns = self._columns(sort, query.descending and not by_score, self._filter(query))
-        order = columns.feature
-        if by_score:  # scored features first, best (or worst, reversed) first
-            scores = self.scores()
-            order = np.array(
-                sorted(
-                    order.tolist(),
-                    key=lambda f: (
-                        f not in scores,
-                        -scores.get(f, 0.0) if query.descending else scores.get(f, 0.0),
-                    ),
-                ),
-                dtype=np.int64,
-            )
-        if query.filter == "bookmarked":
-            order = order[np.isin(order, np.fromiter(bookmarks, np.int64, len(bookmarks)))]
-        if not query.search:
-            return order
-        found = self.search_ids(query.search)
-        if query.sort == "id" and not query.descending:
-            allowed = set(order.tolist())
-            return np.array([f for f in found if f in allowed], dtype=np.int64)
-        return order[np.isin(order, np.array(found, dtype=np.int64))]
-
-    def scores(self) -> dict[int, float]:
-        """Each scored feature's imported explanation score (the mean over its scorers)."""
-        from saetui.export.scores import feature_scores
-
-        key = ("scores", self._user_generation)
-        return self._cached(
-            key,
-            lambda: {
-                f: sum(per.values()) / len(per)
-                for f, per in feature_scores(self.reader).items()
-                if per
-            },
-        )
-
-    def _row(
-        self,
-        feature: int,
-        count: Any,
-        density: Any,
-        mean: Any,
-        max_value: Any,
-        label: str,
-        bookmarks: set[int],
-        serial: tuple[int, ...],
-    ) -> FeatureRow:
-        tokens = self._cached(("top_tokens", feature, serial), lambda: self._top_tokens(feature))
-        return FeatureRow(
-            feature=feature,
-            label=label,
-            density=float(density),
-            mean=float(mean),
-            max=float(max_value),
-            count=int(count),
-            top_tokens=tokens,
-            bookmarked=feature in bookmarks,
-            score=self.scores().get(feature),
-        )
-
-    def _top_tokens(self, feature: int) -> str:
-        top = self.reader.top_tokens(feature)[:TOP_TOKENS_SHOWN]
-        return " ".join(repr(show_token(token)) for token, _ in top)
 
     # ------------------------------------------------------------------ feature
 
@@ -555,29 +291,6 @@ class IndexSource:
 
     def labels_of_all(self) -> dict[int, str]:
         return {f: label.label for f, label in self.reader.labels().items()}
-
-    # ------------------------------------------------------------------ table export (JSON)
-
-    def export_table(self, query: TableQuery) -> list[dict[str, Any]]:
-        """Every row matching the table's sort and filter (search and bookmark filter too)."""
-        reader = self.reader
-        if query.search or query.filter == "bookmarked":
-            ids = self._subset(query, self._bookmarks())
-        else:
-            ids = self._columns(query.sort, query.descending, self._filter(query)).feature
-        columns = self._columns()
-        labels = reader.labels()
-        return [
-            {
-                "feature": int(f),
-                "label": labels[f].label if f in labels else "",
-                "density": float(columns.density[f]),
-                "mean": float(columns.mean[f]),
-                "max": float(columns.max[f]),
-                "count": int(columns.count[f]),
-            }
-            for f in ids.tolist()
-        ]
 
 
 def _share(stats: Any, low: float, high: float) -> str:

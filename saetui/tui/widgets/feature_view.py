@@ -5,22 +5,20 @@ are headings in one list, so j/k walks through all of them and Enter acts on the
 context opens the context view, a neighbour opens that feature.
 
 Drawn with the Line API: :meth:`FeatureView.show` only records what each row is (a cheap
-list of painters); a row becomes segments when it is first painted, and the strip is cached
-until the next feature or resize. Switching features therefore costs the rows on screen,
-not the ~120 rows of the whole view.
+list of painters, made by :mod:`saetui.tui.widgets.feature_rows`); a row becomes segments
+when it is first painted, and the strip is cached until the next feature or resize.
+Switching features therefore costs the rows on screen, not the ~120 rows of the whole view.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import events
+from textual.cache import LRUCache
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.scroll_view import ScrollView
@@ -29,98 +27,9 @@ from textual.strip import Strip
 from saetui.tui.bindings import bindings
 from saetui.tui.messages import OpenFeature
 from saetui.tui.model import Context, FeatureDetail
-from saetui.tui.render import (
-    context_segments,
-    feature_ref,
-    format_value,
-    show_token,
-)
+from saetui.tui.widgets.feature_rows import Row, Target, feature_rows
 
-NEIGHBOUR_TITLES = {
-    "cosine": "Nearest features by decoder cosine",
-    "decoder_cosine": "Nearest features by decoder cosine",
-    "jaccard": "Co-occurring features (Jaccard)",
-    "npmi": "Co-occurring features (NPMI)",
-    "p_g_given_f": "Co-occurring features (P(g|f))",
-}
-HEADING = Style(bold=True, color="bright_cyan")
-VALUE = Style(bold=True)
 CACHED_STRIPS = 512
-
-Painter = Callable[[int], list[Segment]]  # width -> the row's segments
-Row = Text | Painter  # a Text row is rendered through the app's console
-
-
-@dataclass(frozen=True)
-class Target:
-    """What Enter on a row does."""
-
-    kind: str  # "context" or "feature"
-    feature: int = -1
-    context: Context | None = None
-
-
-def _context_painter(context: Context, top: float, delta: float | None = None) -> Painter:
-    """A context row: the activation, the loss change of its ablation when known, then
-    the tokens around the firing one."""
-
-    def paint(width: int) -> list[Segment]:
-        value = Segment(f"{format_value(context.value):>6} ", VALUE)
-        cells = [value]
-        if delta is not None:
-            style = Style(color="green" if delta > 0 else "red")
-            cells.append(Segment(f"Δ{delta:+.2f} ", style))
-        used = sum(len(cell.text) for cell in cells)
-        line = context_segments(
-            context.tokens, context.values, context.position, width - used, max_value=top
-        )
-        return [*cells, *line]
-
-    return paint
-
-
-def histogram_rows(histogram: list[tuple[float, int]], width: int = 30) -> list[Text]:
-    """A horizontal bar chart, one row per octave [lo, 2·lo): the value axis on the left,
-    the token count on the right."""
-    octaves: dict[float, int] = {}
-    for lower, count in histogram:
-        octave = 2.0 ** math.floor(math.log2(lower)) if lower > 0 else 0.0
-        octaves[octave] = octaves.get(octave, 0) + count
-    top = max(octaves.values(), default=0) or 1
-    rows = []
-    for low in sorted(octaves, reverse=True):
-        count = octaves[low]
-        cells = count / top * width
-        bar = "█" * int(cells) + (" ▏▎▍▌▋▊▉"[int((cells % 1) * 8)] if cells % 1 else "")
-        rows.append(
-            Text.assemble(
-                (f"  {format_value(low):>6}–{format_value(2 * low):<6} ", "dim"),
-                (f"{bar:<{width + 1}}", "green"),
-                f" {count:,}",
-            )
-        )
-    return rows
-
-
-def logit_rows(
-    promoted: list[tuple[str, float]], suppressed: list[tuple[str, float]]
-) -> list[Text]:
-    """Promoted and suppressed tokens side by side, each with its logit effect."""
-    rows = []
-    for i in range(max(len(promoted), len(suppressed))):
-        up = promoted[i] if i < len(promoted) else None
-        down = suppressed[i] if i < len(suppressed) else None
-        row = Text("  ")
-        if up is not None:
-            row.append(f"↑ {repr(show_token(up[0]))[:18]:<18} ", "green")
-            row.append(f"{up[1]:+7.3f}")
-        else:
-            row.append(" " * 28)
-        if down is not None:
-            row.append(f"    ↓ {repr(show_token(down[0]))[:18]:<18} ", "red")
-            row.append(f"{down[1]:+7.3f}")
-        rows.append(row)
-    return rows
 
 
 class FeatureView(ScrollView, can_focus=True):
@@ -145,7 +54,7 @@ class FeatureView(ScrollView, can_focus=True):
         self.detail: FeatureDetail | None = None
         self.targets: list[Target | None] = []
         self._painters: list[Row] = []
-        self._strips: dict[tuple[int, int], Strip] = {}
+        self._strips: LRUCache[tuple[int, int], Strip] = LRUCache(CACHED_STRIPS)
         self._highlighted: int | None = None
         self._base_style = Style()
         self._cursor_style = Style()
@@ -229,88 +138,9 @@ class FeatureView(ScrollView, can_focus=True):
         return None
 
     def _build(self, detail: FeatureDetail) -> None:
-        painters: list[Row] = []
-        targets: list[Target | None] = []
-        feature = detail.row.feature
-
-        def text_row(text: Text, target: Target | None = None) -> None:
-            painters.append(text)
-            targets.append(target)
-
-        def heading(text: str) -> None:
-            text_row(Text(text, style=HEADING))
-
-        def note(text: str | Text) -> None:
-            text_row(text if isinstance(text, Text) else Text(text, style="dim"))
-
-        def context_row(context: Context, top: float) -> None:
-            delta = self.ablations.get((context.window, context.window_position))
-            painters.append(_context_painter(context, top, delta))
-            targets.append(Target("context", feature, context))
-
-        top = detail.row.max or max((c.value for c in detail.contexts), default=0.0)
-        if detail.row.count == 0:
-            note(
-                Text(
-                    "This feature never fired in the tokens collected so far"
-                    f" ({detail.tokens_seen:,} tokens).",
-                    style="yellow",
-                )
-            )
-        heading(f"Top activations ({len(detail.contexts)})")
-        note(
-            Text(self.ablation_note, style="italic")
-            if self.ablation_note
-            else "  a: ablate — each context's loss change (Δ) when this feature is removed"
+        self._set_rows(
+            *feature_rows(detail, self.ablations, self.ablation_note, self.ablation_effects)
         )
-        if not detail.contexts:
-            note("  none yet")
-        for context in detail.contexts:
-            context_row(context, top)
-        if detail.samples:
-            heading("Activation intervals (samples from high to low)")
-            for interval, contexts in detail.samples:
-                note(Text(f"  {interval}", style="italic"))
-                for context in contexts:
-                    context_row(context, top)
-        if self.ablation_effects:
-            heading("Ablation: what it did at the firing token (next token; logits it moved)")
-            for context in detail.contexts:
-                effect = self.ablation_effects.get((context.window, context.window_position))
-                if effect is None:
-                    continue
-                row = Text(f"  Δ{effect['delta']:+.2f} → {show_token(effect.get('next', ''))!r}  ")
-                for token, value in effect.get("promoted", []):
-                    row.append(f"{show_token(token)!r} {value:+.2f} ", "green")
-                for token, value in effect.get("suppressed", []):
-                    row.append(f"{show_token(token)!r} {value:+.2f} ", "red")
-                text_row(row, Target("context", feature, context))
-        if detail.histogram:
-            heading("Activation histogram (count per octave of activation value)")
-            for row in histogram_rows(detail.histogram):
-                note(row)
-        if detail.top_tokens:
-            heading("Top tokens (in the top activations)")
-            shown = "  ".join(f"{show_token(t)}×{c}" for t, c in detail.top_tokens[:30])
-            note(Text(shown))
-        heading("Logit effects (W_dec · W_U): tokens it promotes ↑ and suppresses ↓")
-        if detail.promoted or detail.suppressed:
-            for row in logit_rows(detail.promoted, detail.suppressed):
-                note(row)
-        else:
-            note("  not stored in this index; computed once the model is loaded (tab 4)")
-        if not detail.neighbours:
-            heading("Related features")
-            note("  no neighbours stored in this index yet")
-        for metric, entries in detail.neighbours.items():
-            heading(NEIGHBOUR_TITLES.get(metric, f"Related features ({metric})"))
-            for entry in entries:
-                text_row(
-                    Text("  ")
-                    + feature_ref(entry.feature, entry.label, entry.top_tokens, entry.value),
-                    Target("feature", entry.feature),
-                )
-        self._set_rows(painters, targets)
 
     # ------------------------------------------------------------------ drawing
 
@@ -323,15 +153,13 @@ class FeatureView(ScrollView, can_focus=True):
         key = (index, width)
         strip = self._strips.get(key)
         if strip is None:
-            if len(self._strips) >= CACHED_STRIPS:
-                self._strips.clear()
             row = self._painters[index]
             if isinstance(row, Text):
                 segments = list(row.render(self.app.console))
             else:
                 segments = row(width)
             strip = Strip(Segment.adjust_line_length(segments, width), width)
-            strip = self._strips[key] = strip
+            self._strips.set(key, strip)
         return strip
 
     def render_lines(self, crop: Region) -> list[Strip]:

@@ -34,12 +34,8 @@ from saetui.index import env as envs
 from saetui.index import format as fmt
 from saetui.index.env import WriterLock
 from saetui.index.layout import ShardLayout, solo_layout
-from saetui.index.summary import (
-    FeatureSummaries,
-    SummarySnapshot,
-    load_snapshot_records,
-    summary_record_chunks,
-)
+from saetui.index.records import SummarySnapshot, load_snapshot_records, summary_record_chunks
+from saetui.index.summary import FeatureSummaries
 
 TOKEN_METRIC_PREFIX = "logit_"
 _SUMMARY_DBS = (fmt.DB_FSUM, fmt.DB_FHIST, fmt.DB_FTOPK, fmt.DB_FSAMP, fmt.DB_TTOK)

@@ -123,7 +123,8 @@ def sample_hash(feature: int, global_index: np.ndarray) -> np.ndarray:
     x ^= np.array([feature], dtype=_U64) * _GOLD_U
     x *= _C2_U
     x ^= x >> _U64(29)
-    return (x & _U64((1 << 62) - 1)).astype(np.int64)
+    hashed: np.ndarray = (x & _U64((1 << 62) - 1)).astype(np.int64)
+    return hashed
 
 
 # --- whole snapshots <-> records ---------------------------------------------------
@@ -182,7 +183,7 @@ def summary_record_chunks(
         valid = gidx >= 0
         order = np.argsort(~valid, axis=1, kind="stable")
         samp = np.empty(gidx.shape, SAMP_DTYPE)
-        samp["bin"] = np.broadcast_to(np.arange(samp.shape[1]) // s, samp.shape)
+        samp["bin"] = np.broadcast_to(np.arange(gidx.shape[1]) // s, gidx.shape)
         samp["gidx"], samp["bits"], samp["tok"] = gidx, snap.samp_bits[a:b], snap.samp_tok[a:b]
         samp = np.take_along_axis(samp, order, axis=1)
         yield "fsamp", _ragged(samp, valid.sum(1), a)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from saetui.errors import SaetuiInputError
+
+ArrayInput = npt.ArrayLike | torch.Tensor  # numpy, torch (any device) or nested lists
 
 
 @dataclass
@@ -27,7 +29,7 @@ class WindowBatch:
     mask: np.ndarray  # bool [n_tokens], False = BOS/pad
 
 
-def as_numpy(x: Any) -> np.ndarray:
+def as_numpy(x: ArrayInput) -> np.ndarray:
     """A numpy view of an array-like argument (a torch tensor is moved to the CPU)."""
     if isinstance(x, torch.Tensor):
         out: np.ndarray = x.detach().to("cpu").numpy()
@@ -38,11 +40,11 @@ def as_numpy(x: Any) -> np.ndarray:
 def check_batch(
     first: int,
     wids: np.ndarray,
-    tokens: Sequence[Any] | np.ndarray,
+    tokens: Sequence[ArrayInput] | np.ndarray | torch.Tensor,
     segments: Sequence[Sequence[Sequence[int]]],
-    feature_ids: Any,
-    values: Any,
-    mask: Any,
+    feature_ids: ArrayInput,
+    values: ArrayInput,
+    mask: ArrayInput | None,
     lengths: Sequence[int] | np.ndarray | None,
     ctx_len: int,
     d_sae: int,

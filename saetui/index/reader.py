@@ -17,7 +17,7 @@ The reader is a front over four parts, one job each:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +246,7 @@ class IndexReader:
         """Store (or replace) the user's label and notes for a feature."""
         self.user.set_labels({self._check_feature(feature): (label, notes)})
 
-    def set_labels(self, labels: dict[int, str | tuple[str, str]]) -> None:
+    def set_labels(self, labels: Mapping[int, str | tuple[str, str]]) -> None:
         """Store many labels in one short write transaction (e.g. `saetui labels import`)."""
         self.user.set_labels(labels)
 

@@ -18,12 +18,11 @@ into the on-disk records and back.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
 from saetui.index import codec
+from saetui.index.batch import ArrayInput
 from saetui.index.format import (
     GIDX_BITS,
     GIDX_MASK,
@@ -207,13 +206,13 @@ class FeatureSummaries:
     def update_windows(
         self,
         first_window: int,
-        lengths: Any,
-        token_ids: Any,
-        feature_ids: Any,
-        values: Any,
-        mask: Any = None,
+        lengths: ArrayInput,
+        token_ids: ArrayInput,
+        feature_ids: ArrayInput,
+        values: ArrayInput,
+        mask: ArrayInput | None = None,
         _checked: bool = False,
-        window_ids: Any = None,
+        window_ids: ArrayInput | None = None,
     ) -> None:
         """Merge consecutive windows starting at `first_window` (must equal next_window).
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from saetui.errors import IndexDamagedError, SaetuiInputError
 from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
-from saetui.index.batch import as_numpy, check_batch
+from saetui.index.batch import ArrayInput, as_numpy, check_batch
 from saetui.index.commit import (
     Checkpoint,
     CommitThread,
@@ -220,10 +220,14 @@ class IndexWriter:
             "committed: restore the index from a copy, or pass overwrite to rebuild it."
         )
 
-    def _global(self, local: Any) -> Any:
+    @overload
+    def _global(self, local: int) -> int: ...
+    @overload
+    def _global(self, local: np.ndarray) -> np.ndarray: ...
+    def _global(self, local: int | np.ndarray) -> int | np.ndarray:
         """Global window id(s) of this shard's local window id(s)."""
         if self.layout is None:
-            return local if np.ndim(local) == 0 else np.asarray(local, dtype=np.int64)
+            return local if isinstance(local, int) else np.asarray(local, dtype=np.int64)
         return self.layout.global_window(local)
 
     def _replay(self, first: int, end: int) -> None:
@@ -296,11 +300,11 @@ class IndexWriter:
     def add_windows(
         self,
         window_ids: Sequence[int] | np.ndarray,
-        tokens: Sequence[Any] | np.ndarray,
+        tokens: Sequence[ArrayInput] | np.ndarray | torch.Tensor,
         segments: Sequence[Sequence[Sequence[int]]],
-        feature_ids: Any,
-        values: Any,
-        mask: Any = None,
+        feature_ids: ArrayInput,
+        values: ArrayInput,
+        mask: ArrayInput | None = None,
         lengths: Sequence[int] | np.ndarray | None = None,
         *,
         summaries_done: bool = False,
@@ -402,7 +406,7 @@ class IndexWriter:
         self._snapshot_window = self._local_next
         self._last_checkpoint = time.monotonic()
 
-    def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
+    def put_neighbours(self, metric: str, ids: ArrayInput, scores: ArrayInput) -> None:
         """Store top-N neighbours per feature for `metric` (ids < 0 mark empty slots).
 
         Metrics named ``logit_*`` hold token ids (a feature's logit effects), not features.

@@ -235,6 +235,46 @@ def test_bad_paths_and_files(tmp_path):
         assert r.token(4, 0).window == 4  # the rest stays readable
 
 
+def test_missing_committed_records_are_damage_sentences(tmp_path):
+    """A committed window record or progress record that is gone reads as damage, with the
+    shard named (not a TypeError from decoding None)."""
+    import lmdb
+
+    from saetui.errors import IndexDamagedError
+
+    path = tmp_path / "ix"
+    write_synthetic(path, CORPUS, 12)
+    env = lmdb.open(str(path / "shard-00000"), max_dbs=16, lib_version=0)
+    with env.begin(write=True) as txn:
+        assert txn.delete((5).to_bytes(8, "big"), db=env.open_db(b"tok", txn=txn, create=False))
+    env.close()
+    with open_index(path) as r:
+        with pytest.raises(IndexDamagedError, match="window 5 of shard 0 .* missing"):
+            list(r.iter_forward())
+        with pytest.raises(IndexDamagedError, match="window 5 of shard 0 .* missing"):
+            list(r.scan_forward(0))
+        assert r.window(4).window == 4  # the rest stays readable
+
+    env = lmdb.open(str(path / "shard-00000"), max_dbs=16, lib_version=0)
+    with env.begin(write=True) as txn:
+        txn.delete(b"progress", db=env.open_db(b"meta", txn=txn, create=False))
+    env.close()
+    with open_index(path) as r:
+        with pytest.raises(IndexDamagedError, match="shard 0 of the index .* no progress record"):
+            r.progress()
+
+
+def test_lru_keeps_the_most_recently_used():
+    from saetui.index.lru import LRU
+
+    cache: LRU[str, int] = LRU(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # now the most recent
+    cache.put("c", 3)  # drops "b", the least recent
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+
+
 def test_out_of_range_queries(built):
     with open_index(built) as r:
         for call, match in (

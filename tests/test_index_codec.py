@@ -9,11 +9,8 @@ from hypothesis import strategies as st
 
 from saetui.index import codec
 from saetui.index.format import GIDX_BITS, GIDX_MASK, HIST_MIN_OCTAVE, N_SAMPLE_BINS
-from saetui.index.summary import (
-    FeatureSummaries,
-    sample_hash,
-    summary_records,
-)
+from saetui.index.records import summary_records
+from saetui.index.summary import FeatureSummaries, sample_hash
 from saetui.index.synthetic import SyntheticCorpus
 
 
@@ -194,7 +191,7 @@ def test_summaries_match_brute_force_and_ignore_batching():
 def test_summary_records_round_trip_through_lmdb(tmp_path):
     import lmdb
 
-    from saetui.index.summary import load_snapshot_records
+    from saetui.index.records import load_snapshot_records
 
     corpus = SyntheticCorpus(d_sae=1500, ctx_len=16, k=6, seed=4)
     data = corpus.windows(0, 30)

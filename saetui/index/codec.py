@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
+Blob = bytes | memoryview  # a stored value: bytes, or a zero-copy LMDB buffer
+
 FWD_VERSION = 1
 # Forward blocks are stored 8 windows per LMDB record: one ~32 KB record per window would
 # waste about half a 4 KB overflow page each (~0.25 B/nonzero). Each window keeps its own
@@ -60,7 +62,7 @@ def compress(raw: bytes) -> bytes:
     return _cctx().compress(raw)
 
 
-def decompress(blob: bytes) -> bytes:
+def decompress(blob: Blob) -> bytes:
     return _dctx().decompress(blob)
 
 
@@ -176,11 +178,12 @@ def pack_chunk(blobs: list[bytes]) -> bytes:
     return b"".join([_CHUNK_HEAD.pack(len(blobs)), offsets.tobytes(), *blobs])
 
 
-def chunk_count(record: bytes | memoryview) -> int:
-    return _CHUNK_HEAD.unpack_from(record)[0]
+def chunk_count(record: Blob) -> int:
+    n: int = _CHUNK_HEAD.unpack_from(record)[0]
+    return n
 
 
-def chunk_blob(record: bytes | memoryview, i: int) -> bytes | None:
+def chunk_blob(record: Blob, i: int) -> bytes | None:
     """The compressed block of the i-th window of a `fwd` record, or None if absent."""
     try:
         n = _CHUNK_HEAD.unpack_from(record)[0]
@@ -195,7 +198,7 @@ def chunk_blob(record: bytes | memoryview, i: int) -> bytes | None:
         raise CorruptBlockError(str(exc)) from None
 
 
-def unpack_chunk(record: bytes | memoryview) -> list[bytes]:
+def unpack_chunk(record: Blob) -> list[bytes]:
     n = chunk_count(record)
     return [chunk_blob(record, i) or b"" for i in range(n)]
 
@@ -225,7 +228,7 @@ class ForwardBlock:
         return out
 
 
-def _forward_planes(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _forward_planes(blob: Blob) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token counts (int64 [n]), id deltas (uint32 [nnz]) and value byte planes
     (uint8 [2, nnz]) of a compressed forward block, with its sizes checked."""
     try:
@@ -249,7 +252,7 @@ def _forward_planes(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return counts, deltas, value_planes
 
 
-def feature_activations(blob: bytes, feature: int) -> np.ndarray:
+def feature_activations(blob: Blob, feature: int) -> np.ndarray:
     """One feature's activation on every token of a window straight from its block
     (float32, 0 when off): the ids are rebuilt, values only where the feature fires."""
     counts, deltas, vp = _forward_planes(blob)
@@ -267,7 +270,7 @@ def feature_activations(blob: bytes, feature: int) -> np.ndarray:
     return out
 
 
-def decode_forward(blob: bytes) -> ForwardBlock:
+def decode_forward(blob: Blob) -> ForwardBlock:
     counts, deltas, planes = _forward_planes(blob)
     vp = planes.astype(np.uint16)
     vals = (vp[0] | (vp[1] << 8)).view("<f2")
@@ -288,7 +291,7 @@ class WindowRecord:
     n_counted: int
 
 
-def decode_window(blob: bytes) -> WindowRecord:
+def decode_window(blob: Blob) -> WindowRecord:
     try:
         raw = decompress(blob)
         version, n, n_seg, n_counted = _TOK_HEAD.unpack_from(raw)

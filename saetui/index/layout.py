@@ -12,7 +12,7 @@ block): a relaunch with the same world size continues exactly where each shard s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -40,11 +40,15 @@ class ShardLayout:
     def owns(self, window: int) -> bool:
         return self.owner(window) == self.rank
 
-    def global_window(self, local: Any) -> Any:
+    @overload
+    def global_window(self, local: int) -> int: ...
+    @overload
+    def global_window(self, local: np.ndarray) -> np.ndarray: ...
+    def global_window(self, local: int | np.ndarray) -> int | np.ndarray:
         """Global window id of this shard's ``local``-th window (scalar or array)."""
-        local = np.asarray(local, dtype=np.int64)
-        block, offset = np.divmod(local, self.block)
-        out = (block * self.world + self.rank) * self.block + offset
+        ids = np.asarray(local, dtype=np.int64)
+        block, offset = np.divmod(ids, self.block)
+        out: np.ndarray = (block * self.world + self.rank) * self.block + offset
         return int(out) if out.ndim == 0 else out
 
     def local_window(self, window: int) -> int:

@@ -8,6 +8,7 @@ import json
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ class UserStore:
 
     # ---------------------------------------------------------------- labels
 
-    def set_labels(self, labels: dict[int, str | tuple[str, str]]) -> None:
+    def set_labels(self, labels: Mapping[int, str | tuple[str, str]]) -> None:
         """Store (or replace) many labels in one short write transaction."""
         now = time.time()
         rows = []

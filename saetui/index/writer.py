@@ -1,4 +1,9 @@
-"""IndexWriter: one thread owns the LMDB write transaction, fed by a bounded queue.
+"""IndexWriter: appends windows to one shard of an index from the caller's thread.
+
+The caller's side checks each batch, feeds the per-feature summaries (in a helper thread
+on the CPU) and schedules checkpoints; one commit thread (`commit.py`) owns the LMDB
+write transaction, fed by a bounded queue. A shard's identity records and the checks of
+a resumed shard are in `shard_meta.py`.
 
 Crash safety: window records, forward blocks and the progress record are written in the
 same transaction, so after a crash the index holds exactly the windows up to the last
@@ -10,53 +15,44 @@ committed windows after it from the forward index. Summaries are batch-order ind
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import hashlib
 import json
-import queue
 import shutil
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-import lmdb
 import numpy as np
 import torch
 
-from saetui.errors import SaetuiInputError
+from saetui.errors import IndexDamagedError, SaetuiInputError
 from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
+from saetui.index.batch import ArrayInput, as_numpy, check_batch
+from saetui.index.commit import (
+    Checkpoint,
+    CommitThread,
+    Finish,
+    Meta,
+    NeighbourLists,
+    Stop,
+)
 from saetui.index.env import WriterLock
 from saetui.index.layout import ShardLayout, solo_layout
-from saetui.index.summary import (
-    FeatureSummaries,
-    SummarySnapshot,
-    load_snapshot_records,
-    summary_record_chunks,
-)
+from saetui.index.records import SummarySnapshot, load_snapshot_records
+from saetui.index.shard_meta import Identity, check_directory, check_identity, start_or_check
+from saetui.index.summary import FeatureSummaries
 
 TOKEN_METRIC_PREFIX = "logit_"
-_SUMMARY_DBS = (fmt.DB_FSUM, fmt.DB_FHIST, fmt.DB_FTOPK, fmt.DB_FSAMP, fmt.DB_TTOK)
-
-
-def vocab_digest(vocab_json: bytes) -> str:
-    return hashlib.sha256(vocab_json).hexdigest()
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu").numpy()
-    return np.asarray(x)
 
 
 class IndexWriter:
     """Appends windows to one shard of an index; use `create_or_resume` to get one."""
+
+    _writer_lock: WriterLock
 
     def __init__(self) -> None:  # pragma: no cover - use create_or_resume
         raise TypeError("use IndexWriter.create_or_resume(...)")
@@ -96,51 +92,11 @@ class IndexWriter:
         """
         path = Path(path)
         layout = solo_layout(layout)
-        if layout is not None and layout.rank != shard:
-            raise SaetuiInputError(
-                f"shard {shard} cannot hold rank {layout.rank}'s windows: pass shard=rank."
-            )
-        if not isinstance(run_config, dict):
-            raise SaetuiInputError("run_config must be a dict of JSON values.")
-        try:
-            config_json = fmt.dumps(run_config)
-        except (TypeError, ValueError):
-            raise SaetuiInputError(
-                "run_config holds values that are not JSON (numbers, strings, lists, dicts): "
-                "convert them before creating the index."
-            ) from None
-        if d_sae <= 0 or d_sae >= 1 << 32:
-            raise SaetuiInputError(f"d_sae {d_sae} is out of range: expected 1 to 2**32 - 1.")
-        if not 0 < ctx_len <= 65535:
-            raise SaetuiInputError(f"ctx_len {ctx_len} is out of range: expected 1 to 65535.")
-        if not 0 < top_k <= 65535 or not 0 < samples_per_bin <= 255:
-            raise SaetuiInputError("top_k must be 1-65535 and samples_per_bin 1-255.")
-        if not 0 <= shard < 100000:
-            raise SaetuiInputError(f"shard {shard} is out of range: expected 0 to 99999.")
-        vocab_list = list(vocab)
-        if not all(isinstance(t, str) for t in vocab_list):
-            raise SaetuiInputError("vocab must be a list of token strings, one per token id.")
-        vocab_json = json.dumps(vocab_list).encode()
-        identity = {
-            "run_config": json.loads(config_json),
-            "d_sae": d_sae,
-            "ctx_len": ctx_len,
-            "vocab_sha256": vocab_digest(vocab_json),
-            "top_k": top_k,
-            "samples_per_bin": samples_per_bin,
-        }
-
+        identity = check_identity(
+            run_config, d_sae, ctx_len, vocab, top_k, samples_per_bin, shard, layout
+        )
         created_dir = not path.exists()
-        if path.exists():
-            if not path.is_dir():
-                raise SaetuiInputError(f"{path} is a file: pass a directory for the index.")
-            if (path / fmt.MARKER_FILE).exists():
-                fmt.read_marker(path)
-            elif any(path.iterdir()):
-                raise SaetuiInputError(
-                    f"{path} is a non-empty directory that is not a saetui index: pass a new "
-                    "or empty directory."
-                )
+        check_directory(path)
         sdir = fmt.shard_dir(path, shard)
         lock: WriterLock | None = None
         shared: envs.SharedEnv | None = None
@@ -163,7 +119,7 @@ class IndexWriter:
                 shutil.rmtree(path, ignore_errors=True)
             raise
         self = object.__new__(cls)
-        self._lock = lock
+        self._writer_lock = lock
         try:
             self._init(
                 path,
@@ -172,7 +128,6 @@ class IndexWriter:
                 shard,
                 layout,
                 identity,
-                vocab_json,
                 summary_device,
                 commit_interval,
                 checkpoint_interval,
@@ -193,8 +148,7 @@ class IndexWriter:
         shared: envs.SharedEnv,
         shard: int,
         layout: ShardLayout | None,
-        identity: dict[str, Any],
-        vocab_json: bytes,
+        identity: Identity,
         summary_device: str | torch.device,
         commit_interval: float,
         checkpoint_interval: float,
@@ -204,66 +158,18 @@ class IndexWriter:
         self.layout = layout
         self._shared = shared
         self._env = env = shared.env
-        self.d_sae, self.ctx_len = identity["d_sae"], identity["ctx_len"]
-        self.vocab_size = len(json.loads(vocab_json))
         self._dbs = shared.dbs
-        meta = self._dbs[fmt.DB_META]
-        with env.begin() as txn:
-            stored_shape = txn.get(fmt.META_SHAPE, db=meta)
-            progress_raw = txn.get(fmt.META_PROGRESS, db=meta)
-        if stored_shape is not None:
-            stored = json.loads(stored_shape)
-            diff = _differing_fields(stored.get("identity", {}), identity)
-            if diff:
-                raise SaetuiInputError(
-                    f"the index {path} was built with a different {', '.join(diff)}: rerun with "
-                    "the same settings to resume, or pass overwrite to rebuild it."
-                )
-            stored_layout = ShardLayout.from_json(stored.get("layout"))
-            if stored_layout != layout:
-                raise SaetuiInputError(
-                    f"shard {shard} of the index {path} was collected as "
-                    f"{_describe_layout(stored_layout)}, not as {_describe_layout(layout)}: "
-                    "run again with the same number of processes to resume it, or pass "
-                    "overwrite to rebuild it."
-                )
-            self._progress = json.loads(progress_raw)
-        else:
-            self._progress = {
-                "windows": 0,
-                "tokens": 0,
-                "counted_tokens": 0,
-                "nonzeros": 0,
-                "summary_windows": 0,
-                "summary_serial": 0,
-                "commits": 0,
-                "finished": False,
-            }
-            shape = {
-                "identity": identity,
-                "shard": shard,
-                "created": time.time(),
-                "lmdb_lib_version": fmt.LMDB_LIB_VERSION,
-                "lmdb_engine": ".".join(map(str, env.lib_version())),
-                "hist_bin_edges": fmt.hist_bin_edges(),
-                "n_sample_bins": fmt.N_SAMPLE_BINS,
-            }
-            if layout is not None:
-                shape["layout"] = layout.to_json()
-            with shared.write_lock, env.begin(write=True) as txn:
-                txn.put(fmt.META_FORMAT, fmt.dumps(fmt.marker_content()), db=meta)
-                txn.put(fmt.META_CONFIG, fmt.dumps(identity["run_config"]), db=meta)
-                txn.put(fmt.META_SHAPE, fmt.dumps(shape), db=meta)
-                txn.put(fmt.META_VOCAB, codec.compress(vocab_json), db=meta)
-                txn.put(fmt.META_PROGRESS, fmt.dumps(self._progress), db=meta)
+        self.d_sae, self.ctx_len = identity.d_sae, identity.ctx_len
+        self.vocab_size = len(json.loads(identity.vocab_json))
+        progress = start_or_check(shared, path, shard, layout, identity)
         self._summaries = FeatureSummaries(
             self.d_sae,
             self.ctx_len,
-            identity["top_k"],
-            identity["samples_per_bin"],
+            identity.record["top_k"],
+            identity.record["samples_per_bin"],
             summary_device,
         )
-        self._restore_summaries()
+        self._restore_summaries(int(progress["windows"]))
         # on the CPU the summary merge runs in its own thread (torch kernels release the
         # GIL), overlapping the caller's next batch and the writer thread's encoding; on an
         # accelerator it stays in the caller's thread, where it is cheap
@@ -273,48 +179,55 @@ class IndexWriter:
             if self._summaries.device.type == "cpu"
             else None
         )
-        self._snapshot_window = int(self._progress["summary_windows"])
+        self._snapshot_window = int(progress["summary_windows"])
         # compressed blocks of the last, partly filled `fwd` chunk (rewritten as it fills)
-        committed = int(self._progress["windows"])
-        self._fwd_tail: list[bytes] = []
+        committed = int(progress["windows"])
+        fwd_tail: list[bytes] = []
         if committed % codec.FWD_CHUNK:
             with env.begin() as txn:
                 rec = txn.get(fmt.u64_key(committed // codec.FWD_CHUNK), db=self._dbs[fmt.DB_FWD])
-            self._fwd_tail = codec.unpack_chunk(rec)
-        self._local_next = int(self._progress["windows"])
+            if rec is None:
+                raise self._damaged(f"the forward record of window {committed - 1}")
+            fwd_tail = codec.unpack_chunk(rec)
+        self._local_next = committed
         self.next_window = self._global(self._local_next)
-        self.tokens_committed = int(self._progress["tokens"])
-        self._commit_interval = commit_interval
         self._checkpoint_interval = checkpoint_interval
         # readers see summaries as of the last checkpoint: the first ones come after 2, 4,
         # 8, ... seconds, so a TUI browsing a fresh collection sees features at once, and
         # the interval grows to checkpoint_interval (a few extra checkpoints in all)
         self._next_interval = min(2.0, checkpoint_interval)
         self._last_checkpoint = time.monotonic()
-        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=queue_size)
-        self._error: BaseException | None = None
-        self._error_raised = False
         self._closed = False
-        self._holds_write_lock = False
-        self._thread = threading.Thread(target=self._run, name="saetui-index-writer", daemon=True)
-        self._thread.start()
+        self._committer = CommitThread(
+            shared, path, progress, fwd_tail, self.d_sae, commit_interval, queue_size
+        )
 
-    def _restore_summaries(self) -> None:
+    def _restore_summaries(self, end: int) -> None:
+        """Load the last summary checkpoint and replay committed windows after it."""
         with self._env.begin() as txn:
             snap = load_snapshot_records(txn, self._dbs, self.d_sae)
         if snap is not None:
             self._summaries.load_snapshot(snap)
-        end = int(self._progress["windows"])
         start = self._summaries.next_window
         chunk = 256
         for a in range(start, end, chunk):
             b = min(end, a + chunk)
             self._replay(a, b)
 
-    def _global(self, local: Any) -> Any:
+    def _damaged(self, what: str) -> IndexDamagedError:
+        return IndexDamagedError(
+            f"shard {self.shard} of the index {self.path} lacks {what} although it is "
+            "committed: restore the index from a copy, or pass overwrite to rebuild it."
+        )
+
+    @overload
+    def _global(self, local: int) -> int: ...
+    @overload
+    def _global(self, local: np.ndarray) -> np.ndarray: ...
+    def _global(self, local: int | np.ndarray) -> int | np.ndarray:
         """Global window id(s) of this shard's local window id(s)."""
         if self.layout is None:
-            return local if np.ndim(local) == 0 else np.asarray(local, dtype=np.int64)
+            return local if isinstance(local, int) else np.asarray(local, dtype=np.int64)
         return self.layout.global_window(local)
 
     def _replay(self, first: int, end: int) -> None:
@@ -322,9 +235,12 @@ class IndexWriter:
         lengths, tokens, masks, blocks = [], [], [], []
         with self._env.begin() as txn:
             for w in range(first, end):
-                rec = codec.decode_window(txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_TOK]))
+                tok = txn.get(fmt.u64_key(w), db=self._dbs[fmt.DB_TOK])
                 chunk = txn.get(fmt.u64_key(w // codec.FWD_CHUNK), db=self._dbs[fmt.DB_FWD])
-                blk = codec.decode_forward(codec.chunk_blob(chunk, w % codec.FWD_CHUNK))
+                fwd = None if chunk is None else codec.chunk_blob(chunk, w % codec.FWD_CHUNK)
+                if tok is None or fwd is None:
+                    raise self._damaged(f"window {w}")
+                rec, blk = codec.decode_window(tok), codec.decode_forward(fwd)
                 lengths.append(len(rec.token_ids))
                 tokens.append(rec.token_ids)
                 masks.append(rec.mask)
@@ -374,16 +290,21 @@ class IndexWriter:
     @property
     def windows_committed(self) -> int:
         """Windows durably in the index (the writer thread's last commit)."""
-        return int(self._committed["windows"]) if hasattr(self, "_committed") else 0
+        return int(self._committer.committed["windows"])
+
+    @property
+    def tokens_committed(self) -> int:
+        """Tokens durably in the index (the writer thread's last commit)."""
+        return self._committer.tokens_committed
 
     def add_windows(
         self,
         window_ids: Sequence[int] | np.ndarray,
-        tokens: Sequence[Any] | np.ndarray,
+        tokens: Sequence[ArrayInput] | np.ndarray | torch.Tensor,
         segments: Sequence[Sequence[Sequence[int]]],
-        feature_ids: Any,
-        values: Any,
-        mask: Any = None,
+        feature_ids: ArrayInput,
+        values: ArrayInput,
+        mask: ArrayInput | None = None,
         lengths: Sequence[int] | np.ndarray | None = None,
         *,
         summaries_done: bool = False,
@@ -413,66 +334,18 @@ class IndexWriter:
                 f"windows must be added in order without gaps{dealt}: expected window "
                 f"{self.next_window} next, got {wids[0]}{'...' if n_w > 1 else ''}."
             )
-        if isinstance(tokens, (np.ndarray, torch.Tensor)) and _as_numpy(tokens).ndim == 2:
-            if lengths is None:
-                raise SaetuiInputError("a padded 2-D tokens array needs `lengths`.")
-            padded = _as_numpy(tokens)
-            lens = np.asarray(lengths, dtype=np.int64)
-            keep = np.arange(padded.shape[1])[None, :] < lens[:, None]
-            tokens_flat = padded[keep].astype(np.uint32)
-        else:
-            parts = [_as_numpy(t).ravel() for t in tokens]
-            lens = np.array([len(p) for p in parts], dtype=np.int64)
-            tokens_flat = (
-                np.concatenate(parts).astype(np.uint32) if parts else np.zeros(0, np.uint32)
-            )
-        if len(lens) != n_w or len(segments) != n_w:
-            raise SaetuiInputError(
-                f"got {n_w} window ids but {len(lens)} token sequences and {len(segments)} "
-                "segment lists: pass one of each per window."
-            )
-        if lens.min() < 1 or lens.max() > self.ctx_len:
-            raise SaetuiInputError(
-                f"window lengths must be 1 to ctx_len={self.ctx_len} tokens, got "
-                f"{int(lens.min())}-{int(lens.max())}."
-            )
-        n_tok = int(lens.sum())
-        ids_np = _as_numpy(feature_ids)
-        vals_np = _as_numpy(values).astype(np.float32, copy=False)
-        if ids_np.ndim != 2 or ids_np.shape != vals_np.shape or ids_np.shape[0] != n_tok:
-            raise SaetuiInputError(
-                f"feature_ids and values must both be [n_tokens={n_tok}, K], got "
-                f"{tuple(ids_np.shape)} and {tuple(vals_np.shape)}."
-            )
-        mask_np = (
-            np.ones(n_tok, dtype=bool) if mask is None else _as_numpy(mask).astype(bool).ravel()
+        batch = check_batch(
+            first,
+            wids,
+            tokens,
+            segments,
+            feature_ids,
+            values,
+            mask,
+            lengths,
+            self.ctx_len,
+            self.d_sae,
         )
-        if len(mask_np) != n_tok:
-            raise SaetuiInputError(f"mask must have n_tokens={n_tok} entries, got {len(mask_np)}.")
-        if vals_np.size:
-            lo, hi = float(vals_np.min()), float(vals_np.max())
-            if not (lo >= 0 and np.isfinite(hi)):
-                raise SaetuiInputError(
-                    "activation values must be finite and >= 0 (0 = inactive slot); got "
-                    f"min {lo}, max {hi}."
-                )
-            active_ids = np.where(vals_np != 0, ids_np, 0)
-            if int(active_ids.min()) < 0 or int(active_ids.max()) >= self.d_sae:
-                raise SaetuiInputError(
-                    f"feature ids must lie in [0, {self.d_sae}) (d_sae) for active slots, got "
-                    f"{int(active_ids.min())}-{int(active_ids.max())}."
-                )
-        seg_arrays = [np.asarray(s, dtype=np.int64).reshape(-1, 4) for s in segments]
-        for w, seg in enumerate(seg_arrays):
-            if len(seg) and (
-                seg[:, 2].min() < 0
-                or (seg[:, 2] + seg[:, 3]).max() > lens[w]
-                or seg[:, 3].min() < 1
-            ):
-                raise SaetuiInputError(
-                    f"segments of window {int(wids[w])} do not fit its {int(lens[w])} tokens: "
-                    "each needs 0 <= start and start + length <= window length."
-                )
         if summaries_done:
             if self.summaries.next_window != first + n_w:
                 raise SaetuiInputError(
@@ -487,11 +360,11 @@ class IndexWriter:
                 self._sum_pool.submit(
                     self._summaries.update_windows,
                     first,
-                    lens,
-                    tokens_flat.astype(np.int64),
-                    ids_np,
-                    vals_np,
-                    mask_np,
+                    batch.lens,
+                    batch.tokens.astype(np.int64),
+                    batch.ids,
+                    batch.vals,
+                    batch.mask,
                     _checked=True,
                     window_ids=wids,
                 )
@@ -499,14 +372,14 @@ class IndexWriter:
         else:
             self._summaries.update_windows(
                 first,
-                lens,
-                tokens_flat.astype(np.int64),
-                feature_ids,
+                batch.lens,
+                batch.tokens.astype(np.int64),
+                feature_ids,  # as given: on an accelerator the summaries stay there
                 values,
-                mask_np,
+                batch.mask,
                 window_ids=wids,
             )
-        self._put(("data", first, lens, tokens_flat, seg_arrays, ids_np, vals_np, mask_np))
+        self._committer.put(batch)
         self._local_next = first + n_w
         self.next_window = self._global(self._local_next)
         if time.monotonic() - self._last_checkpoint >= self._next_interval:
@@ -524,19 +397,21 @@ class IndexWriter:
         if self._sum_pool is not None:
             # snapshot in the summary thread, after the updates queued before it; the
             # writer thread waits for it in queue order, so the caller does not
-            snap: Any = self._sum_pool.submit(self._summaries.snapshot, copy=not final)
+            snap: SummarySnapshot | Future[SummarySnapshot] = self._sum_pool.submit(
+                self._summaries.snapshot, copy=not final
+            )
         else:
             snap = self._summaries.snapshot(copy=not final)
-        self._put(("ckpt", snap))
+        self._committer.put(Checkpoint(snap))
         self._snapshot_window = self._local_next
         self._last_checkpoint = time.monotonic()
 
-    def put_neighbours(self, metric: str, ids: Any, scores: Any) -> None:
+    def put_neighbours(self, metric: str, ids: ArrayInput, scores: ArrayInput) -> None:
         """Store top-N neighbours per feature for `metric` (ids < 0 mark empty slots).
 
         Metrics named ``logit_*`` hold token ids (a feature's logit effects), not features.
         """
-        ids_np, scores_np = _as_numpy(ids), _as_numpy(scores).astype(np.float32)
+        ids_np, scores_np = as_numpy(ids), as_numpy(scores).astype(np.float32)
         if ids_np.shape != scores_np.shape or ids_np.ndim != 2 or ids_np.shape[0] != self.d_sae:
             raise SaetuiInputError(
                 f"neighbour ids and scores must both be [d_sae={self.d_sae}, N], got "
@@ -548,7 +423,7 @@ class IndexWriter:
         if ids_np.size and int(ids_np.max()) >= bound:
             raise SaetuiInputError(f"{metric} ids must be below {bound}.")
         self._raise_pending()
-        self._put(("nbrs", metric, ids_np.astype(np.int64), scores_np))
+        self._committer.put(NeighbourLists(metric, ids_np.astype(np.int64), scores_np))
 
     def put_metrics(self, metrics: dict[str, Any]) -> None:
         """Store run metrics (explained variance, CE loss recovered, ...) as JSON."""
@@ -562,7 +437,7 @@ class IndexWriter:
             raise SaetuiInputError(f"meta value {name!r} is not JSON-serialisable.") from None
         key = fmt.META_METRICS if name == "metrics" else fmt.USER_META_PREFIX + name.encode()
         self._raise_pending()
-        self._put(("meta", key, blob))
+        self._committer.put(Meta(key, blob))
 
     def get_meta(self, name: str) -> Any:
         """A JSON value committed with `put_meta` (or `put_metrics` for "metrics"), or None;
@@ -575,11 +450,7 @@ class IndexWriter:
     def flush(self) -> None:
         """Block until everything queued so far is committed."""
         self._raise_pending()
-        done = threading.Event()
-        self._put(("flush", done))
-        while not done.wait(0.1):
-            if not self._thread.is_alive():
-                break
+        self._committer.flush()
         self._raise_pending()
 
     def finish(self) -> None:
@@ -589,7 +460,7 @@ class IndexWriter:
         try:
             self._raise_pending()
             self._checkpoint(final=True)
-            self._put(("finish",))
+            self._committer.put(Finish())
         finally:
             self.close()
 
@@ -599,17 +470,17 @@ class IndexWriter:
             return
         self._closed = True
         try:
-            if self._error is None and self._thread.is_alive():
+            if self._committer.error is None and self._committer.is_alive():
                 if self._local_next > self._snapshot_window:
                     self._checkpoint(final=True)
-                self._put(("stop",))
+                self._committer.put(Stop())
         finally:
-            self._thread.join()
+            self._committer.join()
             if self._sum_pool is not None:
                 self._sum_pool.shutdown(wait=True)
             envs.release(self._shared)
-            self._lock.release()
-        if self._error is not None and not self._error_raised:
+            self._writer_lock.release()
+        if self._committer.error_unreported():
             self._raise_pending()
 
     def __enter__(self) -> IndexWriter:
@@ -618,214 +489,5 @@ class IndexWriter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---------------------------------------------------------------- thread side
-
     def _raise_pending(self) -> None:
-        """Re-raise the writer thread's error in the caller, once; later calls say it stopped."""
-        if self._error is None:
-            return
-        if not self._error_raised:
-            self._error_raised = True
-            raise self._error
-        raise SaetuiInputError(
-            f"the index writer for {self.path} stopped after an error: open it again to resume."
-        )
-
-    def _put(self, item: tuple[Any, ...]) -> None:
-        while True:
-            if self._error is not None or not self._thread.is_alive():
-                self._raise_pending()
-                raise SaetuiInputError(f"the index writer for {self.path} is closed.")
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def _run(self) -> None:
-        txn: lmdb.Transaction | None = None
-        started = 0.0
-        pending = dict(self._progress)
-        self._committed = dict(self._progress)
-        last_trim = time.monotonic()
-        try:
-            while True:
-                timeout = None
-                if txn is not None:
-                    timeout = max(0.0, self._commit_interval - (time.monotonic() - started))
-                try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    self._commit(txn, pending)
-                    txn = None
-                    continue
-                if txn is None:
-                    txn = self._begin()
-                    started = time.monotonic()
-                kind = item[0]
-                if kind == "data":
-                    self._write_data(txn, pending, *item[1:])
-                elif kind == "ckpt":
-                    snap = item[1].result() if isinstance(item[1], Future) else item[1]
-                    self._write_checkpoint(txn, pending, snap)
-                    del snap
-                elif kind == "nbrs":
-                    self._write_neighbours(txn, *item[1:])
-                elif kind == "meta":
-                    txn.put(item[1], item[2], db=self._dbs[fmt.DB_META])
-                elif kind == "finish":
-                    pending["finished"] = True
-                force = kind in ("flush", "stop", "ckpt", "finish")
-                if force or time.monotonic() - started >= self._commit_interval:
-                    self._commit(txn, pending)
-                    txn = None
-                if kind == "ckpt" or time.monotonic() - last_trim > 2.0:
-                    # glibc keeps freed batch temporaries (both threads) unless asked: RSS
-                    # grew by ~1.5 GB between checkpoints in the 10M-token benchmark
-                    if kind == "ckpt":
-                        del item
-                    _return_free_heap()
-                    fmt.unmap_file_pages([self.shard_path / "data.mdb"])
-                    last_trim = time.monotonic()
-                if kind == "flush":
-                    item[1].set()
-                if kind == "stop":
-                    return
-        except BaseException as exc:  # re-raised in the caller's thread
-            if txn is not None:
-                with contextlib.suppress(lmdb.Error):
-                    txn.abort()
-            self._end()
-            self._error = fmt.translate_lmdb_error(exc, self.path)
-            self._progress = dict(self._committed)
-
-    def _begin(self) -> lmdb.Transaction:
-        """A write transaction, begun under the environment's write lock (see env.py)."""
-        self._shared.write_lock.acquire()
-        self._holds_write_lock = True
-        try:
-            return self._env.begin(write=True)
-        except BaseException:
-            self._end()
-            raise
-
-    def _end(self) -> None:
-        if self._holds_write_lock:
-            self._holds_write_lock = False
-            self._shared.write_lock.release()
-
-    def _commit(self, txn: lmdb.Transaction | None, pending: dict[str, Any]) -> None:
-        if txn is None:
-            return
-        pending["commits"] += 1
-        pending["updated"] = time.time()
-        txn.put(fmt.META_PROGRESS, fmt.dumps(pending), db=self._dbs[fmt.DB_META])
-        try:
-            txn.commit()
-        finally:
-            self._end()
-        self._committed = dict(pending)
-        self._progress = dict(pending)
-        self.tokens_committed = int(pending["tokens"])
-
-    def _write_data(
-        self,
-        txn: lmdb.Transaction,
-        pending: dict[str, Any],
-        first: int,
-        lens: np.ndarray,
-        tokens_flat: np.ndarray,
-        segments: list[np.ndarray],
-        ids: np.ndarray,
-        vals: np.ndarray,
-        mask: np.ndarray,
-    ) -> None:
-        if pending["finished"]:
-            pending["finished"] = False
-        enc = codec.encode_batch(lens, tokens_flat, segments, ids, codec.to_fp16(vals), mask)
-        keys = [fmt.u64_key(first + i) for i in range(len(lens))]
-        self._append(txn, fmt.DB_TOK, list(zip(keys, enc.tok_records, strict=True)))
-        size = codec.FWD_CHUNK
-        offset = first % size
-        if len(self._fwd_tail) != offset:
-            raise RuntimeError(f"forward chunk tail holds {len(self._fwd_tail)}, not {offset}")
-        blobs = self._fwd_tail + enc.fwd_records
-        chunk0 = first // size
-        records = [
-            (fmt.u64_key(chunk0 + i // size), codec.pack_chunk(blobs[i : i + size]))
-            for i in range(0, len(blobs), size)
-        ]
-        if offset:  # the first chunk exists, partly filled: rewrite it in place
-            txn.put(records[0][0], records[0][1], db=self._dbs[fmt.DB_FWD])
-            records = records[1:]
-        self._append(txn, fmt.DB_FWD, records)
-        self._fwd_tail = blobs[len(blobs) - len(blobs) % size :] if len(blobs) % size else []
-        pending["windows"] = first + len(lens)
-        pending["tokens"] += enc.n_tokens
-        pending["counted_tokens"] += enc.n_counted
-        pending["nonzeros"] += enc.nnz
-
-    def _append(self, txn: lmdb.Transaction, db: bytes, records: list[tuple[bytes, bytes]]) -> None:
-        """putmulti(append=True), checking the count: out-of-order keys are skipped silently."""
-        if not records:
-            return
-        with txn.cursor(db=self._dbs[db]) as cur:
-            _, added = cur.putmulti(records, append=True)
-        if added != len(records):
-            raise RuntimeError(
-                f"append to {db.decode()} added {added} of {len(records)} records: "
-                "keys out of order"
-            )
-
-    def _write_checkpoint(
-        self, txn: lmdb.Transaction, pending: dict[str, Any], snap: SummarySnapshot
-    ) -> None:
-        for db in _SUMMARY_DBS:
-            txn.drop(self._dbs[db], delete=False)
-        for name, records in summary_record_chunks(snap):
-            self._append(txn, name.encode(), records)
-        pending["summary_windows"] = snap.next_window
-        pending["summary_serial"] += 1
-
-    def _write_neighbours(
-        self, txn: lmdb.Transaction, metric: str, ids: np.ndarray, scores: np.ndarray
-    ) -> None:
-        meta = self._dbs[fmt.DB_META]
-        raw = txn.get(fmt.META_NBR_METRICS, db=meta)
-        metrics = json.loads(raw) if raw else []
-        if metric not in metrics:
-            if len(metrics) >= 255:
-                raise SaetuiInputError("an index holds at most 255 neighbour metrics.")
-            metrics.append(metric)
-            txn.put(fmt.META_NBR_METRICS, fmt.dumps(metrics), db=meta)
-        mid = metrics.index(metric)
-        db = self._dbs[fmt.DB_FNBR]
-        for f in range(self.d_sae):
-            ok = ids[f] >= 0
-            rec = ids[f][ok].astype("<u4").tobytes() + scores[f][ok].astype("<f4").tobytes()
-            txn.put(fmt.nbr_key(f, mid), rec, db=db)
-
-
-def _return_free_heap() -> None:
-    """Give freed heap back to the OS after a checkpoint's large temporaries (glibc only)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _describe_layout(layout: ShardLayout | None) -> str:
-    if layout is None:
-        return "a single process's index"
-    return f"rank {layout.rank} of {layout.world} processes (blocks of {layout.block} windows)"
-
-
-def _differing_fields(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    diff = []
-    for key in sorted(set(stored) | set(new)):
-        if key == "run_config":
-            a, b = stored.get(key) or {}, new.get(key) or {}
-            diff += [f"run_config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif stored.get(key) != new.get(key):
-            diff.append("vocabulary" if key == "vocab_sha256" else key)
-    return diff
+        self._committer.raise_pending()

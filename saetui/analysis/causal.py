@@ -102,7 +102,8 @@ def ablate(
     vocab = model.tokenizer_vocab_size
     delta = delta[:, :vocab]
     decode = model.tokenizer.decode
-    promoted, suppressed = [], []
+    promoted: list[list[tuple[str, float]]] = []
+    suppressed: list[list[tuple[str, float]]] = []
     for pos in range(delta.shape[0]):
         if float(acts[pos]) <= 0:
             promoted.append([])

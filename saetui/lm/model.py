@@ -325,7 +325,8 @@ def load_model(
             f"Model {name} could not be loaded ({str(error).splitlines()[0]}); give a local "
             f"Hugging Face model directory, a hub name reachable from here, or {DEFAULT_MODEL}."
         ) from None
-    hf_model.to(torch_device).eval()
+    # transformers wraps PreTrainedModel.to in a decorator whose typing loses `self`
+    hf_model.to(torch_device).eval()  # type: ignore[arg-type]
     bridge = _boot_bridge(name, directory, hf_model, tokenizer, torch_device, torch_dtype)
     if numerics == "hooked":
         bridge.enable_compatibility_mode(disable_warnings=True)

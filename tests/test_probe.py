@@ -73,15 +73,22 @@ def test_probe_loader_reports_missing_sae(tmp_path):
         load()
 
 
-@pytest.mark.skipif(not (SAMPLE_SAE / "config.json").exists(), reason="sample SAE not built yet")
 def test_probe_with_sample_sae(embedded_model):
     from saetui.sae import load_sae
 
-    sample = load_sae(SAMPLE_SAE, device="cpu")
-    result = probe(embedded_model, sample, sample.hook_name or HOOK, "import os\nprint(os.sep)")
-    assert result.ranked
-    # BatchTopK per token: at most k features per token
-    assert all(len(top) <= 5 for top in result.per_token)
+    sample = load_sae(SAMPLE_SAE, device="cpu")  # shipped with the repository
+    assert sample.architecture == "batchtopk" and sample.k == 32
+    # Ask for every feature per token, so only the SAE's own sparsity limits the lists.
+    result = probe(
+        embedded_model, sample, sample.hook_name or HOOK, "import os\nprint(os.sep)", sample.d_sae
+    )
+    counts = [len(top) for top in result.per_token]
+    # BatchTopK per token: at most k features per token, and some token uses all k.
+    assert 0 < max(counts) <= sample.k
+    assert sample.k in counts
+    # Every feature active on some token is ranked, and nothing else.
+    active = {feature for top in result.per_token for feature, _ in top}
+    assert {f.feature for f in result.ranked} == active
 
 
 def test_probe_module_imports_no_textual():

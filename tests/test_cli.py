@@ -94,5 +94,7 @@ def test_demo_headless_builds_the_sample_index_and_prints_metrics(tmp_path):
     assert held, result.stdout
     again = saetui(*args, "--out", str(out))
     assert again.returncode == 0, again.stderr
-    assert "collected" not in again.stdout  # nothing collected the second time
+    # nothing collected the second time: no "collected N tokens into ..." line
+    assert not re.search(r"^collected [\d,]+ tokens", again.stdout, re.MULTILINE)
+    assert re.search(r"^collected [\d,]+ tokens", result.stdout, re.MULTILINE)
     assert f"holds {held.group(1)} tokens (already finished: nothing to do)" in again.stdout

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import random_relu_sae
 
-from saetui.analysis.probe import probe, probe_loader
+from saetui.analysis.probe import probe, probe_loader, probe_spec_from_run
 from saetui.errors import SaetuiInputError
 
 HOOK = "blocks.9.hook_resid_post"
@@ -89,6 +89,27 @@ def test_probe_with_sample_sae(embedded_model):
     # Every feature active on some token is ranked, and nothing else.
     active = {feature for top in result.per_token for feature, _ in top}
     assert {f.feature for f in result.ranked} == active
+
+
+def test_probe_spec_is_what_the_collection_recorded(tiny_index):
+    from saetui.index import open_index
+
+    _, _, index_path = tiny_index
+    with open_index(index_path) as index:
+        config = index.meta.run_config
+        details = index.get_meta("run_details")
+    spec = probe_spec_from_run(config, details)
+    assert spec["model"] == config["model"] and spec["sae"] == config["sae_path"]
+    for key in ("hook", "numerics", "dtype", "batchtopk_mode", "threshold"):
+        assert spec[key] == config[key], key
+    assert spec["start_token"] == details["start_token"]["rule"]
+    # without the details the SAE's own default rule applies (what the collector used)
+    assert probe_spec_from_run(config)["start_token"] is None
+
+
+def test_probe_spec_refuses_a_run_without_model_or_sae():
+    with pytest.raises(SaetuiInputError, match="does not record which model and SAE"):
+        probe_spec_from_run({"model": "smollm2-135m", "hook": HOOK})
 
 
 def test_probe_module_imports_no_textual():

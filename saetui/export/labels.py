@@ -165,8 +165,3 @@ def import_annotations(path: Path, index_path: Path, hookpoint: str | None = Non
         records: dict[int, str | tuple[str, str]] = dict(read_labels(path, d_sae))
         index.set_labels(records)
     return LabelsImport(len(records), 0, ())
-
-
-def import_labels(labels_path: Path, index_path: Path) -> int:
-    """Store the labels of ``labels_path`` in the index; returns how many."""
-    return import_annotations(labels_path, index_path).labels

@@ -338,61 +338,72 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
             f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
         )
     if args.format == "html":
-        from saetui.export.html import export_html
-
-        report = export_html(
-            args.index,
-            args.out,
-            features=args.features,
-            n_examples=args.top_examples or 20,
-            say=_say,
-        )
-        _say(
-            f"html: {report.pages:,} feature pages, {report.bytes / 1e6:.1f} MB, "
-            f"{report.seconds:.1f} s"
-        )
-        print(report.out / "index.html")
+        _export_html(args)
     elif args.format == "delphi":
-        from saetui.export.delphi import export_delphi
-
-        report = export_delphi(
-            args.index,
-            args.out,
-            n_splits=5 if args.splits is None else args.splits,
-            hookpoint=args.hookpoint,
-            say=_say,
-        )
-        _say(
-            f"delphi: {report.nonzeros:,} activations of {report.windows:,} windows in "
-            f"{len(report.files)} files, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
-            f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
-        )
-        if report.ctx_len % 32:
-            _say(
-                f"delphi: its examples default to 32 tokens, which must divide the windows' "
-                f"{report.ctx_len}: run it with --example_ctx_len set to a divisor of "
-                f"{report.ctx_len}"
-            )
-        print(report.out / "latents" / report.hookpoint)
+        _export_delphi(args)
     else:
-        from saetui.export.neuronpedia import export_neuronpedia
-
-        report = export_neuronpedia(
-            args.index,
-            args.out,
-            model_id=args.model_id,
-            source_set=args.source_set,
-            features=args.features,
-            n_examples=args.top_examples or 20,
-            say=_say,
-        )
-        _say(
-            f"neuronpedia: {report.features:,} features, {report.activations:,} activations, "
-            f"{report.explanations:,} explanations in {report.batches} batches, "
-            f"{report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s"
-        )
-        print(report.source_dir)
+        _export_neuronpedia(args)
     return 0
+
+
+def _export_html(args: argparse.Namespace) -> None:
+    from saetui.export.html import export_html
+
+    report = export_html(
+        args.index,
+        args.out,
+        features=args.features,
+        n_examples=args.top_examples or 20,
+        say=_say,
+    )
+    _say(
+        f"html: {report.pages:,} feature pages, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s"
+    )
+    print(report.out / "index.html")
+
+
+def _export_delphi(args: argparse.Namespace) -> None:
+    from saetui.export.delphi import export_delphi
+
+    report = export_delphi(
+        args.index,
+        args.out,
+        n_splits=5 if args.splits is None else args.splits,
+        hookpoint=args.hookpoint,
+        say=_say,
+    )
+    _say(
+        f"delphi: {report.nonzeros:,} activations of {report.windows:,} windows in "
+        f"{len(report.files)} files, {report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s; "
+        f"run delphi with --name pointing here and --hookpoints {report.hookpoint}"
+    )
+    if report.ctx_len % 32:
+        _say(
+            f"delphi: its examples default to 32 tokens, which must divide the windows' "
+            f"{report.ctx_len}: run it with --example_ctx_len set to a divisor of "
+            f"{report.ctx_len}"
+        )
+    print(report.out / "latents" / report.hookpoint)
+
+
+def _export_neuronpedia(args: argparse.Namespace) -> None:
+    from saetui.export.neuronpedia import export_neuronpedia
+
+    report = export_neuronpedia(
+        args.index,
+        args.out,
+        model_id=args.model_id,
+        source_set=args.source_set,
+        features=args.features,
+        n_examples=args.top_examples or 20,
+        say=_say,
+    )
+    _say(
+        f"neuronpedia: {report.features:,} features, {report.activations:,} activations, "
+        f"{report.explanations:,} explanations in {report.batches} batches, "
+        f"{report.bytes / 1e6:.1f} MB, {report.seconds:.1f} s"
+    )
+    print(report.source_dir)
 
 
 def cmd_share(args: argparse.Namespace) -> int:

@@ -458,20 +458,26 @@ def test_threshold_mode_estimates_and_records_the_threshold(tmp_path, tiny_model
 def test_hook_z_head_sae_in_the_probe_and_the_context_views(tmp_path, tiny_model, corpus):
     """A one-head hook_z SAE through what the TUI shows: the probe (loaded from the run the
     index recorded), a feature's logit effects, and the context around a top example."""
-    from saetui.analysis.probe import feature_logit_effects, probe, probe_loader_from_run
+    from saetui.analysis.probe import (
+        feature_logit_effects,
+        probe,
+        probe_loader,
+        probe_spec_from_run,
+    )
 
     case = Case("hook_z[2]", "raw", "saelens", "bos-or-eos")
     sae_dir, hook, _ = write_case_sae(tmp_path / "sae", "llama3", case)
     config, _ = collect(tmp_path, tiny_model("llama3"), sae_dir, corpus, numerics="raw")
     with open_index(config.out) as index:
         run_config = index.meta.run_config
+        run_details = index.get_meta("run_details")
         feature = max(range(D_SAE), key=lambda f: index.stats(f).count)
         top = index.top_examples(feature, n=1)[0]
         context = index.document_context(top.global_index, radius=4)
         assert context.tokens[context.focus] == top.tokens[top.position]
         at_token = index.token(top.window, top.position)
         assert feature in at_token.feature_ids.tolist()
-    inputs = probe_loader_from_run(run_config)()
+    inputs = probe_loader(**probe_spec_from_run(run_config, run_details))()
     assert inputs.hook == hook and inputs.model.numerics == "raw"
     text = "w3 w17 w42 w8 w8 w61"
     result = probe(inputs.model, inputs.sae, inputs.hook, text, top_per_token=3)

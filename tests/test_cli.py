@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,5 +90,11 @@ def test_demo_headless_builds_the_sample_index_and_prints_metrics(tmp_path):
     for label in ("explained variance", "CE loss recovered", "dead features", "L0"):
         assert label in result.stdout, label
     # Running it again resumes the finished index instead of starting over.
+    held = re.search(r"holds ([\d,]+) tokens", result.stdout)
+    assert held, result.stdout
     again = saetui(*args, "--out", str(out))
     assert again.returncode == 0, again.stderr
+    # nothing collected the second time: no "collected N tokens into ..." line
+    assert not re.search(r"^collected [\d,]+ tokens", again.stdout, re.MULTILINE)
+    assert re.search(r"^collected [\d,]+ tokens", result.stdout, re.MULTILINE)
+    assert f"holds {held.group(1)} tokens (already finished: nothing to do)" in again.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from saetui.errors import SaetuiInputError
-from saetui.export.labels import import_labels, read_labels
+from saetui.export.labels import import_annotations, read_labels
 from saetui.export.old_pipeline import export_jsonl, export_sae_core
 from saetui.index import open_index
 
@@ -297,7 +297,7 @@ def test_bad_labels_files_change_nothing(tiny_index, tmp_path, lines, message):
     labels = tmp_path / "labels.jsonl"
     labels.write_text("\n".join(lines) + "\n")
     with pytest.raises(SaetuiInputError, match=message):
-        import_labels(labels, index_path)
+        import_annotations(labels, index_path)
     with open_index(index_path) as index:
         assert index.labels() == {}
 

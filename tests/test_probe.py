@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import random_relu_sae
 
-from saetui.analysis.probe import probe, probe_loader
+from saetui.analysis.probe import probe, probe_loader, probe_spec_from_run
 from saetui.errors import SaetuiInputError
 
 HOOK = "blocks.9.hook_resid_post"
@@ -73,15 +73,43 @@ def test_probe_loader_reports_missing_sae(tmp_path):
         load()
 
 
-@pytest.mark.skipif(not (SAMPLE_SAE / "config.json").exists(), reason="sample SAE not built yet")
 def test_probe_with_sample_sae(embedded_model):
     from saetui.sae import load_sae
 
-    sample = load_sae(SAMPLE_SAE, device="cpu")
-    result = probe(embedded_model, sample, sample.hook_name or HOOK, "import os\nprint(os.sep)")
-    assert result.ranked
-    # BatchTopK per token: at most k features per token
-    assert all(len(top) <= 5 for top in result.per_token)
+    sample = load_sae(SAMPLE_SAE, device="cpu")  # shipped with the repository
+    assert sample.architecture == "batchtopk" and sample.k == 32
+    # Ask for every feature per token, so only the SAE's own sparsity limits the lists.
+    result = probe(
+        embedded_model, sample, sample.hook_name or HOOK, "import os\nprint(os.sep)", sample.d_sae
+    )
+    counts = [len(top) for top in result.per_token]
+    # BatchTopK per token: at most k features per token, and some token uses all k.
+    assert 0 < max(counts) <= sample.k
+    assert sample.k in counts
+    # Every feature active on some token is ranked, and nothing else.
+    active = {feature for top in result.per_token for feature, _ in top}
+    assert {f.feature for f in result.ranked} == active
+
+
+def test_probe_spec_is_what_the_collection_recorded(tiny_index):
+    from saetui.index import open_index
+
+    _, _, index_path = tiny_index
+    with open_index(index_path) as index:
+        config = index.meta.run_config
+        details = index.get_meta("run_details")
+    spec = probe_spec_from_run(config, details)
+    assert spec["model"] == config["model"] and spec["sae"] == config["sae_path"]
+    for key in ("hook", "numerics", "dtype", "batchtopk_mode", "threshold"):
+        assert spec[key] == config[key], key
+    assert spec["start_token"] == details["start_token"]["rule"]
+    # without the details the SAE's own default rule applies (what the collector used)
+    assert probe_spec_from_run(config)["start_token"] is None
+
+
+def test_probe_spec_refuses_a_run_without_model_or_sae():
+    with pytest.raises(SaetuiInputError, match="does not record which model and SAE"):
+        probe_spec_from_run({"model": "smollm2-135m", "hook": HOOK})
 
 
 def test_probe_module_imports_no_textual():

@@ -143,14 +143,8 @@ async def _probe_pane(pilot) -> None:
 
 
 def _command(index: Path) -> str:
-    """`python -m saetui open INDEX` once the CLI has it, else the same entry point directly."""
-    helptext = subprocess.run(
-        [sys.executable, "-m", "saetui", "--help"], capture_output=True, text=True, cwd=REPO
-    ).stdout
-    if " open " in helptext or "{open" in helptext or ",open" in helptext:
-        return f"{sys.executable} -m saetui open {index}"
-    code = "import sys; from saetui.tui.app import run_app; sys.exit(run_app(sys.argv[1]))"
-    return f'{sys.executable} -c "{code}" {index}'
+    """`python -m saetui open INDEX`: the command a user types (no other entry point)."""
+    return f"{sys.executable} -m saetui open {index}"
 
 
 class Tmux:

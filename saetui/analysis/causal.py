@@ -102,7 +102,8 @@ def ablate(
     vocab = model.tokenizer_vocab_size
     delta = delta[:, :vocab]
     decode = model.tokenizer.decode
-    promoted, suppressed = [], []
+    promoted: list[list[tuple[str, float]]] = []
+    suppressed: list[list[tuple[str, float]]] = []
     for pos in range(delta.shape[0]):
         if float(acts[pos]) <= 0:
             promoted.append([])
@@ -322,7 +323,7 @@ class CausalSession:
 
         self.index_path = index_path
         with open_index(index_path) as index:
-            spec = probe_spec_from_run(index.meta.run_config)
+            spec = probe_spec_from_run(index.meta.run_config, index.get_meta("run_details"))
         self.inputs = probe_loader(**spec)()
 
     def ablate(self, feature: int, contexts: int = 10) -> list[dict[str, Any]]:

@@ -177,14 +177,16 @@ def probe_loader(
     return load
 
 
-def probe_spec_from_run(run_config: dict[str, Any]) -> dict[str, Any]:
+def probe_spec_from_run(
+    run_config: dict[str, Any], run_details: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The :func:`probe_loader` keywords for the model and SAE a collection run recorded in
-    its index; raises SaetuiInputError when it names no model or SAE (the probe then says
-    so instead of crashing)."""
-    model = run_config.get("model") or run_config.get("model_name")
-    sae = run_config.get("sae") or run_config.get("sae_path")
-    if isinstance(sae, dict):
-        sae = sae.get("path")
+    its index: its ``run_config`` (what ``saetui.collect`` writes) and, for the start-token
+    rule, its ``run_details`` meta entry (without it the SAE's default rule is used, which is
+    what ``saetui collect`` uses). Raises SaetuiInputError when the run names no model or SAE
+    (the probe then says so instead of crashing)."""
+    model = run_config.get("model")
+    sae = run_config.get("sae_path")
     if not model or not sae:
         raise SaetuiInputError(
             "The index does not record which model and SAE made it, so the probe cannot load "
@@ -195,27 +197,19 @@ def probe_spec_from_run(run_config: dict[str, Any]) -> dict[str, Any]:
         "sae": str(sae),
         "hook": run_config.get("hook"),
         "numerics": run_config.get("numerics"),
-        "device": run_config.get("device") or "auto",
+        "device": "auto",  # where the probe runs now, not where the run was collected
         "dtype": run_config.get("dtype") or "auto",
         "batchtopk_mode": run_config.get("batchtopk_mode"),
         "threshold": run_config.get("threshold"),
-        "start_token": _recorded_start_token(run_config),
+        "start_token": _recorded_start_token(run_details or {}),
     }
 
 
-def probe_loader_from_run(run_config: dict[str, Any]) -> Callable[[], ProbeInputs]:
-    """The probe loader for the model and SAE a collection run recorded in its index."""
-    return probe_loader(**probe_spec_from_run(run_config))
-
-
-def _recorded_start_token(run_config: dict[str, Any]) -> str | None:
-    """The start-token rule a run recorded (in its config or its model details), if any."""
-    recorded = run_config.get("start_token")
-    if recorded is None:
-        recorded = (run_config.get("run_details") or {}).get("start_token")
-    if isinstance(recorded, dict):
-        recorded = recorded.get("rule")
-    return recorded if isinstance(recorded, str) else None
+def _recorded_start_token(run_details: dict[str, Any]) -> str | None:
+    """The start-token rule a run recorded with its model details, if any."""
+    recorded = run_details.get("start_token")
+    rule = recorded.get("rule") if isinstance(recorded, dict) else None
+    return rule if isinstance(rule, str) else None
 
 
 @torch.no_grad()

@@ -145,7 +145,8 @@ def tokenize_documents(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
         return_token_type_ids=False,
         verbose=False,  # no "longer than model_max_length" warning: we cut windows ourselves
     )
-    return encoded["input_ids"]
+    ids: list[list[int]] = encoded["input_ids"]  # a Hugging Face BatchEncoding
+    return ids
 
 
 def _documents(corpus: Corpus | Sequence[str]) -> Sequence[str]:
@@ -372,6 +373,8 @@ def iter_windows(
 def _build_window(window_id: int, plan: _Plan, bos_flag: bool, bos: int | None) -> Window:
     tokens = np.empty(_plan_length(plan), dtype=np.uint32)
     if plan[0][0].start == 1:  # a continuation window: fresh BOS at position 0
+        if bos is None:  # the packer reserves position 0 only when a BOS is prepended
+            raise ValueError("a continuation window needs the tokenizer's BOS id")
         tokens[0] = bos
     for segment, doc_tokens, base in plan:
         assert doc_tokens is not None

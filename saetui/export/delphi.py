@@ -288,18 +288,21 @@ def _write_split(path: Path, scratch: Path, i: int, cache: _Scratch, ctx_len: in
     loc_dtype, loc_name = (np.uint16, "U16") if small else (np.uint32, "U32")
     token_bytes = cache.windows * ctx_len * 4
     loc_bytes = n * 3 * np.dtype(loc_dtype).itemsize
+    act_start = token_bytes + loc_bytes
     header = {
         "__metadata__": {"written_by": "saetui", "first_latent": path.stem.split("_")[0]},
-        "tokens": {"dtype": "I32", "shape": [cache.windows, ctx_len], "data_offsets": [0, 0]},
-        "locations": {"dtype": loc_name, "shape": [n, 3], "data_offsets": [0, 0]},
-        "activations": {"dtype": "F16", "shape": [n], "data_offsets": [0, 0]},
+        "tokens": {
+            "dtype": "I32",
+            "shape": [cache.windows, ctx_len],
+            "data_offsets": [0, token_bytes],
+        },
+        "locations": {"dtype": loc_name, "shape": [n, 3], "data_offsets": [token_bytes, act_start]},
+        "activations": {
+            "dtype": "F16",
+            "shape": [n],
+            "data_offsets": [act_start, act_start + 2 * n],
+        },
     }
-    header["tokens"]["data_offsets"] = [0, token_bytes]
-    header["locations"]["data_offsets"] = [token_bytes, token_bytes + loc_bytes]
-    header["activations"]["data_offsets"] = [
-        token_bytes + loc_bytes,
-        token_bytes + loc_bytes + 2 * n,
-    ]
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with path.open("wb") as handle:

@@ -151,7 +151,9 @@ def import_annotations(path: Path, index_path: Path, hookpoint: str | None = Non
                     f"{path} names latent {outside[0]}, outside this index's 0-{d_sae - 1}; "
                     "check that the delphi run belongs to this SAE (and --hookpoint)."
                 )
-            labels = {f: (text, "delphi explanation") for f, text in explanations.items()}
+            labels: dict[int, str | tuple[str, str]] = {
+                f: (text, "delphi explanation") for f, text in explanations.items()
+            }
             stored = store_feature_scores(index, scores) if scores else 0
             if labels:
                 index.set_labels(labels)
@@ -160,11 +162,6 @@ def import_annotations(path: Path, index_path: Path, hookpoint: str | None = Non
             raise SaetuiInputError(
                 f"--hookpoint belongs to delphi results, and {path} is not a delphi run; drop it."
             )
-        labels = read_labels(path, d_sae)
-        index.set_labels(labels)
-    return LabelsImport(len(labels), 0, ())
-
-
-def import_labels(labels_path: Path, index_path: Path) -> int:
-    """Store the labels of ``labels_path`` in the index; returns how many."""
-    return import_annotations(labels_path, index_path).labels
+        records: dict[int, str | tuple[str, str]] = dict(read_labels(path, d_sae))
+        index.set_labels(records)
+    return LabelsImport(len(records), 0, ())

@@ -656,7 +656,7 @@ def _history_plot(index: Any, staging: Path, ts: str, say: Callable[[str], None]
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        say("training history found; install matplotlib (pip install 'saetui[plot]') to plot it")
+        say("training history found; install matplotlib (pip install matplotlib) to plot it")
         return None
     history = json.loads(history_file.read_text())
     series = {k: v for k, v in history.items() if isinstance(v, list) and v}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,6 @@ class LanguageModel:
     dtype: torch.dtype
     numerics: str
     start: dict[str, Any] = field(default_factory=dict)  # the start-token rule, token and id
-    load_seconds: float = 0.0
     _vocabulary: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -74,9 +72,6 @@ class LanguageModel:
             "tokenizer_vocab_size": self.tokenizer_vocab_size,
             "start_token": dict(self.start),
         }
-
-    def hook_names(self) -> list[str]:
-        return sorted(self.bridge.hook_dict)
 
     def vocabulary(self) -> list[str]:
         """Every token id's text, as a reader shows it."""
@@ -300,7 +295,6 @@ def load_model(
         )
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(torch_device, dtype)
-    started = time.perf_counter()
     if name in EMBEDDED_MODELS:
         source = ModelSource(str(embedded_model_dir(name, progress=progress)))
     else:
@@ -325,7 +319,8 @@ def load_model(
             f"Model {name} could not be loaded ({str(error).splitlines()[0]}); give a local "
             f"Hugging Face model directory, a hub name reachable from here, or {DEFAULT_MODEL}."
         ) from None
-    hf_model.to(torch_device).eval()
+    # transformers wraps PreTrainedModel.to in a decorator whose typing loses `self`
+    hf_model.to(torch_device).eval()  # type: ignore[arg-type]
     bridge = _boot_bridge(name, directory, hf_model, tokenizer, torch_device, torch_dtype)
     if numerics == "hooked":
         bridge.enable_compatibility_mode(disable_warnings=True)
@@ -339,7 +334,6 @@ def load_model(
         dtype=torch_dtype,
         numerics=numerics,
         start=start,
-        load_seconds=time.perf_counter() - started,
     )
 
 

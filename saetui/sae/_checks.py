@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -56,9 +57,22 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+@overload
 def config_int(
-    config: dict[str, Any], key: str, path: Path, *, required: bool = True
+    config: Mapping[str, Any], key: str, path: Path, *, required: Literal[True] = ...
+) -> int: ...
+
+
+@overload
+def config_int(
+    config: Mapping[str, Any], key: str, path: Path, *, required: bool
+) -> int | None: ...
+
+
+def config_int(
+    config: Mapping[str, Any], key: str, path: Path, *, required: bool = True
 ) -> int | None:
+    """``config[key]`` as an int; a missing entry is an error when ``required``, else None."""
     value = config.get(key)
     if value is None:
         if required:
@@ -91,7 +105,7 @@ def check_shape(
         )
 
 
-def check_finite(tensors: dict[str, torch.Tensor | None], path: Path) -> None:
+def check_finite(tensors: Mapping[str, torch.Tensor | None], path: Path) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())

@@ -41,7 +41,7 @@ import torch
 
 from saetui.errors import SaetuiInputError
 from saetui.sae._checks import check_finite, check_shape, read_json, require_tensors
-from saetui.sae.model import SparseAutoencoder
+from saetui.sae.model import SparseAutoencoder, weights_kwargs
 
 WEIGHTS = "ae.pt"
 CONFIG = "config.json"
@@ -103,8 +103,14 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The JSON object ``config[key]``, or an empty one where it is absent or not an object."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _dict_class(config: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> str:
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    trainer = _section(config, "trainer")
     name = trainer.get("dict_class") or _TRAINER_CLASSES.get(str(trainer.get("trainer_class")))
     if name is None:  # older configs: tell the layouts apart by their tensors
         if "decoder_bias" in state and "r_mag" in state:
@@ -125,8 +131,8 @@ def _dict_class(config: dict[str, Any], state: dict[str, torch.Tensor], path: Pa
 
 def _hook(config: dict[str, Any], directory: Path) -> tuple[str | None, int | None]:
     """The hook the nnsight buffer read, from the trainer config or the release's folders."""
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
-    buffer = config.get("buffer") if isinstance(config.get("buffer"), dict) else {}
+    trainer = _section(config, "trainer")
+    buffer = _section(config, "buffer")
     reads_input = buffer.get("io") == "in"
     layer = trainer.get("layer")
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
@@ -183,7 +189,7 @@ def load(directory: Path) -> SparseAutoencoder:
             check_shape(tensors[name], (d_sae,), name, weights_path, source)
     check_finite(tensors, weights_path)
 
-    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    trainer = _section(config, "trainer")
     k = None
     mode = "per-token"
     if architecture in ("topk", "batchtopk"):
@@ -205,7 +211,7 @@ def load(directory: Path) -> SparseAutoencoder:
         source_path=directory,
         weight_files=[weights_path],
         config={**config, "dict_class": dict_class},
-        **tensors,
+        **weights_kwargs(tensors),
     )
 
 
@@ -221,7 +227,7 @@ def _k(trainer: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> i
     return value
 
 
-def _tensors(dict_class: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _tensors(dict_class: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our layout (W_enc [D, F], W_dec [F, D], b_dec, ...) from ``dict_class``'s state dict."""
     if dict_class in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
         names = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]
@@ -235,7 +241,7 @@ def _tensors(dict_class: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
             "b_mag": state["mag_bias"],
             "r_mag": state["r_mag"],
         }
-    tensors: dict[str, Any] = {
+    tensors = {
         "W_enc": state["encoder.weight"].t().contiguous(),
         "b_enc": state["encoder.bias"],
         "W_dec": state["decoder.weight"].t().contiguous(),

@@ -19,7 +19,7 @@ import torch
 
 from saetui.errors import SaetuiInputError
 from saetui.sae._checks import check_finite, check_shape, require_tensors
-from saetui.sae.model import SparseAutoencoder
+from saetui.sae.model import SparseAutoencoder, weights_kwargs
 
 WEIGHTS = "params.npz"
 FILES = (WEIGHTS,)
@@ -58,7 +58,7 @@ def load(weights_path: Path) -> SparseAutoencoder:
         raise SaetuiInputError(
             f"{weights_path} could not be read as a numpy .npz archive ({reason}); re-download it."
         ) from None
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    tensors = {str(name): torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
     require_tensors(tensors, _NAMES, weights_path, "Gemma Scope")
     if tensors["W_enc"].ndim != 2:
         raise SaetuiInputError(
@@ -83,5 +83,5 @@ def load(weights_path: Path) -> SparseAutoencoder:
         source_path=weights_path.parent,
         weight_files=[weights_path],
         config={"d_in": d_in, "d_sae": d_sae, "file": weights_path.name},
-        **{name: tensors[name].to(dtype) for name in _NAMES},
+        **weights_kwargs({name: tensors[name].to(dtype) for name in _NAMES}),
     )

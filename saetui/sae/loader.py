@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +171,9 @@ FORMAT_LABELS = {
 }
 
 
-def _load_as(fmt: str, target: Path, loader: Any) -> SparseAutoencoder:
+def _load_as(
+    fmt: str, target: Path, loader: Callable[[Path], SparseAutoencoder]
+) -> SparseAutoencoder:
     """Run ``fmt``'s loader; a refusal that does not name the format gets it named."""
     try:
         return loader(target)

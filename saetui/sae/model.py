@@ -18,9 +18,10 @@ where ``sae_in`` is the (optionally normalised) input minus ``b_dec`` when
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,39 @@ BATCHTOPK_MODES = ("per-token", "batch", "threshold")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 _LAYER_NORM_EPS = 1e-5
+
+
+WEIGHT_NAMES = ("W_enc", "W_dec", "b_dec", "b_enc", "threshold", "b_gate", "b_mag", "r_mag")
+
+
+class SaeWeights(TypedDict):
+    """The weight arguments of :class:`SparseAutoencoder` (those an architecture lacks are None)."""
+
+    W_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    b_enc: torch.Tensor | None
+    threshold: torch.Tensor | None
+    b_gate: torch.Tensor | None
+    b_mag: torch.Tensor | None
+    r_mag: torch.Tensor | None
+
+
+def weights_kwargs(tensors: Mapping[str, torch.Tensor]) -> SaeWeights:
+    """``{name: tensor}`` as :class:`SparseAutoencoder` weight arguments; unknown names fail."""
+    unknown = sorted(set(tensors) - set(WEIGHT_NAMES))
+    if unknown:
+        raise ValueError(f"not SAE weight names: {', '.join(unknown)}")
+    return SaeWeights(
+        W_enc=tensors["W_enc"],
+        W_dec=tensors["W_dec"],
+        b_dec=tensors["b_dec"],
+        b_enc=tensors.get("b_enc"),
+        threshold=tensors.get("threshold"),
+        b_gate=tensors.get("b_gate"),
+        b_mag=tensors.get("b_mag"),
+        r_mag=tensors.get("r_mag"),
+    )
 
 
 def best_device() -> torch.device:
@@ -136,6 +170,19 @@ class SparseAutoencoder(torch.nn.Module):
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    def required_buffer(self, name: str) -> torch.Tensor:
+        """The optional buffer ``name``, which this SAE's architecture requires."""
+        tensor = getattr(self, name)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"a {self.architecture} SAE needs tensor {name}, and it has none")
+        return tensor
+
+    def _top_k(self) -> int:
+        """``k`` of a topk/batchtopk SAE (the constructor checked it is set)."""
+        if self.k is None:
+            raise ValueError(f"a {self.architecture} SAE has no k")
+        return self.k
+
     def set_batchtopk_mode(self, mode: str, threshold: float | None = None) -> None:
         """Choose how a BatchTopK SAE is applied at inference (recorded with the run)."""
         if mode not in BATCHTOPK_MODES:
@@ -173,7 +220,8 @@ class SparseAutoencoder(torch.nn.Module):
         if self.format == "saelens":
             metadata = self.config.get("metadata") or {}
             if metadata.get("saetui_numerics") in ("hooked", "raw"):
-                return metadata["saetui_numerics"]  # a saetui export keeps its source's default
+                # a saetui export keeps its source's default
+                return str(metadata["saetui_numerics"])
             kwargs = metadata.get("model_from_pretrained_kwargs")
             kwargs = kwargs or self.config.get("model_from_pretrained_kwargs") or {}
             if any(kwargs.get(flag) is False for flag in ("fold_ln", "center_writing_weights")):
@@ -236,21 +284,21 @@ class SparseAutoencoder(torch.nn.Module):
 
     def _normalize_in(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize_activations == "constant_norm_rescale":
-            return x * ((self.d_in**0.5) / x.norm(dim=-1, keepdim=True))
+            norm: torch.Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # untyped
+            return x * (math.sqrt(self.d_in) / norm)
         if self.normalize_activations == "layer_norm":
             centred = x - x.mean(dim=-1, keepdim=True)
             return centred / (centred.std(dim=-1, keepdim=True) + _LAYER_NORM_EPS)
         return x
 
     def _denormalize_out(self, recon: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-        if self.normalize_activations in ("constant_norm_rescale", "layer_norm") and x is None:
-            return recon  # stays in the normalised space; forward() passes x
-        x = None if x is None else x.reshape(recon.shape).to(recon.dtype)
+        if self.normalize_activations not in ("constant_norm_rescale", "layer_norm") or x is None:
+            return recon  # none to undo, or stays in the normalised space; forward() passes x
+        x = x.reshape(recon.shape).to(recon.dtype)
         if self.normalize_activations == "constant_norm_rescale":
-            return recon * (x.norm(dim=-1, keepdim=True) / (self.d_in**0.5))
-        if self.normalize_activations == "layer_norm":
-            return recon * x.std(dim=-1, keepdim=True) + x.mean(dim=-1, keepdim=True)
-        return recon
+            norm: torch.Tensor = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # untyped
+            return recon * (norm / math.sqrt(self.d_in))
+        return recon * x.std(dim=-1, keepdim=True) + x.mean(dim=-1, keepdim=True)
 
     def _pre_acts(self, flat: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activations [N, d_sae]; for gated, the gated magnitudes."""
@@ -258,8 +306,9 @@ class SparseAutoencoder(torch.nn.Module):
         if self.apply_b_dec_to_input:
             sae_in = sae_in - self.b_dec
         if self.architecture == "gated":
-            gate = (sae_in @ self.W_enc + self.b_gate) > 0
-            magnitude = torch.relu(sae_in @ (self.W_enc * torch.exp(self.r_mag)) + self.b_mag)
+            gate = (sae_in @ self.W_enc + self.required_buffer("b_gate")) > 0
+            scaled = self.W_enc * torch.exp(self.required_buffer("r_mag"))
+            magnitude = torch.relu(sae_in @ scaled + self.required_buffer("b_mag"))
             return magnitude * gate
         pre = sae_in @ self.W_enc
         if self.b_enc is not None:
@@ -272,9 +321,9 @@ class SparseAutoencoder(torch.nn.Module):
         if arch in ("relu", "gated"):
             acts = torch.relu(pre)
         elif arch == "jumprelu":
-            acts = torch.relu(pre) * (pre > self.threshold)
+            acts = torch.relu(pre) * (pre > self.required_buffer("threshold"))
         elif arch == "topk" or (arch == "batchtopk" and self.batchtopk_mode == "per-token"):
-            top = pre.topk(self.k, dim=-1)
+            top = pre.topk(self._top_k(), dim=-1)
             acts = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
         elif self.batchtopk_mode == "threshold":
             acts = torch.relu(pre)
@@ -301,7 +350,7 @@ class SparseAutoencoder(torch.nn.Module):
             n_real = int(mask.sum())
         else:
             n_real = acts.shape[0]
-        budget = min(n_real * self.k, acts.numel())
+        budget = min(n_real * self._top_k(), acts.numel())
         if budget == 0:
             return torch.zeros_like(acts)
         flat = acts.reshape(-1)
@@ -335,7 +384,7 @@ class SparseAutoencoder(torch.nn.Module):
             self.architecture == "batchtopk" and self.batchtopk_mode == "per-token"
         )
         if per_token_k:
-            top = self._pre_acts(flat).topk(self.k, dim=-1)
+            top = self._pre_acts(flat).topk(self._top_k(), dim=-1)
             values = torch.relu(top.values)
             if flat_mask is not None:
                 values = values * flat_mask.unsqueeze(-1)
@@ -375,8 +424,7 @@ class SparseAutoencoder(torch.nn.Module):
                 f"no tokens were given to estimate the threshold of the SAE from "
                 f"{self.source_path}; give more or other activations."
             )
-        assert self.k is not None
-        keep = n_tokens * self.k + 1
+        keep = n_tokens * self._top_k() + 1
         best = torch.empty(0, device=self.device, dtype=torch.float32)
         for flat in rows:
             acts = torch.relu(self._pre_acts(flat)).float().reshape(-1)

@@ -25,7 +25,7 @@ from saetui.sae._checks import (
     read_json,
     require_tensors,
 )
-from saetui.sae.model import NORMALIZATIONS, SparseAutoencoder
+from saetui.sae.model import NORMALIZATIONS, SparseAutoencoder, weights_kwargs
 
 CONFIG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
@@ -170,7 +170,7 @@ def load(directory: Path) -> SparseAutoencoder:
         source_path=directory,
         weight_files=weight_files,
         config=config,
-        **{name: tensor.to(dtype) for name, tensor in tensors.items()},
+        **weights_kwargs({name: tensor.to(dtype) for name, tensor in tensors.items()}),
     )
 
 
@@ -201,11 +201,12 @@ def save(sae: SparseAutoencoder, directory: Path) -> list[tuple[str, Any]]:
     thresholded = sae.threshold is not None and sae.batchtopk_mode == "threshold"
     if architecture == "batchtopk" and thresholded:
         architecture = "jumprelu"
-        tensors["threshold"] = sae.threshold.expand(sae.d_sae)
+        tensors["threshold"] = sae.required_buffer("threshold").expand(sae.d_sae)
     elif architecture == "jumprelu":
-        tensors["threshold"] = sae.threshold
+        tensors["threshold"] = sae.required_buffer("threshold")
     if architecture == "gated":
-        tensors.update(b_gate=sae.b_gate, b_mag=sae.b_mag, r_mag=sae.r_mag)
+        for name in ("b_gate", "b_mag", "r_mag"):
+            tensors[name] = sae.required_buffer(name)
     else:
         tensors["b_enc"] = b_enc
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from saetui.errors import SaetuiInputError
 from saetui.sae._checks import (
@@ -32,7 +31,7 @@ from saetui.sae._checks import (
     read_json,
     require_tensors,
 )
-from saetui.sae.model import SparseAutoencoder
+from saetui.sae.model import SparseAutoencoder, weights_kwargs
 from saetui.sae.saelens import load_safetensors
 
 CONFIG = "cfg.json"
@@ -101,7 +100,7 @@ def load(directory: Path) -> SparseAutoencoder:
     check_shape(state["b_dec"], (d_in,), "b_dec", weights_path, source)
     if not 1 <= k <= d_sae:
         raise SaetuiInputError(f"{config_path} has k = {k}, expected 1..{d_sae}; fix it.")
-    tensors: dict[str, Any] = {
+    tensors = {
         "W_enc": encoder.t().contiguous(),
         "b_enc": state["encoder.bias"],
         "W_dec": state["W_dec"],
@@ -120,7 +119,7 @@ def load(directory: Path) -> SparseAutoencoder:
         source_path=directory,
         weight_files=[weights_path],
         config={**config, "hookpoint": directory.name},
-        **{name: t.to(dtype) for name, t in tensors.items()},
+        **weights_kwargs({name: t.to(dtype) for name, t in tensors.items()}),
     )
 
 

@@ -98,6 +98,11 @@ class IndexSource(TableReads):
 
     # ------------------------------------------------------------------ run
 
+    def run_details(self) -> dict[str, Any] | None:
+        """What the collector recorded about its run (start-token rule, model facts)."""
+        details = self.reader.get_meta("run_details")
+        return details if isinstance(details, dict) else None
+
     def run_state(self) -> RunState:
         reader = self.reader
         progress = reader.progress()

@@ -115,5 +115,8 @@ class FeatureActions(AppPart):
                 else:
                     from saetui.analysis.probe import probe_spec_from_run
 
-                    self._probe = ProbeProcess(probe_spec_from_run(self.source.run_state().config))
+                    spec = probe_spec_from_run(
+                        self.source.run_state().config, self.source.run_details()
+                    )
+                    self._probe = ProbeProcess(spec)
             return self._probe

@@ -527,9 +527,14 @@ def test_feature_references_back_to_the_same_row_and_steps_in_table_order(index_
             await wait_for(pilot, lambda: view.detail.row.feature == target)
             assert view.highlighted != related or view.scroll_y != scroll
             await pilot.press("b")
-            await wait_for(pilot, lambda: view.detail.row.feature == first)
-            await pilot.pause(0.2)
-            assert view.highlighted == related and abs(view.scroll_y - scroll) <= 1
+            await wait_for(
+                pilot,
+                lambda: (
+                    view.detail.row.feature == first
+                    and view.highlighted == related
+                    and abs(view.scroll_y - scroll) <= 1
+                ),
+            )
             height = view.scrollable_content_region.height
             assert view.scroll_y <= related < view.scroll_y + height  # and it is in view
             # n/N follow the table's order (density, descending) and stop at its top
@@ -658,7 +663,7 @@ def test_open_refuses_non_index_and_opens_onto_a_feature(index_copy, tmp_path):
             view = app.query_one(FeatureView)
             await wait_for(pilot, lambda: view.detail and view.detail.row.feature == 7)
             await pilot.press("y")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: "--feature 7" in app.clipboard)
             assert "--feature 7" in app.clipboard and str(index_copy.resolve()) in app.clipboard
 
     asyncio.run(flow())

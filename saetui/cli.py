@@ -54,10 +54,13 @@ def _add_sae_options(parser: argparse.ArgumentParser, *, default: Path | None) -
     group.add_argument(
         "--sae",
         type=Path,
-        default=default,
+        action="append",
         required=default is None,
-        help="SAE directory: sae_core, SAELens, sparsify or Gemma Scope format",
+        help="SAE directory: sae_core, SAELens, sparsify or Gemma Scope format; repeat it to "
+        "collect several SAEs of one model in one pass (one index each, in --out/<name>)"
+        + (f" (default: the sample SAE {default.name})" if default else ""),
     )
+    parser.set_defaults(sae_default=default)
     group.add_argument(
         "--batchtopk-mode",
         choices=("per-token", "batch", "threshold"),
@@ -139,14 +142,18 @@ def _collect_config(args: argparse.Namespace, out: Path) -> Any:
     from saetui.collect.inputs import RunInputs
     from saetui.collect.pipeline import CollectConfig
 
+    saes = list(args.sae or [args.sae_default])
+    inputs = RunInputs.from_namespace(args)
+    inputs.sae = saes[0]
     return CollectConfig(
         out=out,
-        inputs=RunInputs.from_namespace(args),
+        inputs=inputs,
         metrics_tokens=args.metrics_tokens,
         overwrite=args.overwrite,
         shard_dir=args.shard_dir,
         gather=args.gather,
         postings=args.postings,
+        saes=tuple(saes) if len(saes) > 1 else (),
     )
 
 
@@ -164,6 +171,11 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
     from saetui.collect.job import check_request
 
     config = _collect_config(args, out)
+    if launched_by_torchrun() and config.several:
+        raise SaetuiInputError(
+            "several --sae cannot run under torchrun yet: run one torchrun job per SAE, or "
+            "collect the SAEs together in one process (without torchrun)."
+        )
     if launched_by_torchrun():  # one rank of a torchrun job: no TUI, one rank prints
         from saetui.collect.headless import run_distributed
 
@@ -179,6 +191,9 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
             "-m saetui collect ...): leave them out for a single process."
         )
     check_request(config)
+    if config.several and not args.headless:
+        _say("saetui: several SAEs are collected headless; open each index afterwards")
+        args.headless = True
     if not args.headless and not _has_terminal():
         _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
         args.headless = True

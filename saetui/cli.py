@@ -124,9 +124,16 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print what an SAE directory holds."""
+    """Print what an SAE directory holds, or which SAEs an index folder holds."""
     from saetui.sae import describe, load_sae
 
+    if (args.path is None) == (args.sae is None):
+        raise SaetuiInputError(
+            "saetui info describes an SAE directory (--sae SAE) or an index folder (PATH): "
+            "give one of the two."
+        )
+    if args.path is not None:
+        return _info_indexes(args.path, args.json)
     sae = load_sae(args.sae)
     facts = describe(sae)
     if args.json:
@@ -135,6 +142,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(key) for key in facts)
     for key, value in facts.items():
         print(f"{key:<{width}}  {value if value is not None else '-'}")
+    return 0
+
+
+def _info_indexes(path: Path, as_json: bool) -> int:
+    """The SAEs an index (or a folder of one index per SAE) holds: name, hook, width, tokens."""
+    from saetui.index import format as fmt
+    from saetui.index import open_index
+
+    listed = fmt.read_several(path)
+    if listed is None:
+        fmt.read_marker(path)  # no index: one sentence
+        listed = [{"name": None}]
+    rows = []
+    for entry in listed:
+        where = path / str(entry["name"]) if entry.get("name") is not None else path
+        row: dict[str, Any] = {"name": entry.get("name") or path.name, "index": str(where)}
+        try:
+            with open_index(where) as index:
+                progress, config = index.progress(), index.meta.run_config
+                row.update(
+                    sae=config.get("sae_path"),
+                    hook=config.get("hook"),
+                    d_sae=index.meta.d_sae,
+                    tokens=progress.tokens,
+                    state="finished" if progress.finished else "partial (resumable)",
+                )
+        except SaetuiInputError:
+            row.update(sae=entry.get("sae"), hook=entry.get("hook"), state="not collected yet")
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if len(rows) > 1:
+        print(f"{path}: {len(rows)} SAEs collected together, one index each")
+    for row in rows:
+        facts = [str(row.get(key)) for key in ("hook",) if row.get(key)]
+        if "d_sae" in row:
+            facts += [f"d_sae {row['d_sae']:,}", f"{row['tokens']:,} tokens"]
+        facts.append(str(row["state"]))
+        print(f"{row['name']:<16}  {'  '.join(facts)}  {row['index']}  (SAE {row.get('sae')})")
     return 0
 
 
@@ -736,8 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label_import.set_defaults(handler=cmd_labels_import)
 
-    info = commands.add_parser("info", help="describe an SAE directory")
-    info.add_argument("--sae", type=Path, required=True, help="SAE directory")
+    info = commands.add_parser(
+        "info", help="describe an SAE directory, or list the SAEs an index folder holds"
+    )
+    info.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        help="an index, or a folder of indexes made by `saetui collect --sae A --sae B`",
+    )
+    info.add_argument("--sae", type=Path, help="SAE directory")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=cmd_info)
     return parser

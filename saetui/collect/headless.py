@@ -257,7 +257,7 @@ def run_with_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = EXIT_STOPPED.get(received[0], 130) if received else 130
+    code = EXIT_STOPPED.get(signal.Signals(received[0]), 130) if received else 130
     if result is None:
         result = finished_result(config)  # the stop came after the index was finished
     if result is not None and result.status == "finished":
@@ -347,7 +347,7 @@ def run_distributed(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if config.inputs.device in (None, "auto") and torch.cuda.is_available():
         config.inputs.device = f"cuda:{local_rank}"
-    if str(config.inputs.device).startswith("cuda"):
+    if config.inputs.device is not None and config.inputs.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(config.inputs.device))
     team = TorchTeam()
     err = sys.stderr

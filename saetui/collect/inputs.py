@@ -162,4 +162,4 @@ def estimate_threshold(
     for batch in batch_windows(windows, batch_size):
         activations = model.activations(torch.as_tensor(batch.tokens), hook)
         sample.append(activations[torch.as_tensor(batch.mask, device=activations.device)])
-    return sae.estimate_threshold(sample)
+    return float(sae.estimate_threshold(sample))

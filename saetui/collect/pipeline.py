@@ -574,7 +574,9 @@ def _collecting_phase(
         reconstruction.save()
         raise
     finally:
-        batches.close()
+        close = getattr(batches, "close", None)  # a generator: stops the tokeniser thread
+        if close is not None:
+            close()
     # (after any other error the writer may be broken: the sums since the last save are
     # recomputed on resume, and the error itself reaches the user unmasked)
     reconstruction.save()
@@ -622,7 +624,8 @@ class _Reconstruction:
 
     def add(self, batch: Any, encoded: EncodedWindows, check_stop: Callable[[], None]) -> None:
         first = int(batch.window_ids[0])
-        if self.accumulator.next_window < first:
+        next_window = self.accumulator.next_window
+        if next_window is not None and next_window < first:
             self.catch_up(first, check_stop)
         add_reconstruction(self.accumulator, self._run.sae, batch, encoded, self.special_ids)
         if time.monotonic() - self._saved >= RECONSTRUCTION_SAVE_S:
@@ -640,7 +643,9 @@ class _Reconstruction:
 
         layout = self._layout
         ids = [
-            w for w in range(self.accumulator.next_window, end) if layout is None or layout.owns(w)
+            w
+            for w in range(self.accumulator.next_window or 0, end)
+            if layout is None or layout.owns(w)
         ]
         if not ids:
             return

@@ -197,7 +197,7 @@ def _load(
     ]
     check_stop()
     _check_compatible(inputs, members, saes)
-    run = load_run(first.work.inputs, say, check_stop=check_stop)
+    run = load_run(first.work.inputs, say, check_stop=check_stop, sae=saes[0])
     first.run = run
     for member, sae in zip(members[1:], saes[1:], strict=True):
         check_stop()
@@ -234,14 +234,18 @@ def _check_compatible(inputs: RunInputs, members: list[_Member], saes: list[Any]
     ]
     if inputs.numerics is None:
         checks.append(
-            ("needs numerics", lambda sae: sae.default_numerics(), "pass --numerics to choose one")
+            (
+                "needs numerics",
+                lambda sae: sae.default_numerics(),
+                "pass --numerics to choose one for all, or collect them separately",
+            )
         )
     if inputs.start_token is None:
         checks.append(
             (
-                "needs the start token",
+                "needs the start-token rule",
                 lambda sae: sae.default_start_token(),
-                "pass --start-token to choose one",
+                "one model load has one rule, so collect them separately",
             )
         )
     for what, value_of, fix in checks:
@@ -251,7 +255,7 @@ def _check_compatible(inputs: RunInputs, members: list[_Member], saes: list[Any]
             if expected is not None and value is not None and value != expected:
                 raise SaetuiInputError(
                     f"--sae {member.work.inputs.sae} {what} {value} but --sae {first} {what} "
-                    f"{expected}: {fix}, or collect them separately."
+                    f"{expected}: {fix}."
                 )
 
 

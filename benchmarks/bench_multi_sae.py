@@ -114,8 +114,12 @@ def main() -> None:
         saes = [sample] + [
             variant_sae(sample, work / f"sae-{i}", seed=i) for i in range(1, args.saes)
         ]
-        alone = [collect([sae], work / f"alone-{i}", args) for i, sae in enumerate(saes)]
         together = collect(saes, work / "together", args)
+        print(f"together: {json.dumps(together)}", flush=True)
+        alone = []
+        for i, sae in enumerate(saes):
+            alone.append(collect([sae], work / f"alone-{i}", args))
+            print(f"alone {i}: {json.dumps(alone[-1])}", flush=True)
         one = alone[0]
         separate = {key: sum(run[key] for run in alone) for key in ("seconds", "collecting_s")}
         sizes = db_bytes(work / "alone-0")

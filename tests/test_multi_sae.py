@@ -133,7 +133,7 @@ def _cli(capsys, *args: str) -> tuple[int, str]:
 
 
 def test_bad_requests_are_one_sentence(
-    tmp_path, capsys, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
+    tmp_path, capsys, monkeypatch, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
 ):
     common = ["--model", str(tiny_gpt2_dir), "--data", str(tiny_corpus_file), "--headless"]
     common += ["--device", "cpu", "--ctx-len", "24"]
@@ -163,6 +163,13 @@ def test_bad_requests_are_one_sentence(
         "--out", str(taken), *common,
     )  # fmt: skip
     assert code == 2 and "not a saetui index" not in err and "new or empty" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one rank of a torchrun job
+    monkeypatch.setenv("RANK", "0")
+    code, err = _cli(
+        capsys, "collect", "--sae", str(mine), "--sae", str(tiny_sae_dir),
+        "--out", str(tmp_path / "ranks"), *common,
+    )  # fmt: skip
+    assert code == 2 and "cannot run under torchrun yet" in err and err.count("\n") == 1
 
 
 def test_one_sae_keeps_the_single_index_request():

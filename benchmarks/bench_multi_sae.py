@@ -5,7 +5,7 @@ of it with features permuted and weights noised (same shape and sparsity, sae_co
 in a temporary directory). Each run is ``run_collection`` into a fresh index, in this
 process with the model load included, whole pipeline (collecting, metrics, neighbours):
 
-- one SAE alone (every SAE, for the k separate passes);
+- one SAE alone, each SAE (the k separate passes; "one SAE" is their mean);
 - the k SAEs together (``saetui collect --sae A --sae B ...``).
 
 Prints the collecting-phase and end-to-end seconds, the ratio k-together / one-alone
@@ -120,11 +120,19 @@ def main() -> None:
         for i, sae in enumerate(saes):
             alone.append(collect([sae], work / f"alone-{i}", args))
             print(f"alone {i}: {json.dumps(alone[-1])}", flush=True)
-        one = alone[0]
         separate = {key: sum(run[key] for run in alone) for key in ("seconds", "collecting_s")}
+        # one SAE: the mean of the separate passes (the SAEs have one shape)
+        one = {key: value / len(alone) for key, value in separate.items()}
+        one["phases_s"] = {
+            name: round(sum(run["phases_s"].get(name, 0.0) for run in alone) / len(alone), 2)
+            for name in alone[0]["phases_s"]
+        }
         sizes = db_bytes(work / "alone-0")
         windows = sum(v for k, v in sizes.items() if k in WINDOW_DBS)
         features = sum(v for k, v in sizes.items() if k not in WINDOW_DBS and k != "meta")
+        per_token = {
+            name: sizes.get(name, 0) / max(together["tokens"], 1) for name in ("tok", "fwd")
+        }
         figures = {
             "saes": args.saes,
             "tokens": together["tokens"],
@@ -138,11 +146,12 @@ def main() -> None:
             "bytes_per_index": sizes,
             "window_bytes_per_index": windows,
             "feature_bytes_per_index": features,
+            "bytes_per_token": per_token,
         }
         k = args.saes
         print(f"{together['tokens']:,} tokens, {k} SAEs (d_sae 2048, k 32) at blocks.9")
         print(
-            f"  one SAE alone:      collecting {one['collecting_s']:6.1f} s, "
+            f"  one SAE (mean):     collecting {one['collecting_s']:6.1f} s, "
             f"end to end {one['seconds']:6.1f} s"
         )
         print(
@@ -153,7 +162,7 @@ def main() -> None:
             f"  {k} in one pass:     collecting {together['collecting_s']:6.1f} s, "
             f"end to end {together['seconds']:6.1f} s"
         )
-        for label, run in (("one alone", one), (f"{k} together", together)):
+        for label, run in (("one SAE (mean)", one), (f"{k} together", together)):
             parts = ", ".join(f"{name} {value:.1f} s" for name, value in run["phases_s"].items())
             print(f"  phases of {label}: {parts}")
         print(
@@ -166,7 +175,8 @@ def main() -> None:
         )
         print(
             f"  per index: windows (copied in each) {windows / 1e6:.2f} MB, features "
-            f"{features / 1e6:.2f} MB ({windows / max(windows + features, 1):.1%} of the index)"
+            f"{features / 1e6:.2f} MB ({windows / max(windows + features, 1):.1%} of the index); "
+            f"per token: windows {per_token['tok']:.1f} B, sparse codes {per_token['fwd']:.1f} B"
         )
         if args.json:
             print(json.dumps(figures))

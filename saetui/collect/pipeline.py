@@ -200,7 +200,10 @@ def run_collection(
     ``team``: the ranks of a distributed run (distributed.TorchTeam); each collects the
     windows dealt to it into its own shard of ``config.work_dir``. Default: one process.
     A failure on another rank raises distributed.RankFailed after this rank's shard is
-    closed (resumable). Under torchrun ``overwrite`` rebuilds each shard in place."""
+    closed (resumable). Under torchrun ``overwrite`` rebuilds each shard in place.
+
+    ``config.saes`` with several SAEs: one pass of the model for all of them, one index
+    each under ``config.out`` (:func:`saetui.collect.multi.run_several`)."""
     if config.several:
         from saetui.collect.multi import run_several
 

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saetui-installed
 
-.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings bench-compare sample-corpus sample-sae clean
+.PHONY: install demo test lint bench bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-postings bench-compare bench-multi-sae sample-corpus sample-sae clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: bench-index bench-collect bench-tui bench-corpus bench-neighbours bench-p
 # decoder matching at d_sae 2048x1024 (Hungarian) and 65536x65536 (greedy), d_in 512
 bench-compare: install
 	$(PY) benchmarks/bench_compare.py
+
+# 3 SAEs in one pass vs one pass per SAE (target: <= 1.5x one SAE), on the embedded sample
+bench-multi-sae: install
+	$(PY) benchmarks/bench_multi_sae.py
 
 # postings and queries; the issue's scale: --tokens 10000000 --d-sae 65536 --k 64
 bench-postings: install

@@ -54,10 +54,13 @@ def _add_sae_options(parser: argparse.ArgumentParser, *, default: Path | None) -
     group.add_argument(
         "--sae",
         type=Path,
-        default=default,
+        action="append",
         required=default is None,
-        help="SAE directory: sae_core, SAELens, sparsify or Gemma Scope format",
+        help="SAE directory: sae_core, SAELens, sparsify or Gemma Scope format; repeat it to "
+        "collect several SAEs of one model in one pass (one index each, in --out/<name>)"
+        + (f" (default: the sample SAE {default.name})" if default else ""),
     )
+    parser.set_defaults(sae_default=default)
     group.add_argument(
         "--batchtopk-mode",
         choices=("per-token", "batch", "threshold"),
@@ -121,9 +124,16 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print what an SAE directory holds."""
+    """Print what an SAE directory holds, or which SAEs an index folder holds."""
     from saetui.sae import describe, load_sae
 
+    if (args.path is None) == (args.sae is None):
+        raise SaetuiInputError(
+            "saetui info describes an SAE directory (--sae SAE) or an index folder (PATH): "
+            "give one of the two."
+        )
+    if args.path is not None:
+        return _info_indexes(args.path, args.json)
     sae = load_sae(args.sae)
     facts = describe(sae)
     if args.json:
@@ -135,18 +145,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_indexes(path: Path, as_json: bool) -> int:
+    """The SAEs an index (or a folder of one index per SAE) holds: name, hook, width, tokens."""
+    from saetui.index import format as fmt
+    from saetui.index import open_index
+
+    listed = fmt.read_several(path)
+    if listed is None:
+        fmt.read_marker(path)  # no index: one sentence
+        listed = [{"name": None}]
+    rows = []
+    for entry in listed:
+        where = path / str(entry["name"]) if entry.get("name") is not None else path
+        row: dict[str, Any] = {"name": entry.get("name") or path.name, "index": str(where)}
+        try:
+            with open_index(where) as index:
+                progress, config = index.progress(), index.meta.run_config
+                row.update(
+                    sae=config.get("sae_path"),
+                    hook=config.get("hook"),
+                    d_sae=index.meta.d_sae,
+                    tokens=progress.tokens,
+                    state="finished" if progress.finished else "partial (resumable)",
+                )
+        except SaetuiInputError:
+            row.update(sae=entry.get("sae"), hook=entry.get("hook"), state="not collected yet")
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if len(rows) > 1:
+        print(f"{path}: {len(rows)} SAEs collected together, one index each")
+    for row in rows:
+        facts = [str(row.get(key)) for key in ("hook",) if row.get(key)]
+        if "d_sae" in row:
+            facts += [f"d_sae {row['d_sae']:,}", f"{row['tokens']:,} tokens"]
+        facts.append(str(row["state"]))
+        print(f"{row['name']:<16}  {'  '.join(facts)}  {row['index']}  (SAE {row.get('sae')})")
+    return 0
+
+
 def _collect_config(args: argparse.Namespace, out: Path) -> Any:
     from saetui.collect.inputs import RunInputs
     from saetui.collect.pipeline import CollectConfig
 
+    saes = list(args.sae or [args.sae_default])
+    inputs = RunInputs.from_namespace(args)
+    inputs.sae = saes[0]
     return CollectConfig(
         out=out,
-        inputs=RunInputs.from_namespace(args),
+        inputs=inputs,
         metrics_tokens=args.metrics_tokens,
         overwrite=args.overwrite,
         shard_dir=args.shard_dir,
         gather=args.gather,
         postings=args.postings,
+        saes=tuple(saes) if len(saes) > 1 else (),
     )
 
 
@@ -164,6 +218,11 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
     from saetui.collect.job import check_request
 
     config = _collect_config(args, out)
+    if launched_by_torchrun() and config.several:
+        raise SaetuiInputError(
+            "several --sae cannot run under torchrun yet: run one torchrun job per SAE, or "
+            "collect the SAEs together in one process (without torchrun)."
+        )
     if launched_by_torchrun():  # one rank of a torchrun job: no TUI, one rank prints
         from saetui.collect.headless import run_distributed
 
@@ -179,6 +238,9 @@ def _run_collection(args: argparse.Namespace, out: Path) -> int:
             "-m saetui collect ...): leave them out for a single process."
         )
     check_request(config)
+    if config.several and not args.headless:
+        _say("saetui: several SAEs are collected headless; open each index afterwards")
+        args.headless = True
     if not args.headless and not _has_terminal():
         _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
         args.headless = True
@@ -337,6 +399,7 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
         raise SaetuiInputError(
             f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
         )
+    report: Any  # each format's own report
     if args.format == "html":
         _export_html(args)
     elif args.format == "delphi":
@@ -732,8 +795,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label_import.set_defaults(handler=cmd_labels_import)
 
-    info = commands.add_parser("info", help="describe an SAE directory")
-    info.add_argument("--sae", type=Path, required=True, help="SAE directory")
+    info = commands.add_parser(
+        "info", help="describe an SAE directory, or list the SAEs an index folder holds"
+    )
+    info.add_argument(
+        "path",
+        type=Path,
+        nargs="?",
+        help="an index, or a folder of indexes made by `saetui collect --sae A --sae B`",
+    )
+    info.add_argument("--sae", type=Path, help="SAE directory")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=cmd_info)
     return parser

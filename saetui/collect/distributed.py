@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -190,7 +190,7 @@ class TorchTeam(Team):
             self._dist.broadcast_object_list(box, src=first, group=self._group)
             self._known = True
             if failure is None:
-                message, code = box[0]
+                message, code = cast("tuple[str, int]", box[0])
                 raise RankFailed(first, message, code)
             return Sync(int(state[2]), False)
         if state[0] > 0:

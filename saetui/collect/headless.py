@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from saetui.collect.distributed import RankFailed, Team
@@ -186,18 +187,28 @@ class Outcome:
     exit_code: int
     result: CollectResult | None  # None when it stopped before collecting anything
     phase: str  # the phase it was in when it ended
-    tokens: int  # tokens in the index afterwards
+    tokens: int  # tokens in the index afterwards (several SAEs: the index with fewest)
+    several: bool = False  # one index per SAE under the output folder
 
     def summary(self, out: Any) -> str:
         """One line for the user: what the index holds and how to go on."""
         if self.exit_code == 0 and self.result is not None:
             done_before = "collecting" in self.result.skipped
             already = " (already finished: nothing to do)" if done_before else ""
+            if self.result.members:
+                paths = [Path(out) / name for name, _ in self.result.members]
+                return (
+                    f"the indexes {', '.join(map(str, paths))} hold {self.tokens:,} tokens "
+                    f"each{already}; browse one with: saetui open {shlex.quote(str(paths[0]))}"
+                )
             return f"the index {out} holds {self.tokens:,} tokens{already}; browse it with: " + (
                 f"saetui open {shlex.quote(str(out))}"
             )
+        where = f"the index {out}; it is"
+        if self.several:
+            where = f"the indexes under {out}; they are"
         return (
-            f"stopped while {self.phase} with {self.tokens:,} tokens in the index {out}; it is "
+            f"stopped while {self.phase} with {self.tokens:,} tokens in {where} "
             f"resumable: run `{resume_command()}` again to continue."
         )
 
@@ -246,12 +257,17 @@ def run_with_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = EXIT_STOPPED.get(received[0], 130) if received else 130
+    code = EXIT_STOPPED.get(signal.Signals(received[0]), 130) if received else 130
     if result is None:
         result = finished_result(config)  # the stop came after the index was finished
     if result is not None and result.status == "finished":
         return Outcome(0, result, "done", result.tokens)
     where = result.phase if result is not None else phase[0]
+    if config.several:
+        from saetui.collect.job import member_configs
+
+        tokens = min(_tokens_in(member.work_dir) for _, member in member_configs(config))
+        return Outcome(code, result, where, tokens, several=True)
     return Outcome(code, result, where, _tokens_in(config.work_dir))
 
 
@@ -297,6 +313,10 @@ def run_headless(
             )
         if result.metrics:
             out.write("metrics:\n" + "\n".join(format_metrics(result.metrics)) + "\n")
+        for name, member in result.members:
+            if member.metrics:
+                lines = format_metrics(member.metrics)
+                out.write(f"metrics of {name} ({result.out / name}):\n" + "\n".join(lines) + "\n")
     out.write(outcome.summary(config.out) + "\n")
     if outcome.exit_code == 0 and config.work_dir != config.out and not config.gather:
         out.write(
@@ -327,7 +347,7 @@ def run_distributed(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if config.inputs.device in (None, "auto") and torch.cuda.is_available():
         config.inputs.device = f"cuda:{local_rank}"
-    if str(config.inputs.device).startswith("cuda"):
+    if config.inputs.device is not None and config.inputs.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(config.inputs.device))
     team = TorchTeam()
     err = sys.stderr

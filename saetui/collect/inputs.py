@@ -88,9 +88,11 @@ def load_run(
     inputs: RunInputs,
     say: Callable[[str], None] | None = None,
     check_stop: Callable[[], None] | None = None,
+    sae: Any = None,
 ) -> LoadedRun:
-    """Read the corpus, load the SAE and the model, resolve and check the hook;
-    ``check_stop`` is called between these steps and raises to stop."""
+    """Read the corpus, load the SAE (unless ``sae`` is given, loaded already) and the
+    model, resolve and check the hook; ``check_stop`` is called between these steps and
+    raises to stop."""
     from saetui.corpus import read_corpus
     from saetui.lm import load_model, resolve_hook
     from saetui.sae import load_sae
@@ -99,7 +101,8 @@ def load_run(
     inputs.check()
     corpus = read_corpus(inputs.data, text_field=inputs.text_field)
     check()
-    sae = load_sae(inputs.sae, batchtopk_mode=inputs.batchtopk_mode, threshold=inputs.threshold)
+    if sae is None:
+        sae = load_sae(inputs.sae, batchtopk_mode=inputs.batchtopk_mode, threshold=inputs.threshold)
     numerics = inputs.numerics or sae.default_numerics()
     check()
     started = time.perf_counter()
@@ -162,4 +165,4 @@ def estimate_threshold(
     for batch in batch_windows(windows, batch_size):
         activations = model.activations(torch.as_tensor(batch.tokens), hook)
         sample.append(activations[torch.as_tensor(batch.mask, device=activations.device)])
-    return sae.estimate_threshold(sample)
+    return float(sae.estimate_threshold(sample))

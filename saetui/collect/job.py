@@ -39,6 +39,15 @@ class CollectConfig:
     gather: bool = False
     # build the per-feature postings (saetui postings) once the index has finished
     postings: bool = False
+    # Several SAEs collected in one pass (``saetui collect --sae A --sae B``): ``out`` is
+    # then a folder holding one ordinary index per SAE (saetui.collect.multi); () or one
+    # path: the single index of ``inputs.sae`` at ``out``.
+    saes: tuple[Path, ...] = ()
+
+    @property
+    def several(self) -> bool:
+        """Whether this request collects several SAEs (one index each, under ``out``)."""
+        return len(self.saes) > 1
 
     @property
     def work_dir(self) -> Path:
@@ -66,6 +75,8 @@ class CollectResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     phase: str = "done"  # where a stopped job stopped
     skipped: tuple[str, ...] = ()  # phases already done by an earlier run
+    # several SAEs in one pass: each index's own result, by name (saetui.collect.multi)
+    members: tuple[tuple[str, CollectResult], ...] = ()
 
 
 def check_request(config: CollectConfig, shard: int = 0) -> None:
@@ -75,6 +86,9 @@ def check_request(config: CollectConfig, shard: int = 0) -> None:
     from saetui.errors import SaetuiInputError
     from saetui.index.env import check_output
 
+    if config.several:
+        check_several(config)
+        return
     config.inputs.check()
     if config.metrics_tokens is not None and (
         not isinstance(config.metrics_tokens, int) or config.metrics_tokens < 1
@@ -121,6 +135,20 @@ def finished_result(config: CollectConfig) -> CollectResult | None:
     from saetui.errors import SaetuiInputError
     from saetui.index import open_index
 
+    if config.several:
+        members = [(name, finished_result(member)) for name, member in member_configs(config)]
+        done = [(name, result) for name, result in members if result is not None]
+        if len(done) < len(members):
+            return None
+        return CollectResult(
+            Path(config.out),
+            "finished",
+            min(result.tokens for _, result in done),
+            0.0,
+            0.0,
+            skipped=("collecting", "metrics", "neighbours"),
+            members=tuple(done),
+        )
     work = config.work_dir
     if config.overwrite or not (work / "saetui-index.json").is_file():
         return None
@@ -154,3 +182,83 @@ def resume_command(argv: list[str] | None = None) -> str:
     if program in ("__main__.py", "-m", "-c") or not program:
         program = "saetui"
     return shlex.join([program, *args])
+
+
+def sae_names(saes: tuple[Path, ...] | list[Path]) -> list[str]:
+    """The folder name of each SAE's index: its directory's name, ``-2``, ``-3``... added
+    where two SAEs' directories share a name."""
+    names: list[str] = []
+    for sae in saes:
+        base = Path(sae).expanduser().resolve().name or "sae"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+def member_configs(config: CollectConfig) -> list[tuple[str, CollectConfig]]:
+    """One ordinary single-SAE request per SAE of a several-SAE ``config``: the index of
+    SAE ``name`` at ``out/name``, with the options they share."""
+    from dataclasses import replace
+
+    return [
+        (
+            name,
+            replace(
+                config,
+                out=Path(config.out) / name,
+                saes=(),
+                inputs=replace(config.inputs, sae=Path(sae)),
+            ),
+        )
+        for name, sae in zip(sae_names(config.saes), config.saes, strict=True)
+    ]
+
+
+def check_several(config: CollectConfig) -> None:
+    """A several-SAE request: no SAE twice, an output folder that is new, empty or one
+    made by such a request, and each SAE's own request; one SaetuiInputError sentence."""
+    from saetui.errors import SaetuiInputError
+    from saetui.index import format as fmt
+
+    seen: dict[Path, Path] = {}
+    for sae in config.saes:
+        resolved = Path(sae).expanduser().resolve()
+        if resolved in seen:
+            raise SaetuiInputError(
+                f"--sae {sae} is given twice (as {seen[resolved]} too): name each SAE once."
+            )
+        seen[resolved] = Path(sae)
+    if config.shard_dir is not None:
+        raise SaetuiInputError(
+            "several --sae cannot run under torchrun yet: run one torchrun job per SAE, or "
+            "collect the SAEs together in one process."
+        )
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise SaetuiInputError(f"--out {out} is a file: pass a directory for the indexes.")
+    if (out / fmt.MARKER_FILE).exists():
+        raise SaetuiInputError(
+            f"--out {out} is a single SAE's index; several --sae need a new or empty "
+            "directory, which gets one index per SAE inside."
+        )
+    manifest = fmt.read_several(out)
+    if manifest is None and out.is_dir() and any(out.iterdir()):
+        raise SaetuiInputError(
+            f"--out {out} is a directory with files in it that holds no saetui indexes: pass "
+            "a new or empty directory."
+        )
+    members = member_configs(config)
+    if manifest is not None and not config.overwrite:
+        wanted = [(name, str(m.inputs.sae.expanduser().resolve())) for name, m in members]
+        stored = [(entry.get("name"), entry.get("sae")) for entry in manifest]
+        if wanted != stored:
+            names = ", ".join(str(entry.get("name")) for entry in manifest)
+            raise SaetuiInputError(
+                f"--out {out} holds the indexes of other SAEs ({names}): pass --overwrite to "
+                "replace them, or choose another --out."
+            )
+    for _, member in members:
+        check_request(member)

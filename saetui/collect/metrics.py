@@ -122,10 +122,9 @@ class ReconstructionAccumulator:
         self.folded_windows: int | None = None  # windows [start, folded) are in the sums
         self.start_window: int | None = None
         self._pending: list[_Rows] = []
-        zeros = dict(dtype=F64, device=self.device)
-        self._saetui = torch.zeros(len(_SAETUI), **zeros)
-        self._saelens = torch.zeros(len(_SAELENS), **zeros)
-        self._sum_x = torch.zeros(d_in, **zeros)
+        self._saetui = torch.zeros(len(_SAETUI), dtype=F64, device=self.device)
+        self._saelens = torch.zeros(len(_SAELENS), dtype=F64, device=self.device)
+        self._sum_x = torch.zeros(d_in, dtype=F64, device=self.device)
         self._l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64, device=self.device)
         self._saelens_counts = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
 
@@ -190,7 +189,7 @@ class ReconstructionAccumulator:
         )
         self.next_window = int(window_ids[-1]) + 1
         complete = self.next_window // self.group_windows * self.group_windows
-        if complete > self.folded_windows:
+        if self.folded_windows is None or complete > self.folded_windows:
             self._fold_until(complete)
 
     def reduce(self, sum_array: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -203,7 +202,8 @@ class ReconstructionAccumulator:
 
     def finish(self) -> None:
         """Fold the last, partial SAELens batch (no more windows follow)."""
-        if self.next_window is not None and self.next_window > self.folded_windows:
+        folded = self.folded_windows
+        if self.next_window is not None and (folded is None or self.next_window > folded):
             self._fold_until(self.next_window)
 
     def _fold_until(self, end: int) -> None:

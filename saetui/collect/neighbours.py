@@ -233,7 +233,7 @@ def cooccurrence_rows(
     saved = _load(path, identity)
     start = int(saved["next_group"]) if saved is not None else -1
     # resume only from a fold every rank saved
-    if len(set(team.gather_objects(start))) == 1 and start >= 0:
+    if len(set(team.gather_objects(start))) == 1 and start >= 0 and saved is not None:
         counter.load_state({k: v for k, v in saved.items() if k != "next_group"})
     else:
         start = 0

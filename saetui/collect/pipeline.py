@@ -200,7 +200,14 @@ def run_collection(
     ``team``: the ranks of a distributed run (distributed.TorchTeam); each collects the
     windows dealt to it into its own shard of ``config.work_dir``. Default: one process.
     A failure on another rank raises distributed.RankFailed after this rank's shard is
-    closed (resumable). Under torchrun ``overwrite`` rebuilds each shard in place."""
+    closed (resumable). Under torchrun ``overwrite`` rebuilds each shard in place.
+
+    ``config.saes`` with several SAEs: one pass of the model for all of them, one index
+    each under ``config.out`` (:func:`saetui.collect.multi.run_several`)."""
+    if config.several:
+        from saetui.collect.multi import run_several
+
+        return run_several(config, progress=progress, should_stop=should_stop, say=say, team=team)
     out = Path(config.out)
     distributed = team is not None and team.world > 1
     if distributed or not (config.overwrite and (out / "saetui-index.json").exists()):
@@ -286,34 +293,14 @@ def _run(
         collect_rate = _collecting_phase(
             config, run, writer, report, check_stop, reconstruction, team
         )
-        writer.flush()
-        skipped = []
-        phases = writer.get_meta("phases") or {}
-        windows = writer.next_window
-        phase = "metrics"
-        if team.all_agree(phases.get("metrics", {}).get("windows") == windows):
-            skipped.append("metrics")
-            metrics = _stored_metrics(writer, team)
-        else:
-            metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction, team)
-            phases["metrics"] = {"windows": windows, "finished": time.time()}
-            writer.put_meta("phases", phases)
-        phase = "neighbours"
-        if team.all_agree(phases.get("neighbours", {}).get("windows") == windows):
-            skipped.append("neighbours")
-        else:
-            from saetui.collect.neighbours import neighbours_phase
 
-            neighbours_phase(config, run, writer, report, check_stop, team, config.work_dir)
-            phases["neighbours"] = {"windows": windows, "finished": time.time()}
-            writer.put_meta("phases", phases)
-        tokens = team.sum_ints([writer.summaries.n_tokens])[0]
-        writer.finish()
-        team.finish()
-        if config.gather:
-            _gather(config, team, say)
-        phase = "postings"
-        _postings_phase(config, team, report, check_stop, say)
+        def enter(name: str) -> None:
+            nonlocal phase
+            phase = name
+
+        metrics, skipped, tokens = finish_index(
+            config, run, writer, report, check_stop, reconstruction, team, say, enter
+        )
     except (StopRequested, KeyboardInterrupt) as stop:
         team.abort(None)
         tokens = 0
@@ -349,6 +336,51 @@ def _run(
         metrics,
         skipped=tuple(skipped),
     )
+
+
+def finish_index(
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
+    reconstruction: _Reconstruction,
+    team: Team,
+    say: Callable[[str], None] | None,
+    enter: Callable[[str], None],
+) -> tuple[dict[str, Any], list[str], int]:
+    """The phases after collecting — metrics, neighbours, finishing the index, postings —
+    each skipped when the index records it done; ``enter`` hears each phase's name.
+    Returns the metrics, the phases skipped and the job's tokens."""
+    writer.flush()
+    skipped = []
+    phases = writer.get_meta("phases") or {}
+    windows = writer.next_window
+    enter("metrics")
+    if team.all_agree(phases.get("metrics", {}).get("windows") == windows):
+        skipped.append("metrics")
+        metrics = _stored_metrics(writer, team)
+    else:
+        metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction, team)
+        phases["metrics"] = {"windows": windows, "finished": time.time()}
+        writer.put_meta("phases", phases)
+    enter("neighbours")
+    if team.all_agree(phases.get("neighbours", {}).get("windows") == windows):
+        skipped.append("neighbours")
+    else:
+        from saetui.collect.neighbours import neighbours_phase
+
+        neighbours_phase(config, run, writer, report, check_stop, team, config.work_dir)
+        phases["neighbours"] = {"windows": windows, "finished": time.time()}
+        writer.put_meta("phases", phases)
+    tokens = team.sum_ints([writer.summaries.n_tokens])[0]
+    writer.finish()
+    team.finish()
+    if config.gather:
+        _gather(config, team, say)
+    enter("postings")
+    _postings_phase(config, team, report, check_stop, say)
+    return metrics, skipped, int(tokens)
 
 
 def _postings_phase(
@@ -545,7 +577,9 @@ def _collecting_phase(
         reconstruction.save()
         raise
     finally:
-        batches.close()
+        close = getattr(batches, "close", None)  # a generator: stops the tokeniser thread
+        if close is not None:
+            close()
     # (after any other error the writer may be broken: the sums since the last save are
     # recomputed on resume, and the error itself reaches the user unmasked)
     reconstruction.save()
@@ -593,7 +627,8 @@ class _Reconstruction:
 
     def add(self, batch: Any, encoded: EncodedWindows, check_stop: Callable[[], None]) -> None:
         first = int(batch.window_ids[0])
-        if self.accumulator.next_window < first:
+        next_window = self.accumulator.next_window
+        if next_window is not None and next_window < first:
             self.catch_up(first, check_stop)
         add_reconstruction(self.accumulator, self._run.sae, batch, encoded, self.special_ids)
         if time.monotonic() - self._saved >= RECONSTRUCTION_SAVE_S:
@@ -611,7 +646,9 @@ class _Reconstruction:
 
         layout = self._layout
         ids = [
-            w for w in range(self.accumulator.next_window, end) if layout is None or layout.owns(w)
+            w
+            for w in range(self.accumulator.next_window or 0, end)
+            if layout is None or layout.owns(w)
         ]
         if not ids:
             return

@@ -114,6 +114,37 @@ def marker_content() -> dict[str, Any]:
     }
 
 
+# A folder of one index per SAE, collected in one pass (saetui collect --sae A --sae B):
+# this file lists them; each OUT/<name> is an ordinary index.
+SEVERAL_FILE = "saetui-indexes.json"
+SEVERAL_FORMAT = "saetui-indexes"
+
+
+def read_several(path: Path) -> list[dict[str, Any]] | None:
+    """The SAEs (name, sae, hook) a several-SAE collection folder lists; None when ``path``
+    is no such folder (or its list is unreadable)."""
+    try:
+        content = json.loads((Path(path) / SEVERAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or content.get("format") != SEVERAL_FORMAT:
+        return None
+    entries = content.get("indexes")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return None
+    return entries
+
+
+def write_several(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Write (atomically) the list of a several-SAE collection folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    temporary = path / f".{SEVERAL_FILE}.tmp"
+    content = {"format": SEVERAL_FORMAT, "format_version": 1, "indexes": entries}
+    temporary.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(temporary, path / SEVERAL_FILE)
+
+
 def read_marker(index_path: Path) -> dict[str, Any]:
     """Read and check the marker file; raise SaetuiInputError when `index_path` is no index."""
     if not index_path.exists():
@@ -122,6 +153,13 @@ def read_marker(index_path: Path) -> dict[str, Any]:
             "(made by `saetui collect`)."
         )
     marker = index_path / MARKER_FILE
+    several = read_several(index_path) if not marker.is_file() else None
+    if several:
+        names = [str(entry.get("name")) for entry in several]
+        raise IndexMissingError(
+            f"{index_path} holds one index per SAE ({', '.join(names)}): pass one of them, "
+            f"e.g. {index_path / names[0]}."
+        )
     if not index_path.is_dir() or not marker.is_file():
         raise IndexMissingError(
             f"{index_path} is not a saetui index (no {MARKER_FILE} inside): pass the "

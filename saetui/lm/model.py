@@ -113,6 +113,21 @@ class LanguageModel:
         return read_view(self._cached(tokens, base, stop=True), head)
 
     @torch.no_grad()
+    def activations_at(self, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+        """Activations at every hook of ``hooks`` from one forward pass, stopped after the
+        deepest hook's layer (each read as :meth:`activations` reads it)."""
+        bases = sorted({split_head(hook)[0] for hook in hooks})
+        layers = [hook_layer(base) for base in bases]
+        end = None
+        if all(layer is not None for layer in layers):
+            deepest = max(layer for layer in layers if layer is not None)
+            end = deepest + 1 if deepest + 1 < self.n_layers else None
+        _, cache = self.bridge.run_with_cache(
+            tokens.to(self.device), names_filter=bases, stop_at_layer=end
+        )
+        return {hook: read_view(cache[split_head(hook)[0]], split_head(hook)[1]) for hook in hooks}
+
+    @torch.no_grad()
     def residual_directions(self, hook: str, directions: torch.Tensor) -> torch.Tensor | None:
         """``directions`` [n, width] at ``hook`` as what they write into the residual stream
         [n, d_model], for logit effects: hook_z directions (all heads flattened, or one head)

@@ -399,7 +399,6 @@ def _export_ecosystem(args: argparse.Namespace) -> int:
         raise SaetuiInputError(
             f"--activation-db belongs to --format sae_core; drop it for --format {args.format}."
         )
-    report: Any  # each format's own report
     if args.format == "html":
         _export_html(args)
     elif args.format == "delphi":

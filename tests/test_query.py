@@ -114,7 +114,7 @@ def all_positions(engine, expr, order="position"):
 @pytest.mark.parametrize("frequent", [None, 0])
 def test_every_form_equals_brute_force(engine, brute, frequent, monkeypatch):
     if frequent is not None:  # every feature counts as frequent: bitmap lookups, fast pages
-        from saetui.index import query as query_module
+        from saetui.index import query_ranked as query_module
 
         monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b, c = frequent_features(brute, 3)
@@ -149,7 +149,7 @@ def test_every_form_equals_brute_force(engine, brute, frequent, monkeypatch):
 @pytest.mark.parametrize("frequent", [None, 0])
 def test_pages_by_value_and_by_position(engine, brute, frequent, monkeypatch):
     if frequent is not None:
-        from saetui.index import query as query_module
+        from saetui.index import query_ranked as query_module
 
         monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b = frequent_features(brute, 2)
@@ -347,7 +347,7 @@ def test_cli_notes_postings_older_than_the_index(tmp_path, capsys):
 
 
 def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypatch):
-    from saetui.index import query as query_module
+    from saetui.index import query_ranked as query_module
     from saetui.index.postings import KIND_FEATURE
 
     path = tmp_path / "dense"
@@ -359,11 +359,11 @@ def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypat
     reader, engine = open_query(path)
     post = engine.postings
     parts = post.parts()
-    # the densest feature keeps a bitmap and a truncated top list in some part
+    # the densest feature keeps a bitmap and several value tiers in some part
     with post._read() as txn:
-        heads = [post._record(txn, KIND_FEATURE, f0, p)[1] for p in parts]
-    assert any(head.bitmap_slots for head in heads if head is not None)
-    assert any(post.part_top(f0, p)[2] is False for p in parts)
+        heads = [post._record(txn, KIND_FEATURE, f0, p) for p in parts]
+    assert any(got[1].bitmap_slots for got in heads if got is not None)
+    assert any(len(post.tier_maxes(f0, p)) > 1 for p in parts)
     proven = 0
     try:
         for a, b, c in ((f0, f1, f2), (f1, f0, f3), (f0, f3, f1), (f2, f1, f0)):

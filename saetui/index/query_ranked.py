@@ -1,0 +1,159 @@
+"""First pages by value without a full evaluation: ``f:A`` and ``f:A & f:B & !f:C ...``.
+
+Both walk the value tiers of the ranking feature A (its postings cut at value ranks 64,
+256, 1024, ...; see :mod:`saetui.index.postings_codec`) from the highest, over all parts,
+and stop as soon as the page is proven: the n-th best match found outranks every tier not
+yet decoded. For a conjunction, each part's match mask is the AND of the features'
+bitmaps (dense pieces) or decoded positions (short ones), so the count of the co-firing
+set (and its PMI) is exact and costs one bitmap per feature and part; when the set is
+small (at most ``FEW_MATCHES``) its positions come from the masks and A's values from the
+forward index, never from A's long postings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from saetui.index import format as fmt
+from saetui.index.postings import KIND_FEATURE, SHARD_SHIFT, Postings
+from saetui.index.query_pages import QueryPage
+from saetui.index.query_syntax import And, Feature, Node, Not, describe
+
+FREQUENT = 50_000  # postings above which a feature is looked up in bitmaps, not decoded
+RANKED_MAX = 4096  # deepest lone f:A value page served from the value tiers
+COFIRING_MAX = 256  # deepest co-firing value page served from masks and tiers
+FEW_MATCHES = 256  # co-firing sets up to this size take A's values from the forward index
+
+
+def forward_values(reader: Any, feature: int, positions: np.ndarray) -> np.ndarray:
+    """The feature's value at each of a few ``positions``, from the forward index."""
+    ctx = reader.meta.ctx_len
+    out = np.zeros(len(positions), np.float32)
+    for i, p in enumerate(positions.tolist()):
+        window, at = divmod(p & fmt.GIDX_MASK, ctx)
+        token = reader.token(window, at, shard=p >> SHARD_SHIFT)
+        hit = np.flatnonzero(token.feature_ids == feature)
+        if len(hit):
+            out[i] = token.values[hit[0]]
+    return out
+
+
+def top_page(
+    reader: Any, postings: Postings, node: Node, text: str, limit: int, offset: int, order: str
+) -> QueryPage | None:
+    """A lone ``f:N`` by value: its best postings from the value tiers."""
+    if not (isinstance(node, Feature) and node.op is None and order == "value"):
+        return None
+    if offset + limit > RANKED_MAX:
+        return None
+    reader._check_feature(node.feature)
+    vals, positions = postings.ranked(node.feature, offset + limit)
+    total = postings.counts(KIND_FEATURE, node.feature)
+    return QueryPage(
+        expression=text,
+        total=total,
+        order=order,
+        offset=offset,
+        positions=positions[offset : offset + limit],
+        features=[node.feature],
+        values=vals[offset : offset + limit].astype(np.float32).reshape(-1, 1),
+        counts={describe(node): total},
+    )
+
+
+def _plain_features(reader: Any, node: Node) -> tuple[list[int], list[int]] | None:
+    """(positive, negative) features of a conjunction of plain ``f:N`` and ``!f:N``."""
+    if not isinstance(node, And):
+        return None
+    positive: list[int] = []
+    negative: list[int] = []
+    for term in node.terms:
+        inner = term.term if isinstance(term, Not) else term
+        if not isinstance(inner, Feature) or inner.op is not None:
+            return None
+        reader._check_feature(inner.feature)
+        (negative if isinstance(term, Not) else positive).append(inner.feature)
+    return (positive, negative) if positive else None
+
+
+def cofiring_page(
+    reader: Any,
+    postings: Postings,
+    counted_tokens: Callable[[], int],
+    node: Node,
+    text: str,
+    limit: int,
+    offset: int,
+    order: str,
+) -> QueryPage | None:
+    """``f:A & f:B & !f:C ...`` by value when A is frequent: per part the match mask from
+    bitmaps (exact count), then A's value tiers filtered by it until the page is proven.
+    None when the query has another shape (the caller evaluates it in full)."""
+    n = offset + limit
+    if order != "value" or n > COFIRING_MAX:
+        return None
+    features = _plain_features(reader, node)
+    if features is None:
+        return None
+    positive, negative = features
+    first = positive[0]
+    counts = {f"f:{f}": postings.counts(KIND_FEATURE, f) for f in positive}
+    if counts[f"f:{first}"] < FREQUENT:
+        return None  # short postings: the full evaluation is as fast
+    parts = postings.parts()
+    masks: dict[int, np.ndarray] = {}
+    total = 0
+    for i, part in enumerate(parts):
+        mask = postings.bits(first, part)
+        for f in positive[1:]:
+            if not mask.any():
+                break
+            mask &= postings.bits(f, part)
+        for f in negative:
+            if not mask.any():
+                break
+            mask &= ~postings.bits(f, part)
+        hits = int(np.count_nonzero(mask))
+        if hits:
+            masks[i] = mask
+            total += hits
+    if total <= FEW_MATCHES:
+        found = [parts[i].first + np.flatnonzero(m) for i, m in sorted(masks.items())]
+        positions = np.concatenate(found) if found else np.zeros(0, np.int64)
+        values = forward_values(reader, first, positions)
+        ranked = np.lexsort((positions, -values))[:n]
+        positions, values = positions[ranked], values[ranked]
+    else:
+
+        def keep(i: int, pos: np.ndarray) -> np.ndarray:
+            mask = masks.get(i)
+            if mask is None:
+                return np.zeros(len(pos), bool)
+            return mask[pos - parts[i].first]
+
+        vals16, positions = postings.ranked(first, n, keep=keep, total=total)
+        values = vals16.astype(np.float32)
+    page = slice(offset, n)
+    table = np.zeros((len(positions[page]), len(positive)), np.float32)
+    table[:, 0] = values[page]
+    for j, f in enumerate(positive[1:], start=1):
+        table[:, j] = forward_values(reader, f, positions[page])
+    pmi = None
+    n_tokens = counted_tokens()
+    if len(positive) >= 2 and total and n_tokens:
+        pmi = math.log(total / n_tokens) - sum(math.log(c / n_tokens) for c in counts.values())
+    return QueryPage(
+        expression=text,
+        total=total,
+        order=order,
+        offset=offset,
+        positions=positions[page],
+        features=positive,
+        values=table,
+        counts=counts,
+        pmi=pmi,
+    )

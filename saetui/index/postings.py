@@ -173,7 +173,7 @@ class Postings:
 
     def _record(
         self, txn: lmdb.Transaction, kind: int, ident: int, part: PartInfo
-    ) -> tuple[memoryview, Record, int] | None:
+    ) -> tuple[memoryview | bytes, Record, int] | None:
         """(record buffer, parsed header, slot) of one id in one part; None when it has no
         postings there."""
         rec_id, slot = divmod(ident, IDS_PER_RECORD)
@@ -261,7 +261,8 @@ class Postings:
             tiers = head.tiers.get(slot)
             if tiers is None:
                 return [int(head.max_bits[slot])]
-            return head.tier_max[tiers[0] : tiers[1]].tolist()
+            maxes: list[int] = head.tier_max[tiers[0] : tiers[1]].tolist()
+            return maxes
 
     def tier(self, feature: int, part: PartInfo, tier: int) -> tuple[np.ndarray, np.ndarray]:
         """(positions sorted, fp16 values) of one value tier of the feature in one part."""
@@ -363,7 +364,7 @@ class Postings:
                     f"the postings of {self.index_path} lack the text of part {part.part}: "
                     f"delete {postings_dir(self.index_path)} and build them again."
                 )
-            raw = codec.decompress(blob)
+            raw = codec.decompress(bytes(blob))
         first_g, span = TEXT_HEAD.unpack_from(raw)
         off = TEXT_HEAD.size
         tokens = np.frombuffer(raw, "<u4", span, off)

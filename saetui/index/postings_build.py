@@ -152,7 +152,7 @@ def build_postings(
             entry = envs.acquire(folder, POSTINGS_DBS, write=True)
             try:
                 builder = _Builder(reader, entry, part_nnz, progress, check_stop, started)
-                builder.top_min = top_min
+                builder.top_min = top_min  # pieces with more postings get value tiers
                 return builder.run()
             finally:
                 envs.release(entry)
@@ -174,6 +174,7 @@ class _Builder:
         started: float,
     ) -> None:
         self.reader, self.entry = reader, entry
+        self.top_min = TOP_MIN
         self.part_nnz = part_nnz
         self.progress = progress
         self.check_stop = check_stop or (lambda: None)

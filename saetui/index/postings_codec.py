@@ -163,7 +163,7 @@ def encode_records(
         tier_maxes: list[int] = []
         bitmap_slots: list[int] = []
         bitmaps: list[bytes] = []
-        for g in np.flatnonzero(tiered[lo:hi]) + lo:
+        for g in (np.flatnonzero(tiered[lo:hi]) + lo).tolist():
             a, b = int(starts[g]), int(ends[g])
             t_frames, t_counts, t_maxes = _tiers(pos[a:b], bits[a:b])
             tier_slots.append(int(group_ids[g]) - base_id)
@@ -278,7 +278,7 @@ def parse_record(rec: memoryview | bytes, n_planes: int) -> Record:
 
 def _unframe(blob: memoryview | bytes, n_planes: int, width: int) -> np.ndarray:
     try:
-        raw = codec.decompress(blob[1:]) if blob[0] == 1 else bytes(blob[1:])
+        raw = codec.decompress(bytes(blob[1:])) if blob[0] == 1 else bytes(blob[1:])
         return np.frombuffer(raw, np.uint8).reshape(n_planes, width)
     except Exception as exc:  # zstd or size mismatch
         raise codec.CorruptBlockError(f"postings frame: {exc}") from None
@@ -348,7 +348,7 @@ def merge_tiers(tiers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
 def decode_bitmap(rec: memoryview | bytes, where: tuple[int, int], span: int) -> np.ndarray:
     blob = rec[where[0] : where[1]]
     try:
-        raw = codec.decompress(blob[1:]) if blob[0] == 1 else bytes(blob[1:])
+        raw = codec.decompress(bytes(blob[1:])) if blob[0] == 1 else bytes(blob[1:])
     except Exception as exc:  # zstd
         raise codec.CorruptBlockError(f"postings bitmap: {exc}") from None
     return np.unpackbits(np.frombuffer(raw, np.uint8), count=span).view(bool)

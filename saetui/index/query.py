@@ -121,6 +121,7 @@ class QueryEngine:
     def _feature(self, feature: int) -> tuple[np.ndarray, np.ndarray]:
         self.reader._check_feature(feature)
         pos, vals = self.postings.read(KIND_FEATURE, feature)
+        assert vals is not None  # features have values
         return pos, vals.astype(np.float32)
 
     def token_ids(self, text: str) -> list[int]:
@@ -154,11 +155,12 @@ class QueryEngine:
         """Sorted unique positions of ``node``; fills ``values`` with the positions and
         values of every feature read (and remembers every other atom's answer there too,
         under its syntax node, so counts do not run a regex twice)."""
-        memo: dict[Any, Any] = values  # type: ignore[assignment]
+        memo: dict[Any, Any] = values
         if isinstance(node, (Token, Regex, Document)):
             if node not in memo:
                 memo[node] = self._eval_atom(node)
-            return memo[node]
+            found: np.ndarray = memo[node]
+            return found
         if isinstance(node, Feature):
             if node.feature not in values:
                 values[node.feature] = self._feature(node.feature)
@@ -172,7 +174,8 @@ class QueryEngine:
                 "<": vals < t,
                 "<=": vals <= t,
             }[node.op]
-            return pos[keep]
+            kept: np.ndarray = pos[keep]
+            return kept
         if isinstance(node, Or):
             parts = [self._eval(t, values) for t in node.terms]
             return np.unique(np.concatenate(parts))

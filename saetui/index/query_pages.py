@@ -94,7 +94,8 @@ def member(sorted_a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
     if len(sorted_a) <= len(sorted_b):
         at = np.searchsorted(sorted_b, sorted_a)
         at[at == len(sorted_b)] = 0
-        return sorted_b[at] == sorted_a
+        same: np.ndarray = sorted_b[at] == sorted_a
+        return same
     at = np.searchsorted(sorted_a, sorted_b)
     keep = at < len(sorted_a)
     at, found = at[keep], sorted_b[keep]

@@ -133,7 +133,8 @@ def cofiring_page(
             mask = masks.get(i)
             if mask is None:
                 return np.zeros(len(pos), bool)
-            return mask[pos - parts[i].first]
+            hit: np.ndarray = mask[pos - parts[i].first]
+            return hit
 
         vals16, positions = postings.ranked(first, n, keep=keep, total=total)
         values = vals16.astype(np.float32)

@@ -109,9 +109,11 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--postings",
-        action="store_true",
-        help="also build the per-feature postings that `saetui query` and the TUI's query bar "
-        "use, once the index has finished (later: `saetui postings INDEX`)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the per-feature postings that `saetui query` and the TUI's query bar use, "
+        "once the index has finished (default: when the index holds under 100M tokens; "
+        "--no-postings skips them; later: `saetui postings INDEX`)",
     )
     group.add_argument(
         "--gather",

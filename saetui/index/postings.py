@@ -26,9 +26,11 @@ from saetui.index import env as envs
 from saetui.index import format as fmt
 from saetui.index.postings_build import (
     TEXT_HEAD,
+    DEFAULT_ON_TOKENS,
     BuildProgress,
     BuildReport,
     build_postings,
+    postings_by_default,
 )
 from saetui.index.postings_codec import (
     Record,
@@ -69,6 +71,7 @@ from saetui.index.postings_layout import (
 __all__ = [
     "ABSENT_TOKEN",
     "BITMAP_DENSITY",
+    "DEFAULT_ON_TOKENS",
     "DEFAULT_PART_NNZ",
     "IDS_PER_RECORD",
     "KIND_FEATURE",
@@ -87,6 +90,7 @@ __all__ = [
     "open_postings",
     "part_key",
     "post_key",
+    "postings_by_default",
     "postings_dir",
     "read_state",
 ]

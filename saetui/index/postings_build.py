@@ -65,6 +65,17 @@ from saetui.index.postings_layout import (
 )
 
 TEXT_HEAD = struct.Struct("<QI")
+DEFAULT_ON_TOKENS = 100_000_000  # collections smaller than this build postings by default
+
+
+def postings_by_default(index_path: str | Path) -> bool:
+    """Whether a collection that neither asked for postings nor refused them builds them:
+    when its index holds under ``DEFAULT_ON_TOKENS`` tokens (about 2 B per nonzero on disk
+    and 1/10 of the collection's time or less)."""
+    from saetui.index.reader import open_index
+
+    with open_index(index_path) as reader:
+        return int(reader.progress().tokens) < DEFAULT_ON_TOKENS
 
 
 @dataclass(frozen=True)

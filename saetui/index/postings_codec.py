@@ -67,27 +67,23 @@ def tier_bounds(count: int) -> list[int]:
 
 
 def _tiers(pos: np.ndarray, bits: np.ndarray) -> tuple[list[bytes], list[int], list[int]]:
-    """(frames, counts, max bits) of one piece's value tiers (``pos`` sorted)."""
-    n = len(pos)
+    """(frames, counts, max bits) of one piece's value tiers (``pos`` sorted), highest
+    first. From the deepest cut up: a one-rank partition splits the candidates into those
+    above the cut and the next tier (about 2.3 passes over the piece in all)."""
     # unique ranking key: value desc, then position asc
     key = (bits.astype(np.int64) << 32) | (_FULL - pos.astype(np.int64))
-    cuts = tier_bounds(n)[1:-1]
-    if cuts:
-        kth = [n - r for r in cuts]
-        part = np.partition(key, kth)
-        thresholds = np.sort(part[kth])  # ascending: the key at rank 64 is the largest
-        tier = len(cuts) - np.searchsorted(thresholds, key, side="right")
-    else:
-        tier = np.zeros(n, np.int64)
-    order = np.argsort(tier.astype(np.uint8), kind="stable")  # positions stay sorted
-    sizes = np.bincount(tier, minlength=len(cuts) + 1)
+    idx = np.arange(len(pos))  # ascending, so every tier's positions stay sorted
+    low_first: list[np.ndarray] = []
+    for r in reversed(tier_bounds(len(pos))[1:-1]):
+        k = key[idx]
+        above = k >= np.partition(k, len(k) - r)[len(k) - r]
+        low_first.append(idx[~above])
+        idx = idx[above]
+    low_first.append(idx)
     frames, counts, maxes = [], [], []
-    at = 0
-    for size in sizes.tolist():
-        sel = order[at : at + size]
-        at += size
+    for sel in reversed(low_first):
         frames.append(_frame(_planes(pos[sel], bits[sel]).tobytes()))
-        counts.append(size)
+        counts.append(len(sel))
         maxes.append(int(bits[sel].max()))
     return frames, counts, maxes
 
@@ -110,23 +106,29 @@ def encode_records(
     starts = np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1])
     ends = np.concatenate([starts[1:], [len(keys)]])
     sizes = ends - starts
-    deltas = np.empty(len(pos), np.int64)
-    deltas[0] = pos[0]
-    deltas[1:] = pos[1:] - pos[:-1]
-    deltas[starts] = pos[starts]
-    n_planes = 6 if with_values else 4
-    planes = np.empty((n_planes, len(keys)), np.uint8)
-    planes[:4] = deltas.astype("<u4").view(np.uint8).reshape(-1, 4).T
     bits = np.zeros(len(keys), np.int64)
     if with_values:
         bits = (keys & np.uint64(0xFFFF)).astype(np.int64)
-        planes[4:] = bits.astype("<u2").view(np.uint8).reshape(-1, 2).T
         max_bits = np.maximum.reduceat(bits, starts)
         tiered = sizes > max(top_min, TOP_N)
     else:
         max_bits = np.zeros(len(starts), np.int64)
         tiered = np.zeros(len(starts), bool)
     group_ids = ids[starts]
+    # byte planes of the short pieces only, compacted: a frame of consecutive short ids is
+    # one slice of them (long pieces are coded tier by tier)
+    short = np.repeat(~tiered, sizes) if tiered.any() else slice(None)
+    deltas = np.empty(len(pos), np.int64)
+    deltas[0] = pos[0]
+    deltas[1:] = pos[1:] - pos[:-1]
+    deltas[starts] = pos[starts]
+    short_deltas = deltas[short]
+    framed_planes = np.empty((6 if with_values else 4, len(short_deltas)), np.uint8)
+    framed_planes[:4] = short_deltas.astype("<u4").view(np.uint8).reshape(-1, 4).T
+    if with_values:
+        framed_planes[4:] = bits[short].astype("<u2").view(np.uint8).reshape(-1, 2).T
+    del deltas, short_deltas
+    framed_end = np.cumsum(np.where(tiered, 0, sizes))
     out: list[tuple[int, bytes]] = []
     record_of = group_ids // IDS_PER_RECORD
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(record_of)) + 1, [len(starts)]])
@@ -144,17 +146,17 @@ def encode_records(
         # one zstd frame (small pieces alone would each pay for a frame and its tables)
         frame_first: list[int] = [0]
         frames: list[bytes] = []
-        pending: list[int] = []
-        pending_n = 0
-        framed = [g for g in range(lo, hi) if not tiered[g]]
-        for i, g in enumerate(framed):
-            pending.append(g)
-            pending_n += int(sizes[g])
-            if pending_n >= FRAME_POSTINGS or i == len(framed) - 1:
-                cols = np.concatenate([np.arange(starts[h], ends[h]) for h in pending])
-                frames.append(_frame(planes[:, cols].tobytes()))
-                frame_first.append(int(group_ids[g]) - base_id + 1)
-                pending, pending_n = [], 0
+        framed = np.flatnonzero(~tiered[lo:hi]) + lo
+        first_col = int(framed_end[lo] - (0 if tiered[lo] else sizes[lo]))
+        col = first_col
+        framed_sizes = sizes[framed].tolist()
+        framed_gids = group_ids[framed].tolist()
+        for i, size in enumerate(framed_sizes):
+            col += size
+            if col - first_col >= FRAME_POSTINGS or i == len(framed_sizes) - 1:
+                frames.append(_frame(framed_planes[:, first_col:col].tobytes()))
+                frame_first.append(framed_gids[i] - base_id + 1)
+                first_col = col
         frame_first[-1] = n
         tier_slots: list[int] = []
         tier_first: list[int] = [0]

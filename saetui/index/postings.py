@@ -25,8 +25,8 @@ from saetui.index import codec
 from saetui.index import env as envs
 from saetui.index import format as fmt
 from saetui.index.postings_build import (
-    TEXT_HEAD,
     DEFAULT_ON_TOKENS,
+    TEXT_HEAD,
     BuildProgress,
     BuildReport,
     build_postings,
@@ -344,18 +344,23 @@ class Postings:
     def bits(self, feature: int, part: PartInfo) -> np.ndarray:
         """Where the feature fires in one part: bool over the part's span (positions
         ``part.first + i``), from its bitmap when dense, else from its postings."""
+        return np.unpackbits(self.packed_bits(feature, part), count=part.span).view(bool)
+
+    def packed_bits(self, feature: int, part: PartInfo) -> np.ndarray:
+        """:meth:`bits` packed (``np.packbits`` order, ``(span + 7) // 8`` bytes): dense
+        features' bitmaps as stored, so masks of frequent features AND 8 positions a byte."""
         with self._read() as txn:
             got = self._record(txn, KIND_FEATURE, feature, part)
             if got is None:
-                return np.zeros(part.span, bool)
+                return np.zeros((part.span + 7) // 8, np.uint8)
             rec, head, slot = got
             where = head.bitmap_slots.get(slot)
             if where is not None:
-                return decode_bitmap(rec, where, part.span)
+                return decode_bitmap(rec, where, part.span).copy()
             pos, _ = decode(rec, head, slot)
         mask = np.zeros(part.span, bool)
         mask[pos] = True
-        return mask
+        return np.packbits(mask)
 
     # -------------------------------------------------------------- text and documents
 

@@ -348,9 +348,13 @@ def merge_tiers(tiers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
 
 
 def decode_bitmap(rec: memoryview | bytes, where: tuple[int, int], span: int) -> np.ndarray:
+    """A piece's bitmap as packed bits (uint8, big-endian bit order, ``(span + 7) // 8``)."""
     blob = rec[where[0] : where[1]]
     try:
         raw = codec.decompress(bytes(blob[1:])) if blob[0] == 1 else bytes(blob[1:])
     except Exception as exc:  # zstd
         raise codec.CorruptBlockError(f"postings bitmap: {exc}") from None
-    return np.unpackbits(np.frombuffer(raw, np.uint8), count=span).view(bool)
+    packed = np.frombuffer(raw, np.uint8)
+    if len(packed) != (span + 7) // 8:
+        raise codec.CorruptBlockError("postings bitmap: wrong size")
+    return packed

@@ -108,21 +108,24 @@ def cofiring_page(
     masks: dict[int, np.ndarray] = {}
     total = 0
     for i, part in enumerate(parts):
-        mask = postings.bits(first, part)
+        mask = postings.packed_bits(first, part)  # 8 positions a byte
         for f in positive[1:]:
             if not mask.any():
                 break
-            mask &= postings.bits(f, part)
+            mask &= postings.packed_bits(f, part)
         for f in negative:
             if not mask.any():
                 break
-            mask &= ~postings.bits(f, part)
-        hits = int(np.count_nonzero(mask))
+            mask &= ~postings.packed_bits(f, part)
+        hits = int(np.bitwise_count(mask).sum())
         if hits:
             masks[i] = mask
             total += hits
     if total <= FEW_MATCHES:
-        found = [parts[i].first + np.flatnonzero(m) for i, m in sorted(masks.items())]
+        found = [
+            parts[i].first + np.flatnonzero(np.unpackbits(m, count=parts[i].span))
+            for i, m in sorted(masks.items())
+        ]
         positions = np.concatenate(found) if found else np.zeros(0, np.int64)
         values = forward_values(reader, first, positions)
         ranked = np.lexsort((positions, -values))[:n]
@@ -133,7 +136,8 @@ def cofiring_page(
             mask = masks.get(i)
             if mask is None:
                 return np.zeros(len(pos), bool)
-            hit: np.ndarray = mask[pos - parts[i].first]
+            local = pos - parts[i].first
+            hit: np.ndarray = (mask[local >> 3] >> (7 - (local & 7)).astype(np.uint8)) & 1 > 0
             return hit
 
         vals16, positions = postings.ranked(first, n, keep=keep, total=total)

@@ -356,7 +356,7 @@ class Postings:
             rec, head, slot = got
             where = head.bitmap_slots.get(slot)
             if where is not None:
-                return decode_bitmap(rec, where, part.span).copy()
+                return np.array(decode_bitmap(rec, where, part.span))
             pos, _ = decode(rec, head, slot)
         mask = np.zeros(part.span, bool)
         mask[pos] = True

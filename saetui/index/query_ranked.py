@@ -6,8 +6,9 @@ and stop as soon as the page is proven: the n-th best match found outranks every
 yet decoded. For a conjunction, each part's match mask is the AND of the features'
 bitmaps (dense pieces) or decoded positions (short ones), so the count of the co-firing
 set (and its PMI) is exact and costs one bitmap per feature and part; when the set is
-small (at most ``FEW_MATCHES``) its positions come from the masks and A's values from the
-forward index, never from A's long postings.
+small (at most ``FEW_MATCHES``) and looking its values up in the forward index is cheaper
+than the expected tier walk (about ``4n / matches`` of A's postings), its positions come
+from the masks and A's values from the forward index.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from saetui.index.query_syntax import And, Feature, Node, Not, describe
 FREQUENT = 50_000  # postings above which a feature is looked up in bitmaps, not decoded
 RANKED_MAX = 4096  # deepest lone f:A value page served from the value tiers
 COFIRING_MAX = 256  # deepest co-firing value page served from masks and tiers
-FEW_MATCHES = 256  # co-firing sets up to this size take A's values from the forward index
+FEW_MATCHES = 256  # co-firing sets up to this size may take A's values from the forward index
+FORWARD_S = 1.5e-4  # about one forward-index token lookup (a window decoded)
+DECODE_S = 1.5e-8  # about one posting of a value tier decoded
 
 
 def forward_values(reader: Any, feature: int, positions: np.ndarray) -> np.ndarray:
@@ -121,7 +124,8 @@ def cofiring_page(
         if hits:
             masks[i] = mask
             total += hits
-    if total <= FEW_MATCHES:
+    walk_s = counts[f"f:{first}"] * min(1.0, 4 * n / max(total, 1)) * DECODE_S
+    if total <= FEW_MATCHES and total * FORWARD_S <= walk_s:
         found = [
             parts[i].first + np.flatnonzero(np.unpackbits(m, count=parts[i].span))
             for i, m in sorted(masks.items())

@@ -212,7 +212,8 @@ def _has_terminal() -> bool:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job on the embedded sample (model, SAE, corpus)."""
     out = args.out or demo_index_path()
-    args.postings = True  # the sample is small (about a second): the query bar works at once
+    if args.postings is None:  # the sample is small (about a second): the query bar works
+        args.postings = True
     if args.headless:
         _say(f"demo index: {out}")
     return _run_collection(args, out)

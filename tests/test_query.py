@@ -406,8 +406,9 @@ NEAR_EVERY = SyntheticCorpus(d_sae=64, ctx_len=16, k=6, vocab_size=40, zipf=2.5,
 @pytest.mark.parametrize("few", [0, 10**6])
 def test_frequent_features_ranked_pages_equal_brute_force(tmp_path, monkeypatch, few):
     """A feature firing on nearly every token, intersected and differenced with others:
-    the value-tier walk (few=0) and the forward-index path for small sets (few large) give
-    the brute-force pages, and a first page decodes fewer tiers than a full read."""
+    the value-tier walk with values from the postings (few=0) and the forward-index path
+    for small sets and page values (few large) give the brute-force pages, and a first
+    page decodes fewer tiers than a full read."""
     from saetui.index import query_ranked
 
     path = tmp_path / "near-every"
@@ -415,6 +416,8 @@ def test_frequent_features_ranked_pages_equal_brute_force(tmp_path, monkeypatch,
     build_postings(path, part_nnz=2500, top_min=30)
     monkeypatch.setattr(query_ranked, "FREQUENT", 0)
     monkeypatch.setattr(query_ranked, "FEW_MATCHES", few)
+    if few:  # lookups in the forward index always win: the small-set path and values_of's
+        monkeypatch.setattr(query_ranked, "FORWARD_S", 0.0)
     brute = Brute(path)
     order = frequent_features(brute, 12)
     f0, f1, mid = order[0], order[1], order[10]

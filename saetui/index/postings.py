@@ -211,6 +211,16 @@ class Postings:
                     total += int(got[1].count[got[2]])
         return total
 
+    def part_counts(self, kind: int, ident: int) -> list[int]:
+        """How many positions the id has in each part (in :meth:`parts` order)."""
+        parts = self.parts()
+        out = []
+        with self._read() as txn:
+            for part in parts:
+                got = self._record(txn, kind, ident, part)
+                out.append(0 if got is None else int(got[1].count[got[2]]))
+        return out
+
     def max_value(self, feature: int) -> float:
         """The feature's largest activation."""
         best = 0

@@ -302,8 +302,8 @@ class Postings:
         total: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The feature's ``n`` best postings (value desc, ties by position) whose positions
-        pass ``keep(part index, positions) -> bool mask`` (all when None): value tiers are
-        decoded from the highest, over all parts, until the n-th best found outranks every
+        pass ``keep(part index, positions) -> bool mask or indices`` (all when None): value
+        tiers are decoded from the highest, over all parts, until the n-th best found outranks every
         tier not decoded (or ``total`` matches, when known, were all found). Returns (fp16
         values, positions)."""
         parts = self.parts()

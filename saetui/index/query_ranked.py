@@ -125,6 +125,7 @@ def cofiring_page(
         return None  # short postings: the full evaluation is as fast
     parts = postings.parts()
     masks: dict[int, np.ndarray] = {}
+    part_hits: dict[int, int] = {}
     total = 0
     for i, part in enumerate(parts):
         mask = postings.packed_bits(first, part)  # 8 positions a byte
@@ -139,6 +140,7 @@ def cofiring_page(
         hits = int(np.bitwise_count(mask).sum())
         if hits:
             masks[i] = mask
+            part_hits[i] = hits
             total += hits
     walk_s = counts[f"f:{first}"] * min(1.0, 4 * n / max(total, 1)) * DECODE_S
     if total <= FEW_MATCHES and total * FORWARD_S <= walk_s:
@@ -151,11 +153,22 @@ def cofiring_page(
         ranked = np.lexsort((positions, -values))[:n]
         positions, values = positions[ranked], values[ranked]
     else:
+        matches: dict[int, np.ndarray] = {}
 
         def keep(i: int, pos: np.ndarray) -> np.ndarray:
             mask = masks.get(i)
             if mask is None:
-                return np.zeros(len(pos), bool)
+                return np.zeros(0, np.int64)
+            if part_hits[i] * 64 < len(pos):  # few matches here: find each in the tier
+                if i not in matches:
+                    bits = np.unpackbits(mask, count=parts[i].span)
+                    matches[i] = parts[i].first + np.flatnonzero(bits)
+                found = matches[i]
+                at = np.searchsorted(pos, found)
+                ok = at < len(pos)
+                at, found = at[ok], found[ok]
+                where: np.ndarray = at[pos[at] == found]
+                return where
             local = pos - parts[i].first
             hit: np.ndarray = (mask[local >> 3] >> (7 - (local & 7)).astype(np.uint8)) & 1 > 0
             return hit

@@ -45,6 +45,15 @@ def forward_values(reader: Any, feature: int, positions: np.ndarray) -> np.ndarr
     return out
 
 
+def set_bits(packed: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of a packed mask (``np.packbits`` order), ascending: only
+    its nonzero bytes are unpacked (a sparse mask of a long span costs its bytes / 8)."""
+    nz = np.flatnonzero(packed)
+    rows, cols = np.nonzero(np.unpackbits(packed[nz]).reshape(-1, 8))
+    out: np.ndarray = nz[rows] * 8 + cols
+    return out
+
+
 def values_of(reader: Any, postings: Postings, feature: int, positions: np.ndarray) -> np.ndarray:
     """The feature's value at each of a few ``positions`` (0 where it does not fire): from
     its postings in the parts that hold them when decoding those is cheaper than a
@@ -144,10 +153,7 @@ def cofiring_page(
             total += hits
     walk_s = counts[f"f:{first}"] * min(1.0, 4 * n / max(total, 1)) * DECODE_S
     if total <= FEW_MATCHES and total * FORWARD_S <= walk_s:
-        found = [
-            parts[i].first + np.flatnonzero(np.unpackbits(m, count=parts[i].span))
-            for i, m in sorted(masks.items())
-        ]
+        found = [parts[i].first + set_bits(m) for i, m in sorted(masks.items())]
         positions = np.concatenate(found) if found else np.zeros(0, np.int64)
         values = values_of(reader, postings, first, positions)
         ranked = np.lexsort((positions, -values))[:n]
@@ -161,8 +167,7 @@ def cofiring_page(
                 return np.zeros(0, np.int64)
             if part_hits[i] * 64 < len(pos):  # few matches here: find each in the tier
                 if i not in matches:
-                    bits = np.unpackbits(mask, count=parts[i].span)
-                    matches[i] = parts[i].first + np.flatnonzero(bits)
+                    matches[i] = parts[i].first + set_bits(mask)
                 found = matches[i]
                 at = np.searchsorted(pos, found)
                 ok = at < len(pos)

@@ -264,10 +264,21 @@ class Postings:
         values = np.concatenate(val_out) if val_out else np.zeros(0, np.float16)
         return positions, values
 
-    def tier_maxes(self, feature: int, part: PartInfo) -> list[int]:
+    @contextmanager
+    def _within(self, txn: lmdb.Transaction | None) -> Iterator[lmdb.Transaction]:
+        """``txn`` when given (one read transaction for many lookups), else a new one."""
+        if txn is not None:
+            yield txn
+        else:
+            with self._read() as new:
+                yield new
+
+    def tier_maxes(
+        self, feature: int, part: PartInfo, txn: lmdb.Transaction | None = None
+    ) -> list[int]:
         """Largest fp16 bits of each value tier of the feature in one part, highest first
         (a short piece is one tier); empty when it does not fire there."""
-        with self._read() as txn:
+        with self._within(txn) as txn:
             got = self._record(txn, KIND_FEATURE, feature, part)
             if got is None:
                 return []
@@ -278,9 +289,11 @@ class Postings:
             maxes: list[int] = head.tier_max[tiers[0] : tiers[1]].tolist()
             return maxes
 
-    def tier(self, feature: int, part: PartInfo, tier: int) -> tuple[np.ndarray, np.ndarray]:
+    def tier(
+        self, feature: int, part: PartInfo, tier: int, txn: lmdb.Transaction | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(positions sorted, fp16 values) of one value tier of the feature in one part."""
-        with self._read() as txn:
+        with self._within(txn) as txn:
             got = self._record(txn, KIND_FEATURE, feature, part)
             if got is None:
                 return np.zeros(0, np.int64), np.zeros(0, np.float16)
@@ -307,38 +320,39 @@ class Postings:
         tier not decoded (or ``total`` matches, when known, were all found). Returns (fp16
         values, positions)."""
         parts = self.parts()
-        heap: list[tuple[int, int, int]] = []  # (-max bits, part index, tier)
-        maxes: list[list[int]] = []
-        for i, part in enumerate(parts):
-            m = self.tier_maxes(feature, part)
-            maxes.append(m)
-            if m:
-                heap.append((-m[0], i, 0))
-        heapq.heapify(heap)
-        bits_out: list[np.ndarray] = []
-        pos_out: list[np.ndarray] = []
-        found = 0
-        best = np.zeros(0, np.int64)  # the n largest fp16 bits found so far
-        while heap and n > 0:
-            if total is not None and found >= total:
-                break
-            if len(best) >= n and int(best.min()) > -heap[0][0]:
-                break  # the n-th best found outranks every tier not decoded
-            _, i, t = heapq.heappop(heap)
-            if t + 1 < len(maxes[i]):
-                heapq.heappush(heap, (-maxes[i][t + 1], i, t + 1))
-            pos, vals = self.tier(feature, parts[i], t)
-            if keep is not None:
-                sel = keep(i, pos)
-                pos, vals = pos[sel], vals[sel]
-            if len(pos):
-                bits = vals.view(np.uint16).astype(np.int64)
-                bits_out.append(bits)
-                pos_out.append(pos)
-                found += len(pos)
-                best = np.concatenate([best, bits])
-                if len(best) > n:
-                    best = np.partition(best, len(best) - n)[len(best) - n :]
+        with self._read() as txn:  # one transaction for every record it reads
+            heap: list[tuple[int, int, int]] = []  # (-max bits, part index, tier)
+            maxes: list[list[int]] = []
+            for i, part in enumerate(parts):
+                m = self.tier_maxes(feature, part, txn)
+                maxes.append(m)
+                if m:
+                    heap.append((-m[0], i, 0))
+            heapq.heapify(heap)
+            bits_out: list[np.ndarray] = []
+            pos_out: list[np.ndarray] = []
+            found = 0
+            best = np.zeros(0, np.int64)  # the n largest fp16 bits found so far
+            while heap and n > 0:
+                if total is not None and found >= total:
+                    break
+                if len(best) >= n and int(best.min()) > -heap[0][0]:
+                    break  # the n-th best found outranks every tier not decoded
+                _, i, t = heapq.heappop(heap)
+                if t + 1 < len(maxes[i]):
+                    heapq.heappush(heap, (-maxes[i][t + 1], i, t + 1))
+                pos, vals = self.tier(feature, parts[i], t, txn)
+                if keep is not None:
+                    sel = keep(i, pos)
+                    pos, vals = pos[sel], vals[sel]
+                if len(pos):
+                    bits = vals.view(np.uint16).astype(np.int64)
+                    bits_out.append(bits)
+                    pos_out.append(pos)
+                    found += len(pos)
+                    best = np.concatenate([best, bits])
+                    if len(best) > n:
+                        best = np.partition(best, len(best) - n)[len(best) - n :]
         if not bits_out:
             return np.zeros(0, np.float16), np.zeros(0, np.int64)
         bits = np.concatenate(bits_out)
@@ -356,10 +370,35 @@ class Postings:
         ``part.first + i``), from its bitmap when dense, else from its postings."""
         return np.unpackbits(self.packed_bits(feature, part), count=part.span).view(bool)
 
-    def packed_bits(self, feature: int, part: PartInfo) -> np.ndarray:
+    def cofiring_masks(
+        self, positive: list[int], negative: list[int]
+    ) -> dict[int, tuple[np.ndarray, int]]:
+        """Per part index where all ``positive`` features fire and no ``negative`` one:
+        (packed mask, how many positions), parts without any left out; one transaction."""
+        out: dict[int, tuple[np.ndarray, int]] = {}
+        parts = self.parts()
+        with self._read() as txn:
+            for i, part in enumerate(parts):
+                mask = self.packed_bits(positive[0], part, txn)  # 8 positions a byte
+                for f in positive[1:]:
+                    if not mask.any():
+                        break
+                    mask &= self.packed_bits(f, part, txn)
+                for f in negative:
+                    if not mask.any():
+                        break
+                    mask &= ~self.packed_bits(f, part, txn)
+                hits = int(np.bitwise_count(mask).sum())
+                if hits:
+                    out[i] = (mask, hits)
+        return out
+
+    def packed_bits(
+        self, feature: int, part: PartInfo, txn: lmdb.Transaction | None = None
+    ) -> np.ndarray:
         """:meth:`bits` packed (``np.packbits`` order, ``(span + 7) // 8`` bytes): dense
         features' bitmaps as stored, so masks of frequent features AND 8 positions a byte."""
-        with self._read() as txn:
+        with self._within(txn) as txn:
             got = self._record(txn, KIND_FEATURE, feature, part)
             if got is None:
                 return np.zeros((part.span + 7) // 8, np.uint8)

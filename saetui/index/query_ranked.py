@@ -133,24 +133,10 @@ def cofiring_page(
     if counts[f"f:{first}"] < FREQUENT:
         return None  # short postings: the full evaluation is as fast
     parts = postings.parts()
-    masks: dict[int, np.ndarray] = {}
-    part_hits: dict[int, int] = {}
-    total = 0
-    for i, part in enumerate(parts):
-        mask = postings.packed_bits(first, part)  # 8 positions a byte
-        for f in positive[1:]:
-            if not mask.any():
-                break
-            mask &= postings.packed_bits(f, part)
-        for f in negative:
-            if not mask.any():
-                break
-            mask &= ~postings.packed_bits(f, part)
-        hits = int(np.bitwise_count(mask).sum())
-        if hits:
-            masks[i] = mask
-            part_hits[i] = hits
-            total += hits
+    found_masks = postings.cofiring_masks(positive, negative)
+    masks = {i: mask for i, (mask, _) in found_masks.items()}
+    part_hits = {i: hits for i, (_, hits) in found_masks.items()}
+    total = sum(part_hits.values())
     walk_s = counts[f"f:{first}"] * min(1.0, 4 * n / max(total, 1)) * DECODE_S
     if total <= FEW_MATCHES and total * FORWARD_S <= walk_s:
         found = [parts[i].first + set_bits(m) for i, m in sorted(masks.items())]

@@ -112,9 +112,11 @@ def _add_collect_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--postings",
-        action="store_true",
-        help="also build the per-feature postings that `saetui query` and the TUI's query bar "
-        "use, once the index has finished (later: `saetui postings INDEX`)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="build the per-feature postings that `saetui query` and the TUI's query bar use, "
+        "once the index has finished (default: when the index holds under 100M tokens; "
+        "--no-postings skips them; later: `saetui postings INDEX`)",
     )
     group.add_argument(
         "--gather",
@@ -272,7 +274,8 @@ def _has_terminal() -> bool:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the main job on the embedded sample (model, SAE, corpus)."""
     out = args.out or demo_index_path()
-    args.postings = True  # the sample is small (about a second): the query bar works at once
+    if args.postings is None:  # the sample is small (about a second): the query bar works
+        args.postings = True
     if args.headless:
         _say(f"demo index: {out}")
     return _run_collection(args, out)

@@ -126,6 +126,7 @@ def world(tmp_path_factory, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_
     tmp = tmp_path_factory.mktemp("catalogue")
     good = tmp / "good"
     shutil.copytree(tiny_index[2], good)
+    shutil.rmtree(good / "postings", ignore_errors=True)  # an index queried before its postings
     common = (
         f"--headless --device cpu --ctx-len 24 --batch-size 2 --metrics-tokens 50 "
         f"--model {tiny_gpt2_dir}"

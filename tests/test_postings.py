@@ -206,6 +206,36 @@ def test_collect_option_postings_reaches_the_config(tmp_path):
     from saetui.cli import _collect_config, build_parser
 
     argv = ["collect", "--sae", "s", "--data", "d.json", "--out", str(tmp_path)]
-    for extra, wanted in (([], False), (["--postings"], True)):
+    for extra, wanted in (([], None), (["--postings"], True), (["--no-postings"], False)):
         args = build_parser().parse_args(argv + extra)
         assert _collect_config(args, tmp_path).postings is wanted
+
+
+def test_collect_builds_postings_by_default_under_the_token_limit(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, monkeypatch
+):
+    """Neither --postings nor --no-postings: a collection builds them when its index holds
+    fewer than DEFAULT_ON_TOKENS tokens, not otherwise; --no-postings never does."""
+    from saetui.collect.pipeline import run_collection
+    from saetui.index import postings_build
+    from tests.conftest import tiny_collect_config
+
+    out = tmp_path / "index"
+    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
+    assert config.postings is None
+    with monkeypatch.context() as patch:  # an index "too large" for the default
+        patch.setattr(postings_build, "DEFAULT_ON_TOKENS", 1)
+        assert run_collection(config).status == "finished"
+    assert open_postings(out) is None
+    refused = tiny_collect_config(
+        out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, postings=False
+    )
+    assert run_collection(refused).status == "finished"
+    assert open_postings(out) is None
+    # under the limit: the finished index reruns only the postings phase, and builds them
+    phases = []
+    assert run_collection(config, progress=lambda u: phases.append(u.phase)).status == "finished"
+    assert "postings" in phases and "collecting" not in phases
+    with open_index(out) as reader, open_postings(out) as post:
+        state = post.state()
+        assert sum(s["windows"] for s in state["shards"].values()) == reader.progress().windows

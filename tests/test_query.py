@@ -14,7 +14,7 @@ from saetui.cli import main
 from saetui.errors import SaetuiInputError
 from saetui.index import open_index
 from saetui.index.layout import ShardLayout
-from saetui.index.postings import SHARD_SHIFT, build_postings
+from saetui.index.postings import KIND_FEATURE, SHARD_SHIFT, build_postings
 from saetui.index.query import QueryEngine, open_query, parse_query
 from saetui.index.synthetic import SyntheticCorpus, write_synthetic
 from tests.test_distributed_index import BLOCK, write_rank
@@ -114,7 +114,7 @@ def all_positions(engine, expr, order="position"):
 @pytest.mark.parametrize("frequent", [None, 0])
 def test_every_form_equals_brute_force(engine, brute, frequent, monkeypatch):
     if frequent is not None:  # every feature counts as frequent: bitmap lookups, fast pages
-        from saetui.index import query as query_module
+        from saetui.index import query_ranked as query_module
 
         monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b, c = frequent_features(brute, 3)
@@ -149,7 +149,7 @@ def test_every_form_equals_brute_force(engine, brute, frequent, monkeypatch):
 @pytest.mark.parametrize("frequent", [None, 0])
 def test_pages_by_value_and_by_position(engine, brute, frequent, monkeypatch):
     if frequent is not None:
-        from saetui.index import query as query_module
+        from saetui.index import query_ranked as query_module
 
         monkeypatch.setattr(query_module, "FREQUENT", frequent)
     a, b = frequent_features(brute, 2)
@@ -347,8 +347,7 @@ def test_cli_notes_postings_older_than_the_index(tmp_path, capsys):
 
 
 def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypatch):
-    from saetui.index import query as query_module
-    from saetui.index.postings import KIND_FEATURE
+    from saetui.index import query_ranked as query_module
 
     path = tmp_path / "dense"
     write_synthetic(path, CORPUS, N_WINDOWS)
@@ -359,11 +358,11 @@ def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypat
     reader, engine = open_query(path)
     post = engine.postings
     parts = post.parts()
-    # the densest feature keeps a bitmap and a truncated top list in some part
+    # the densest feature keeps a bitmap and several value tiers in some part
     with post._read() as txn:
-        heads = [post._record(txn, KIND_FEATURE, f0, p)[1] for p in parts]
-    assert any(head.bitmap_slots for head in heads if head is not None)
-    assert any(post.part_top(f0, p)[2] is False for p in parts)
+        heads = [post._record(txn, KIND_FEATURE, f0, p) for p in parts]
+    assert any(got[1].bitmap_slots for got in heads if got is not None)
+    assert any(len(post.tier_maxes(f0, p)) > 1 for p in parts)
     proven = 0
     try:
         for a, b, c in ((f0, f1, f2), (f1, f0, f3), (f0, f3, f1), (f2, f1, f0)):
@@ -399,3 +398,111 @@ def test_cofiring_first_pages_from_bitmaps_equal_brute_force(tmp_path, monkeypat
         engine.close()
         reader.close()
     assert proven >= 6
+
+
+NEAR_EVERY = SyntheticCorpus(d_sae=64, ctx_len=16, k=6, vocab_size=40, zipf=2.5, inactive=0.0)
+
+
+@pytest.mark.parametrize("few", [0, 10**6])
+def test_frequent_features_ranked_pages_equal_brute_force(tmp_path, monkeypatch, few):
+    """A feature firing on nearly every token, intersected and differenced with others:
+    the value-tier walk with values from the postings (few=0) and the forward-index path
+    for small sets and page values (few large) give the brute-force pages, and a first
+    page decodes fewer tiers than a full read."""
+    from saetui.index import query_ranked
+
+    path = tmp_path / "near-every"
+    write_synthetic(path, NEAR_EVERY, 60)
+    build_postings(path, part_nnz=2500, top_min=30)
+    monkeypatch.setattr(query_ranked, "FREQUENT", 0)
+    monkeypatch.setattr(query_ranked, "FEW_MATCHES", few)
+    if few:  # lookups in the forward index always win: the small-set path and values_of's
+        monkeypatch.setattr(query_ranked, "FORWARD_S", 0.0)
+    brute = Brute(path)
+    order = frequent_features(brute, 12)
+    f0, f1, mid = order[0], order[1], order[10]
+    assert sum(f0 in r[4] for r in brute.counted) > 0.9 * len(brute.counted)
+    reader, engine = open_query(path)
+    post = engine.postings
+    decoded = []
+    real_tier = post.tier
+    monkeypatch.setattr(post, "tier", lambda *a: decoded.append(a) or real_tier(*a))
+    try:
+        all_tiers = sum(len(post.tier_maxes(f0, p)) for p in post.parts())
+        assert all_tiers > 2 * len(post.parts())  # the dense feature has several tiers
+        cases = {
+            f"f:{f0} & f:{f1}": lambda r: f0 in r[4] and f1 in r[4],
+            f"f:{f0} & !f:{f1}": lambda r: f0 in r[4] and f1 not in r[4],
+            f"f:{f0} & f:{mid}": lambda r: f0 in r[4] and mid in r[4],
+            f"f:{f0} & !f:{mid}": lambda r: f0 in r[4] and mid not in r[4],
+            f"f:{f0} & !f:{f1} & !f:{mid}": lambda r: (
+                f0 in r[4] and f1 not in r[4] and mid not in r[4]
+            ),
+            f"f:{mid} & !f:{f0}": lambda r: mid in r[4] and f0 not in r[4],
+        }
+        early = 0
+        for expr, test in cases.items():
+            a = parse_query(expr).terms[0].feature
+            rows = sorted((r for r in brute.counted if test(r)), key=lambda r: (-r[4][a], r[0]))
+            for offset, limit in ((0, 20), (15, 30), (0, 1)):
+                want = rows[offset : offset + limit]
+                decoded.clear()
+                page = engine._cofiring_page(parse_query(expr), expr, limit, offset, "value")
+                assert page is not None, expr
+                assert page.positions.tolist() == [r[0] for r in want], (expr, offset)
+                assert page.total == len(rows), expr
+                assert page.values.tolist() == [
+                    [pytest.approx(r[4].get(f, 0.0)) for f in page.features] for r in want
+                ], expr
+                if a == f0 and len(rows) > few:
+                    early += len(decoded) < all_tiers
+            # the public query gives the same first page
+            page = engine.query(expr, limit=20)
+            assert page.positions.tolist() == [r[0] for r in rows[:20]], expr
+        assert early >= 3 or few > 0  # the tier walk stops early
+        # a lone f:A by value walks the tiers too, at any depth up to RANKED_MAX
+        rows = sorted((r for r in brute.counted if f0 in r[4]), key=lambda r: (-r[4][f0], r[0]))
+        for limit in (1, 20, 300):
+            decoded.clear()
+            page = engine.query(f"f:{f0}", limit=limit)
+            assert page.positions.tolist() == [r[0] for r in rows[:limit]]
+            assert page.values[:, 0].tolist() == [pytest.approx(r[4][f0]) for r in rows[:limit]]
+            assert page.total == len(rows)
+            if limit == 1:
+                assert len(decoded) < all_tiers
+        # full reads merge the tiers back into position order
+        pos, vals = post.read(KIND_FEATURE, f0)
+        assert pos.tolist() == [r[0] for r in sorted(brute.counted) if f0 in r[4]]
+        assert vals.tolist() == [
+            pytest.approx(r[4][f0], rel=1e-3) for r in sorted(brute.counted) if f0 in r[4]
+        ]
+    finally:
+        engine.close()
+        reader.close()
+
+
+def test_postings_of_an_older_format_are_refused_then_rebuilt(tmp_path):
+    from saetui.errors import SaetuiInputError
+    from saetui.index import format as fmt
+    from saetui.index.postings import open_postings, read_state
+    from saetui.index.postings_layout import DB_META, STATE_KEY, write_txn
+
+    path = tmp_path / "old"
+    write_synthetic(path, CORPUS, 10)
+    build_postings(path)
+    post = open_postings(path)
+    state = read_state(post.entry)
+    state["version"] = 2
+    with write_txn(post.entry) as txn:
+        txn.put(STATE_KEY, fmt.dumps(state), db=post.entry.dbs[DB_META])
+    post.close()
+    with pytest.raises(SaetuiInputError, match=r"format 2.*saetui postings"):
+        open_query(path)
+    report = build_postings(path)
+    assert report.rebuilt
+    reader, engine = open_query(path)
+    try:
+        assert engine.count("f:1") >= 0
+    finally:
+        engine.close()
+        reader.close()

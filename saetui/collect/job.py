@@ -37,8 +37,9 @@ class CollectConfig:
     # None: in ``out``. With ``gather``, finished shards are then copied into ``out``.
     shard_dir: Path | None = None
     gather: bool = False
-    # build the per-feature postings (saetui postings) once the index has finished
-    postings: bool = False
+    # build the per-feature postings (saetui postings) once the index has finished; None:
+    # when the index holds under 100M tokens (saetui.index.postings.postings_by_default)
+    postings: bool | None = None
     # Several SAEs collected in one pass (``saetui collect --sae A --sae B``): ``out`` is
     # then a folder holding one ordinary index per SAE (saetui.collect.multi); () or one
     # path: the single index of ``inputs.sae`` at ``out``.

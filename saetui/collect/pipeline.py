@@ -392,16 +392,19 @@ def _postings_phase(
 ) -> None:
     """With ``config.postings``: build (or finish) the index's postings after it finished;
     resumable like every phase (a finished index reruns only this part)."""
-    if not config.postings:
+    if config.postings is False:
         return
     if team.world > 1:
-        if team.is_main and say is not None:
+        if team.is_main and say is not None and config.postings:
             say(
                 f"postings are not built under torchrun: once every shard is in {config.out}, "
                 f"run `saetui postings {config.out}`."
             )
         return
-    from saetui.index.postings import build_postings
+    from saetui.index.postings import build_postings, postings_by_default
+
+    if config.postings is None and not postings_by_default(config.out):
+        return
 
     def progress(update: Any) -> None:
         report(

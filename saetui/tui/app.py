@@ -34,7 +34,7 @@ from saetui.analysis.service import InProcessProbe, ProbeProcess, ProbeService
 from saetui.collect.job import CollectConfig, finished_result
 from saetui.collect.process import CollectionProcess
 from saetui.errors import SaetuiInputError
-from saetui.tui.bindings import bindings, load_keymap
+from saetui.tui.bindings import bindings, entry, load_keymap
 from saetui.tui.commands import SaetuiCommands
 from saetui.tui.history import History, Visit
 from saetui.tui.model import FeatureDetail, RunState, parse_density_range
@@ -77,7 +77,7 @@ class SaetuiApp(App[int]):
 
     TITLE = "saetui"
     CSS_PATH = "styles.tcss"
-    BINDINGS = bindings("app")
+    BINDINGS = [*bindings("app"), entry("compare.show").binding()]
     COMMANDS = App.COMMANDS | {SaetuiCommands}
 
     def __init__(
@@ -89,9 +89,11 @@ class SaetuiApp(App[int]):
         watch_terminal: bool = True,
         keys_path: Path | None = None,
         feature: int | None = None,
+        compare: Path | None = None,
     ) -> None:
         super().__init__()
         self.initial_feature = feature
+        self.compare_path = compare  # a second index of the same windows (screens/compare.py)
         self.index_path = Path(index_path)
         self.source = IndexSource(self.index_path)
         self.collect: CollectConfig | None = collect
@@ -168,6 +170,8 @@ class SaetuiApp(App[int]):
         self.call_after_refresh(self._focus_initial)
         if self.initial_feature is not None:
             self.call_after_refresh(self.open_feature, self.initial_feature)
+        if self.compare_path is not None:
+            self.call_after_refresh(self.action_compare)
 
     def _focus_initial(self) -> None:
         if self.focused is None or self.focused is self.query_one(TabbedContent).query_one("Tabs"):
@@ -580,6 +584,15 @@ class SaetuiApp(App[int]):
 
         self.push_screen(QueryScreen(), opened)
 
+    def action_compare(self) -> None:
+        """The compare screen of this index against the second one (C)."""
+        from saetui.tui.screens.compare import show_comparison
+
+        if self.compare_path is None:
+            self.notify("No second index: saetui open A --compare B compares two indexes.")
+            return
+        show_comparison(self, self.index_path, self.compare_path)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
@@ -911,15 +924,21 @@ def run_app(
     collect: CollectConfig | None = None,
     model_loader: Callable[[], Any] | None = None,
     feature: int | None = None,
+    compare: Path | None = None,
 ) -> int:
     """Run the TUI on ``index_path``; with ``collect`` the collection runs in a child
     process meanwhile; ``model_loader`` returns the probe's model, SAE and hook (default:
-    from the run config stored in the index). Returns the exit code after printing one
-    line on what the index holds and how to go on; every thread is joined first."""
+    from the run config stored in the index); ``compare`` opens the compare screen against
+    that second index. Returns the exit code after printing one line on what the index
+    holds and how to go on; every thread is joined first."""
     index_path = Path(index_path)
     if collect is None:
         check_openable(index_path, feature)
-    app = SaetuiApp(index_path, collect=collect, model_loader=model_loader, feature=feature)
+    if compare is not None:
+        check_openable(compare, None)
+    app = SaetuiApp(
+        index_path, collect=collect, model_loader=model_loader, feature=feature, compare=compare
+    )
     try:
         app.run()
     finally:

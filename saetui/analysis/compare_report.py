@@ -126,7 +126,9 @@ def compare(
     best = activations.best_partners()
     jaccard = activations.jaccard().tocsr()
     pairs = decoder.pairs
-    pair_jaccard = np.asarray(jaccard[pairs[:, 0], pairs[:, 1]]).ravel() if len(pairs) else []
+    pair_jaccard: np.ndarray | list[float] = (
+        np.asarray(jaccard[pairs[:, 0], pairs[:, 1]]).ravel() if len(pairs) else []
+    )
     for row, value in zip(report["decoder"]["pairs"], pair_jaccard, strict=True):
         row["jaccard"] = round(float(value), 6)
     report["activation"] = {

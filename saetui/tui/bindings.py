@@ -54,7 +54,7 @@ SCOPE_TITLES = {
     "run": "Run & metrics",
     "query": "Query bar",
     "label": "Label editor",
-    "compare": "Comparison (saetui demo --compare, saetui open A --compare B)",
+    "compare": "Compare screen",
 }
 
 REGISTRY: tuple[KeyAction, ...] = (

@@ -87,11 +87,12 @@ class Comparison:
     @classmethod
     def from_report(cls, report: dict[str, Any], seconds: float = 0.0) -> Comparison:
         dec, act, splits = report["decoder"], report["activation"], report["splits"]
-        tokens = act["tokens"] if act else None
+        tokens: int | None = int(act["tokens"]) if act else None
         density: dict[str, list[float]] = {}
         if act:
+            total = max(int(act["tokens"]), 1)
             for side in ("a", "b"):
-                density[side] = [row["count"] / max(tokens, 1) for row in act[f"best_{side}"]]
+                density[side] = [row["count"] / total for row in act[f"best_{side}"]]
         pairs = [
             PairRow(
                 a=p["a"],

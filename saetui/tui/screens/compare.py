@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
+from textual.binding import BindingType
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, Tree
@@ -84,7 +85,7 @@ def window_context(source: IndexSource, window: int, position: int, features: li
 class CompareScreen(Screen[None]):
     """Matched pairs and split trees of index A against index B."""
 
-    BINDINGS = bindings("compare")
+    BINDINGS: ClassVar[list[BindingType]] = [*bindings("compare")]
     DEFAULT_CSS = """
     CompareScreen #compare-title { height: 1; background: $panel; padding: 0 1; }
     CompareScreen #compare-status { height: 1; padding: 0 1; color: $text-muted; }

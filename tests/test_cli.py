@@ -91,3 +91,21 @@ def test_demo_headless_builds_the_sample_index_and_prints_metrics(tmp_path):
     # Running it again resumes the finished index instead of starting over.
     again = saetui(*args, "--out", str(out))
     assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_demo_compare_headless_collects_both_sample_saes_and_compares(tmp_path):
+    out = tmp_path / "demo-index"
+    args = ["demo", "--compare", "--headless", "--max-tokens", "600", "--metrics-tokens", "128"]
+    result = saetui(*args, "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    second = tmp_path / "demo-index-sae_1024"
+    assert (out / "saetui-index.json").exists() and (second / "saetui-index.json").exists()
+    assert "d_sae 2048" in result.stdout and "d_sae 1024" in result.stdout
+    assert "mean max cosine" in result.stdout and "splits:" in result.stdout
+    assert "shared tokens" in result.stdout
+    assert f"--compare {second}" in result.stdout
+    # both indexes finished: a second run only compares
+    again = saetui(*args, "--out", str(out), timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "collected" not in again.stdout

@@ -54,7 +54,7 @@ SCOPE_TITLES = {
     "run": "Run & metrics",
     "query": "Query bar",
     "label": "Label editor",
-    "compare": "Compare screen",
+    "compare": "Comparison",
 }
 
 REGISTRY: tuple[KeyAction, ...] = (

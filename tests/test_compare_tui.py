@@ -107,6 +107,38 @@ def test_pairs_sort_splits_and_open_either_side(pair):
     asyncio.run(flow())
 
 
+def test_split_tree_shows_where_the_parent_fires_without_children(tmp_path):
+    """From window 30 on, A's feature 16 fires with no child in B: its tree's last row
+    shows those tokens on A's side, shaded by the parent."""
+    gen = torch.Generator().manual_seed(3)
+    w_a = torch.randn(D_SMALL, D_IN, generator=gen)
+    w_b = w_a.repeat_interleave(2, dim=0) + 0.4 * torch.randn(2 * D_SMALL, D_IN, generator=gen)
+    dirs = _sae_dir(tmp_path / "sa", w_a), _sae_dir(tmp_path / "sb", w_b)
+    _, _, (path_a, path_b) = _split_pair(tmp_path, sae_dirs=dirs, absorbed=16)
+
+    async def flow():
+        app = SaetuiApp(path_a, watch_terminal=False, compare=path_b)
+        async with app.run_test(size=(80, 24)) as pilot:
+            screen = await compared(pilot)
+            await pilot.press("t")
+            tree = screen.query_one("Tree")
+            node = next(n for n in tree.root.children if n.data["split"].parent == 16)
+            split = node.data["split"]
+            assert 0.2 < split.parent_covered < 0.8 and len(split.parent_only) == 5
+            node.expand()
+            await pilot.pause(0.1)
+            tree.move_cursor(node.children[-1])
+            shown = preview(screen, "a")
+            await wait_for(pilot, lambda: len(shown.contexts) == 5)
+            assert shown.border_title == "A · parent only" and shown.feature is None
+            assert all(c.window >= 30 and c.value > 0 for c in shown.contexts)
+            other = preview(screen, "b")
+            await wait_for(pilot, lambda: other.border_title == "B · children only")
+            assert other.contexts == []  # no child fires without the parent
+
+    asyncio.run(flow())
+
+
 def test_indexes_of_other_windows_are_a_message(tmp_path):
     gen = torch.Generator().manual_seed(3)
     w_a = torch.randn(D_SMALL, D_IN, generator=gen)

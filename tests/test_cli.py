@@ -108,4 +108,5 @@ def test_demo_compare_headless_collects_both_sample_saes_and_compares(tmp_path):
     # both indexes finished: a second run only compares
     again = saetui(*args, "--out", str(out), timeout=600)
     assert again.returncode == 0, again.stderr
-    assert "collected" not in again.stdout
+    assert again.stdout.count("already finished: nothing to do") == 2
+    assert "mean max cosine" in again.stdout

@@ -18,6 +18,7 @@ from saetui.errors import SaetuiInputError
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_CORPUS = SAMPLE_DATA / "corpus.json"
 SAMPLE_SAE = SAMPLE_DATA / "sae"
+SAMPLE_SAE_SECOND = SAMPLE_DATA / "sae_1024"  # same model and hook, d_sae 1024: demo --compare
 
 
 def _say(message: str) -> None:
@@ -276,9 +277,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out or demo_index_path()
     if args.postings is None:  # the sample is small (about a second): the query bar works
         args.postings = True
+    if args.compare is not None:
+        return _demo_compare(args, out)
     if args.headless:
         _say(f"demo index: {out}")
     return _run_collection(args, out)
+
+
+def compare_index_path(out: Path, sae: Path) -> Path:
+    """Where ``saetui demo --compare`` keeps the second SAE's index: beside the first."""
+    return out.with_name(f"{out.name}-{sae.resolve().name}")
+
+
+def _collect_each(args: argparse.Namespace, runs: list[tuple[Path, Path]]) -> int:
+    """Collect one index per (SAE, index directory) over the same corpus windows, headless,
+    one after the other (each run is resumable and skipped once finished). One pass for
+    several SAEs (collect --sae A --sae B) can replace this loop; the indexes stay the same."""
+    from saetui.collect.headless import run_headless
+    from saetui.collect.job import check_request
+
+    if args.shard_dir is not None or args.gather:
+        raise SaetuiInputError(
+            "--shard-dir and --gather are for torchrun runs, not demo --compare."
+        )
+    configs = [
+        _collect_config(argparse.Namespace(**{**vars(args), "sae": sae}), out) for sae, out in runs
+    ]
+    for config in configs:  # every request is checked before any model loads
+        check_request(config)
+    for (sae, out), config in zip(runs, configs, strict=True):
+        _say(f"demo index of {sae.name}: {out}")
+        code = run_headless(config, say=_say)
+        if code != 0:
+            return code
+    return 0
+
+
+def _demo_compare(args: argparse.Namespace, out: Path) -> int:
+    """The demo index for two SAEs (the sample's two by default), then their comparison:
+    the compare screen in the TUI, or its summary with --headless."""
+    second = compare_index_path(out, args.compare)
+    code = _collect_each(args, [(args.sae, out), (args.compare, second)])
+    if code != 0:
+        return code
+    if not args.headless and not _has_terminal():
+        _say("saetui: no terminal to draw on (stdin or stderr is not a tty): running headless")
+        args.headless = True
+    if args.headless:
+        from saetui.analysis.compare_report import compare, load_side, summary
+
+        print(summary(compare(load_side(out), load_side(second))), flush=True)
+        print(f"browse it: saetui open {out} --compare {second}", flush=True)
+        return 0
+    from saetui.tui.app import run_app
+
+    return run_app(out, compare=second)
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -296,7 +349,7 @@ def cmd_open(args: argparse.Namespace) -> int:
             "saetui open needs a terminal (stdin and stderr must be a tty); run it in a "
             "terminal, or use saetui export for a batch job."
         )
-    return run_app(args.index, feature=args.feature)
+    return run_app(args.index, feature=args.feature, compare=args.compare)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -633,6 +686,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_options(demo, default=SAMPLE_CORPUS)
     _add_collect_options(demo)
     demo.add_argument("--out", type=Path, help="index directory (default: in the user cache)")
+    demo.add_argument(
+        "--compare",
+        type=Path,
+        nargs="?",
+        const=SAMPLE_SAE_SECOND,
+        metavar="SAE",
+        help="also collect the index of a second SAE (default: the sample's d_sae 1024 one) "
+        "beside --out, and compare the two: the compare screen, or its summary with --headless",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     collect = commands.add_parser(
@@ -697,6 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     open_ = commands.add_parser("open", help="browse an index in the TUI")
     open_.add_argument("index", type=Path, help="index directory")
     open_.add_argument("--feature", type=int, help="open straight onto this feature")
+    open_.add_argument(
+        "--compare",
+        type=Path,
+        metavar="INDEX",
+        help="a second index of the same corpus windows (another SAE): opens the compare screen",
+    )
     open_.set_defaults(handler=cmd_open)
 
     export = commands.add_parser(

@@ -6,6 +6,10 @@ held-out paragraphs and writes the figures to sample_data/sae/quality.json.
 
 Deterministic: fixed seeds, single-threaded-equivalent ops on the CPU. Takes minutes.
 Usage: python scripts/train_sample_sae.py [--out sample_data/sae] [--epochs 20]
+
+The second sample SAE (`saetui demo --compare`, tests) is the same model, hook, corpus and
+recipe at another width: ``--second`` trains it into sample_data/sae_1024 (d_sae 1024, k 16;
+4.7 MB of float32 weights), the same as ``--out sample_data/sae_1024 --d-sae 1024 --k 16``.
 """
 
 from __future__ import annotations
@@ -144,7 +148,14 @@ def main() -> None:
         action="store_true",
         help="measure the SAE already in --out on the held-out paragraphs, no training",
     )
+    parser.add_argument(
+        "--second",
+        action="store_true",
+        help="the second sample SAE: --out sample_data/sae_1024 --d-sae 1024 --k 16",
+    )
     args = parser.parse_args()
+    if args.second:
+        args.out, args.d_sae, args.k = ROOT / "sample_data" / "sae_1024", 1024, 16
     torch.manual_seed(0)
     started = time.perf_counter()
 

@@ -98,3 +98,22 @@ def test_demo_headless_builds_the_sample_index_and_prints_metrics(tmp_path):
     assert not re.search(r"^collected [\d,]+ tokens", again.stdout, re.MULTILINE)
     assert re.search(r"^collected [\d,]+ tokens", result.stdout, re.MULTILINE)
     assert f"holds {held.group(1)} tokens (already finished: nothing to do)" in again.stdout
+
+
+@pytest.mark.slow
+def test_demo_compare_headless_collects_both_sample_saes_and_compares(tmp_path):
+    out = tmp_path / "demo-index"
+    args = ["demo", "--compare", "--headless", "--max-tokens", "600", "--metrics-tokens", "128"]
+    result = saetui(*args, "--out", str(out), timeout=600)
+    assert result.returncode == 0, result.stderr
+    second = tmp_path / "demo-index-sae_1024"
+    assert (out / "saetui-index.json").exists() and (second / "saetui-index.json").exists()
+    assert "d_sae 2048" in result.stdout and "d_sae 1024" in result.stdout
+    assert "mean max cosine" in result.stdout and "splits:" in result.stdout
+    assert "shared tokens" in result.stdout
+    assert f"--compare {second}" in result.stdout
+    # both indexes finished: a second run only compares
+    again = saetui(*args, "--out", str(out), timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished: nothing to do") == 2
+    assert "mean max cosine" in again.stdout

@@ -44,6 +44,8 @@ def test_the_wheel_carries_the_sample_and_runs_the_demo(tmp_path):
     info = run("-m", "saetui", "info", "--sae", str(target / "saetui" / "sample_data" / "sae"))
     assert info.returncode == 0, info.stderr[-2000:]
     assert "batchtopk" in info.stdout
+    second = target / "saetui" / "sample_data" / "sae_1024"  # demo --compare's second SAE
+    assert {p.name for p in second.iterdir()} >= {"config.json", "weights.pt", "quality.json"}
     demo = run(
         "-m", "saetui", "demo", "--headless", "--max-tokens", "500", "--metrics-tokens", "128",
         "--out", str(away / "index"),

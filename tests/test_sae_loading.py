@@ -194,6 +194,24 @@ def test_sample_sae_loads():
     assert sae.hook_name is not None and sae.hook_name.startswith("blocks.")
 
 
+def test_second_sample_sae_loads_and_encodes_like_the_first():
+    """The demo --compare pair: same model, hook and d_in, half the width, small on disk."""
+    first, second = load_sae(REPO / "sample_data/sae"), load_sae(REPO / "sample_data/sae_1024")
+    assert second.format == "sae_core" and second.architecture == "batchtopk"
+    assert (second.d_sae, second.k) == (1024, 16)
+    assert (second.hook_name, second.d_in) == (first.hook_name, first.d_in)
+    assert second.config["model_name"] == first.config["model_name"]
+    size = sum(f.stat().st_size for f in (REPO / "sample_data/sae_1024").iterdir())
+    assert size <= 10 * 2**20
+    quality = json.loads((REPO / "sample_data/sae_1024/quality.json").read_text())
+    assert quality["explained_variance"] > 0.5 and quality["dead_fraction"] < 0.1
+    x = torch.randn(4, 7, second.d_in) * 3
+    codes = second.encode(x)
+    assert codes.shape == (4, 7, 1024)
+    assert int((codes > 0).sum(-1).max()) <= 16
+    assert torch.isfinite(second(x)).all()
+
+
 # ---------------------------------------------------------------- round trips
 
 

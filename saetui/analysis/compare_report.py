@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,15 @@ def compare(
     split_cosine: float = 0.5,
     child_precision: float = 0.5,
     device: str | torch.device | None = None,
+    progress: Callable[[str], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The comparison as a JSON-ready dict (docs/COMPARE.md); activation matching and
-    splits only when both sides are indexes."""
+    splits only when both sides are indexes. ``progress`` hears each phase's name as it
+    starts; ``check_stop`` is called between chunks and may raise to abandon the work."""
     from saetui.index import open_index
+
+    say = progress or (lambda phase: None)
 
     if a.w_dec.shape[1] != b.w_dec.shape[1]:
         raise SaetuiInputError(
@@ -85,12 +91,14 @@ def compare(
             "compare SAEs trained on activations of the same width."
         )
     # splits and the greedy fallback look at SPLIT_CANDIDATES neighbours; the export keeps top_n
+    say("decoder matching")
     decoder = match_decoders(
         a.w_dec,
         b.w_dec,
         top_n=max(top_n, SPLIT_CANDIDATES),
         hungarian_max=hungarian_max,
         device=device,
+        check_stop=check_stop,
     )
     report: dict[str, Any] = {
         "schema": SCHEMA,
@@ -103,7 +111,9 @@ def compare(
     if a.index is None or b.index is None:
         return report
     with open_index(a.index) as index_a, open_index(b.index) as index_b:
-        activations = match_activations(index_a, index_b)
+        say("activation matching")
+        activations = match_activations(index_a, index_b, check_stop=check_stop)
+        say("splits")
         side, splits = find_splits(
             decoder,
             activations,
@@ -111,6 +121,7 @@ def compare(
             index_b,
             split_cosine=split_cosine,
             child_precision=child_precision,
+            check_stop=check_stop,
         )
     best = activations.best_partners()
     jaccard = activations.jaccard().tocsr()

@@ -34,7 +34,7 @@ from saetui.tui.actions.feature import FeatureActions
 from saetui.tui.actions.navigation import NavigationActions
 from saetui.tui.actions.run import POLL_SECONDS, CollectionEvent, RunActions
 from saetui.tui.actions.table import TableActions
-from saetui.tui.bindings import bindings, load_keymap
+from saetui.tui.bindings import bindings, entry, load_keymap
 from saetui.tui.commands import SaetuiCommands
 from saetui.tui.history import History
 from saetui.tui.model import FeatureDetail, RunPlots, RunState
@@ -54,7 +54,7 @@ class SaetuiApp(
 
     TITLE = "saetui"
     CSS_PATH = "styles.tcss"
-    BINDINGS = bindings("app")
+    BINDINGS = [*bindings("app"), entry("compare.show").binding()]
     COMMANDS = App.COMMANDS | {SaetuiCommands}
 
     def __init__(
@@ -66,9 +66,11 @@ class SaetuiApp(
         watch_terminal: bool = True,
         keys_path: Path | None = None,
         feature: int | None = None,
+        compare: Path | None = None,
     ) -> None:
         super().__init__()
         self.initial_feature = feature
+        self.compare_path = compare  # a second index of the same windows (screens/compare.py)
         self.index_path = Path(index_path)
         self.source = IndexSource(self.index_path)
         self.collection = CollectionController(collect, self._post_collection_message)
@@ -150,6 +152,8 @@ class SaetuiApp(
         self.call_after_refresh(self._focus_initial)
         if self.initial_feature is not None:
             self.call_after_refresh(self.open_feature, self.initial_feature)
+        if self.compare_path is not None:
+            self.call_after_refresh(self.action_compare)
 
     def _focus_initial(self) -> None:
         if self.focused is None or self.focused is self.query_one(TabbedContent).query_one("Tabs"):
@@ -200,15 +204,21 @@ def run_app(
     collect: CollectConfig | None = None,
     model_loader: Callable[[], Any] | None = None,
     feature: int | None = None,
+    compare: Path | None = None,
 ) -> int:
     """Run the TUI on ``index_path``; with ``collect`` the collection runs in a child
     process meanwhile; ``model_loader`` returns the probe's model, SAE and hook (default:
-    from the run config stored in the index). Returns the exit code after printing one
-    line on what the index holds and how to go on; every thread is joined first."""
+    from the run config stored in the index); ``compare`` opens the compare screen against
+    that second index. Returns the exit code after printing one line on what the index
+    holds and how to go on; every thread is joined first."""
     index_path = Path(index_path)
     if collect is None:
         check_openable(index_path, feature)
-    app = SaetuiApp(index_path, collect=collect, model_loader=model_loader, feature=feature)
+    if compare is not None:
+        check_openable(compare, None)
+    app = SaetuiApp(
+        index_path, collect=collect, model_loader=model_loader, feature=feature, compare=compare
+    )
     try:
         app.run()
     finally:

@@ -55,6 +55,7 @@ SCOPE_TITLES = {
     "run": "Run & metrics",
     "query": "Query bar",
     "label": "Label editor",
+    "compare": "Comparison",
 }
 
 REGISTRY: tuple[KeyAction, ...] = (
@@ -150,6 +151,17 @@ REGISTRY: tuple[KeyAction, ...] = (
     # label editor
     KeyAction("label.save", "ctrl+s", "save", "Save"),
     KeyAction("label.cancel", "escape", "cancel", "Cancel"),
+    # comparison of two indexes
+    KeyAction("compare.show", "C", "app.compare", "Compare with the second index", show=False),
+    KeyAction("compare.down", "j", "cursor(1)", "Down", show=False, palette=False),
+    KeyAction("compare.up", "k", "cursor(-1)", "Up", show=False, palette=False),
+    KeyAction("compare.sort", "s", "next_sort", "Sort"),
+    KeyAction("compare.reverse", "S", "reverse_sort", "Reverse sort", show=False),
+    KeyAction("compare.splits", "t", "toggle_splits", "Pairs/splits"),
+    KeyAction("compare.side_a", "h", "choose('a')", "Side A"),
+    KeyAction("compare.side_b", "l", "choose('b')", "Side B"),
+    KeyAction("compare.open", "enter", "open", "Open the chosen side's feature", show=False),
+    KeyAction("compare.close", "escape,b", "close", "Back"),
 )
 
 _BY_ID = {entry.id: entry for entry in REGISTRY}

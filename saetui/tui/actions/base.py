@@ -27,6 +27,7 @@ class AppPart(_App):
     """Base of every part of the app (at run time a plain mixin: ``object``)."""
 
     index_path: Path
+    compare_path: Path | None
     source: IndexSource
     collection: CollectionController
     history: History

@@ -203,6 +203,15 @@ class NavigationActions(AppPart):
 
         self.push_screen(QueryScreen(), opened)
 
+    def action_compare(self) -> None:
+        """The compare screen of this index against the second one (C)."""
+        from saetui.tui.screens.compare import show_comparison
+
+        if self.compare_path is None:
+            self.notify("No second index: saetui open A --compare B compares two indexes.")
+            return
+        show_comparison(self, self.index_path, self.compare_path)
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())

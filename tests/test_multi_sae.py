@@ -99,7 +99,7 @@ def test_stop_while_collecting_then_resume_from_indexes_at_different_windows(
     assert_same_index(out / "sae", alone["lower"])
 
 
-def test_stop_in_the_second_sae_s_metrics_resumes_only_what_is_left(
+def test_stop_while_measuring_metrics_together_resumes_them(
     tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_index, other_saes
 ):
     same, _, alone = other_saes
@@ -113,18 +113,66 @@ def test_stop_in_the_second_sae_s_metrics_resumes_only_what_is_left(
         seen.append(f"{update.phase} {update.message}")
 
     def stop() -> bool:
-        return any(line.startswith("metrics sae") for line in seen)
+        return any(line.startswith("metrics CE loss and KL of") for line in seen)
 
     first = run_collection(config, progress=progress, should_stop=stop)
-    assert (first.status, first.phase) == ("stopped", "metrics of sae")
-    with open_index(out / tiny_sae_dir.name) as index:
-        assert index.progress().finished
+    assert (first.status, first.phase) == ("stopped", "metrics")
+    # both SAEs' CE loss and KL are measured in one go, over the same sample
+    assert any(f"CE loss and KL of {tiny_sae_dir.name}, sae on" in line for line in seen)
+    for name in (tiny_sae_dir.name, "sae"):
+        with open_index(out / name) as index:
+            assert not index.progress().finished and "metrics" not in (
+                index.get_meta("phases") or {}
+            )
     second = run_collection(config)
     assert second.status == "finished"
-    members = dict(second.members)
-    assert "collecting" in members[tiny_sae_dir.name].skipped  # finished: nothing redone
-    assert "collecting" not in members["sae"].skipped
+    for name, result in second.members:
+        assert "metrics" not in result.skipped, name
+    assert_same_index(out / tiny_sae_dir.name, tiny_index[2])
     assert_same_index(out / "sae", alone["same"])
+
+
+def test_metrics_are_measured_only_for_the_indexes_that_lack_them(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_index, other_saes
+):
+    same, lower, alone = other_saes
+    out = tmp_path / "out"
+    first = tiny_sae_dir.name
+    config = tiny_collect_config(
+        out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, saes=(tiny_sae_dir, same, lower)
+    )
+    collecting: list[str] = []
+    checks: list[int] = []
+
+    def stop() -> bool:  # asked once per batch while collecting: stop after the third
+        if "collecting" in collecting:
+            checks.append(1)
+        return len(checks) >= 3
+
+    stopped = run_collection(
+        config, progress=lambda u: collecting.append(u.phase), should_stop=stop
+    )
+    assert (stopped.status, stopped.phase) == ("stopped", "collecting")
+    # the first SAE's index (the request of a separate run) goes on alone up to its
+    # neighbours: its metrics are recorded, the other two indexes have none
+    phases: list[str] = []
+    alone_run = run_collection(
+        tiny_collect_config(out / first, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file),
+        progress=lambda u: phases.append(u.phase),
+        should_stop=lambda: "neighbours" in phases,
+    )
+    assert (alone_run.status, alone_run.phase) == ("stopped", "neighbours")
+    seen: list[str] = []
+    result = run_collection(config, progress=lambda u: seen.append(str(u.message)))
+    assert result.status == "finished"
+    members = dict(result.members)
+    assert "metrics" in members[first].skipped
+    assert "metrics" not in members["sae"].skipped and "metrics" not in members["sae-2"].skipped
+    measuring = {line.split(" on ")[0] for line in seen if line.startswith("CE loss and KL of")}
+    assert measuring == {"CE loss and KL of sae, sae-2"}
+    assert_same_index(out / first, tiny_index[2])
+    assert_same_index(out / "sae", alone["same"])
+    assert_same_index(out / "sae-2", alone["lower"])
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:

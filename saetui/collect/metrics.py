@@ -489,20 +489,21 @@ class BehaviourMetrics:
         [b, t] holds "ce" (saetui CE and KL), "sl_ce" (SAELens CE) and "sl_kl" (SAELens KL);
         ``targets`` [b, t] is the next token of each position. Log-probabilities are taken
         in float64, a bounded number of rows at a time."""
-        union = positions["ce"] | positions["sl_ce"] | positions["sl_kl"]
-        self.windows += windows
-        self.batches += 1
-        picked = {name: positions[name][union] for name in ("ce", "sl_ce", "sl_kl")}
-        target = targets[union]
-        clean_rows = clean_logits[union]
-        clean_nll, _ = _scores(clean_rows, clean_rows, target)
+        batch = ScoredBatch(clean_logits, targets, positions, windows)
         scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, logits in variants:
-            scores[name] = (
-                scores["sae"] if logits is None else _scores(clean_rows, logits[union], target)
-            )
+            scores[name] = scores["sae"] if logits is None else batch.score(logits)
+        self.add(batch, scores)
+
+    def add(self, batch: ScoredBatch, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add ``batch`` with its variants' ``scores`` (:meth:`ScoredBatch.score` of the logits
+        named as in :meth:`update`); several SAEs at one hook share the batch and its "zero"
+        and "zero_all" scores."""
+        self.windows += batch.windows
+        self.batches += 1
+        clean_nll = batch.clean_nll
         sums = self.sums
-        ce, sl_ce, sl_kl = picked["ce"], picked["sl_ce"], picked["sl_kl"]
+        ce, sl_ce, sl_kl = batch.picked["ce"], batch.picked["sl_ce"], batch.picked["sl_kl"]
         sums["ce_tokens"] += int(ce.sum())
         sums["ce_clean"] += float(clean_nll[ce].sum())
         sums["ce_sae"] += float(scores["sae"][0][ce].sum())
@@ -560,6 +561,34 @@ class BehaviourMetrics:
         if saelens:
             out["saelens"] = saelens
         return out
+
+
+class ScoredBatch:
+    """One batch's clean side of CE and KL: the rows any family scores (the union of
+    ``positions``), their targets and clean log-likelihoods; :meth:`score` scores a
+    variant's logits against it. What does not depend on the SAE, shared by every SAE
+    measured on the batch."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        clean_logits: torch.Tensor,
+        targets: torch.Tensor,
+        positions: dict[str, torch.Tensor],
+        windows: int,
+    ) -> None:
+        union = positions["ce"] | positions["sl_ce"] | positions["sl_kl"]
+        self.windows = windows
+        self.union = union
+        self.picked = {name: positions[name][union] for name in ("ce", "sl_ce", "sl_kl")}
+        self.target = targets[union]
+        self.clean_rows = clean_logits[union]
+        self.clean_nll, _ = _scores(self.clean_rows, self.clean_rows, self.target)
+
+    @torch.no_grad()
+    def score(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row NLL under ``logits`` [b, t, V] and KL(clean || them), in float64."""
+        return _scores(self.clean_rows, logits[self.union], self.target)
 
 
 def _ratio(numerator: float, denominator: float) -> float:

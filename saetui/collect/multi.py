@@ -8,10 +8,14 @@ included — so every reader, export, the TUI and ``saetui compare OUT/a OUT/b``
 it unchanged; ``OUT/saetui-indexes.json`` lists them. Each index stores its own copy of
 the windows' tokens (benchmarks/bench_multi_sae.py measures what that costs).
 
-The phases after collecting (metrics with the SAE spliced in, neighbours, postings) run
-per SAE, one index after the other, with the model kept loaded. Every index records its
-own progress, so a stop anywhere resumes: collecting restarts at the index that is
-furthest behind, and an index that already holds a window skips it.
+The metrics phase measures CE loss and KL of every SAE on the same sample windows in one
+go: the clean forward pass (reading every hook) and the zero-ablation passes of each hook
+run once per batch, only the passes with an SAE spliced in run per SAE; then each index
+stores its metrics. Neighbours and postings run per SAE, one index after the other (each
+reads its own index), with the model kept loaded. Every index records its own progress,
+so a stop anywhere resumes: collecting restarts at the index that is furthest behind, an
+index that already holds a window skips it, and metrics are measured only for the
+indexes that have not recorded theirs.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from saetui.collect.job import (
     request_record,
 )
 from saetui.collect.pipeline import (
+    MeasuredSample,
     _open_writer,
     _prefetch,
     _Reconstruction,
@@ -47,7 +52,11 @@ from saetui.collect.pipeline import (
     _stored_request,
     _swap_in,
     _to_device,
-    finish_index,
+    ce_sample_windows,
+    finish_after_metrics,
+    index_batches,
+    metrics_done,
+    metrics_step,
 )
 from saetui.errors import SaetuiInputError
 from saetui.index import format as fmt
@@ -65,6 +74,9 @@ class _Member:
     writer: Any = None
     reconstruction: _Reconstruction | None = None
     result: CollectResult | None = None
+    metrics: dict[str, Any] | None = None  # once its metrics phase has run or been skipped
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    started: float = 0.0
 
     @property
     def staged(self) -> bool:
@@ -123,6 +135,12 @@ def run_several(
             nonlocal phase
             phase = name
 
+        pending = [member for member in members if member.result is None]
+        if pending:
+            enter("metrics")
+            measured = _measure_together(pending, report, check_stop)
+            for member in pending:
+                _metrics(member, report, check_stop, stop_requested, enter, measured)
         for member in members:
             _finish(member, report, check_stop, say, stop_requested, enter)
     except (StopRequested, KeyboardInterrupt) as stop:
@@ -386,6 +404,99 @@ def _collect_together(
     return (done - first_tokens) / max(time.perf_counter() - started, 1e-9)
 
 
+def _named(member: _Member, report: _Reporter) -> _Reporter:
+    """``report`` with the member's name before each message."""
+
+    def named(update: CollectProgress) -> None:
+        message = f"{member.name}: {update.message}" if update.message else member.name
+        report(dataclasses.replace(update, message=message))
+
+    return _Reporter(named, interval=0.0)
+
+
+def _measure_together(
+    members: list[_Member], report: _Reporter, check_stop: Callable[[], None]
+) -> dict[str, MeasuredSample]:
+    """CE loss and KL of every member whose index has not recorded its metrics, measured
+    together on the sample windows they share (the same collection: the same sample),
+    sharing the clean and zero-ablation forward passes; by member name. A member alone in
+    its sample is left to its own metrics phase."""
+    from saetui.collect.evaluate import measure_samples
+    from saetui.index import open_index
+
+    groups: dict[tuple[int, ...], list[_Member]] = {}
+    for member in members:
+        writer = member.writer
+        writer.flush()
+        if metrics_done(writer):
+            continue
+        sample, _ = ce_sample_windows(
+            int(writer.windows_added), int(writer.summaries.n_tokens), member.work.metrics_tokens
+        )
+        groups.setdefault(tuple(sample), []).append(member)
+    measured: dict[str, MeasuredSample] = {}
+    for windows, group in groups.items():
+        if len(group) < 2:
+            continue
+        first = group[0]
+        assert first.run is not None
+        names = ", ".join(m.name for m in group)
+        with open_index(first.work.work_dir) as index:
+            total = sum(len(index.window(w).token_ids) for w in windows)
+            report(
+                CollectProgress(
+                    "metrics",
+                    0,
+                    total,
+                    message=f"CE loss and KL of {names} on {len(windows):,} windows",
+                ),
+                force=True,
+            )
+            batches = index_batches(index, windows, max(1, first.work.inputs.batch_size // 4))
+            behaviours = measure_samples(
+                first.run.model,
+                [(m.run.sae, m.run.hook) for m in group if m.run is not None],
+                batches,
+                progress=_sample_progress(report, total, f"CE loss and KL of {names}"),
+                check_stop=check_stop,
+            )
+        for member, behaviour in zip(group, behaviours, strict=True):
+            measured[member.name] = MeasuredSample(list(windows), behaviour)
+    return measured
+
+
+def _sample_progress(report: _Reporter, total: int, message: str) -> Callable[[int], None]:
+    def progress(done: int) -> None:
+        report(CollectProgress("metrics", done, total, message=message))
+
+    return progress
+
+
+def _metrics(
+    member: _Member,
+    report: _Reporter,
+    check_stop: Callable[[], None],
+    stop_requested: Callable[[], bool],
+    enter: Callable[[str], None],
+    measured: dict[str, MeasuredSample],
+) -> None:
+    """A collecting member's metrics phase (skipped when its index records it done), with
+    the CE loss and KL measured together when there are any; stored in its index."""
+    assert member.run is not None and member.reconstruction is not None
+    member.started = time.perf_counter()
+    member.metrics, member.skipped = metrics_step(
+        member.work,
+        member.run,
+        member.writer,
+        _named(member, report),
+        check_stop,
+        member.reconstruction,
+        Team(stop_requested),
+        lambda phase: enter(f"{phase} of {member.name}"),
+        measured.get(member.name),
+    )
+
+
 def _finish(
     member: _Member,
     report: _Reporter,
@@ -394,40 +505,35 @@ def _finish(
     stop_requested: Callable[[], bool],
     enter: Callable[[str], None],
 ) -> None:
-    """A member's phases after collecting (metrics, neighbours, postings), or only its
-    postings when its index had finished; then the staged index replaces the old one."""
+    """A member's phases after metrics (neighbours, postings), or only its postings when
+    its index had finished; then the staged index replaces the old one."""
     from saetui.collect.pipeline import _postings_phase
 
-    def named(update: CollectProgress) -> None:
-        message = f"{member.name}: {update.message}" if update.message else member.name
-        report(dataclasses.replace(update, message=message))
-
-    own = _Reporter(named, interval=0.0)
+    own = _named(member, report)
     if member.result is not None:  # finished before: at most its postings are left
         enter(f"postings of {member.name}")
         _postings_phase(member.work, Team(), own, check_stop, say)
     else:
-        assert member.run is not None and member.reconstruction is not None
-        started = time.perf_counter()
-        metrics, skipped, tokens = finish_index(
+        assert member.run is not None and member.metrics is not None
+        tokens, neighbours_skipped = finish_after_metrics(
             member.work,
             member.run,
             member.writer,
             own,
             check_stop,
-            member.reconstruction,
             Team(stop_requested),
             say,
             lambda phase: enter(f"{phase} of {member.name}"),
         )
         member.writer = None  # finished and closed
+        skipped = member.skipped + (["neighbours"] if neighbours_skipped else [])
         member.result = CollectResult(
             Path(member.config.out),
             "finished",
             tokens,
-            time.perf_counter() - started,
+            time.perf_counter() - member.started,
             0.0,
-            metrics,
+            member.metrics,
             skipped=tuple(skipped),
         )
     if member.staged:

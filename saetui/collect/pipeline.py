@@ -338,6 +338,21 @@ def _run(
     )
 
 
+@dataclasses.dataclass
+class MeasuredSample:
+    """CE loss and KL already measured on the sample ``windows`` (with other SAEs, sharing
+    the forward passes that do not depend on the SAE): the metrics phase uses them."""
+
+    windows: list[int]
+    behaviour: BehaviourMetrics
+
+
+def metrics_done(writer: Any) -> bool:
+    """Whether the index records its metrics phase done for the windows it holds."""
+    phases = writer.get_meta("phases") or {}
+    return bool(phases.get("metrics", {}).get("windows") == writer.next_window)
+
+
 def finish_index(
     config: CollectConfig,
     run: LoadedRun,
@@ -348,26 +363,64 @@ def finish_index(
     team: Team,
     say: Callable[[str], None] | None,
     enter: Callable[[str], None],
+    measured: MeasuredSample | None = None,
 ) -> tuple[dict[str, Any], list[str], int]:
     """The phases after collecting — metrics, neighbours, finishing the index, postings —
     each skipped when the index records it done; ``enter`` hears each phase's name.
     Returns the metrics, the phases skipped and the job's tokens."""
+    metrics, skipped = metrics_step(
+        config, run, writer, report, check_stop, reconstruction, team, enter, measured
+    )
+    tokens, neighbours_skipped = finish_after_metrics(
+        config, run, writer, report, check_stop, team, say, enter
+    )
+    return metrics, skipped + (["neighbours"] if neighbours_skipped else []), tokens
+
+
+def metrics_step(
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
+    reconstruction: _Reconstruction,
+    team: Team,
+    enter: Callable[[str], None],
+    measured: MeasuredSample | None = None,
+) -> tuple[dict[str, Any], list[str]]:
+    """The metrics phase, skipped when the index records it done (then its stored metrics),
+    its completion recorded; ``measured``: CE loss and KL already measured on the sample.
+    Returns the metrics and ``["metrics"]`` when skipped."""
     writer.flush()
-    skipped = []
+    enter("metrics")
+    if team.all_agree(metrics_done(writer)):
+        return _stored_metrics(writer, team), ["metrics"]
+    metrics = _metrics_phase(
+        config, run, writer, report, check_stop, reconstruction, team, measured
+    )
+    phases = writer.get_meta("phases") or {}
+    phases["metrics"] = {"windows": writer.next_window, "finished": time.time()}
+    writer.put_meta("phases", phases)
+    return metrics, []
+
+
+def finish_after_metrics(
+    config: CollectConfig,
+    run: LoadedRun,
+    writer: Any,
+    report: _Reporter,
+    check_stop: Callable[[], None],
+    team: Team,
+    say: Callable[[str], None] | None,
+    enter: Callable[[str], None],
+) -> tuple[int, bool]:
+    """The phases after metrics: neighbours (skipped when recorded done), finishing the
+    index, postings. Returns the job's tokens and whether neighbours were skipped."""
     phases = writer.get_meta("phases") or {}
     windows = writer.next_window
-    enter("metrics")
-    if team.all_agree(phases.get("metrics", {}).get("windows") == windows):
-        skipped.append("metrics")
-        metrics = _stored_metrics(writer, team)
-    else:
-        metrics = _metrics_phase(config, run, writer, report, check_stop, reconstruction, team)
-        phases["metrics"] = {"windows": windows, "finished": time.time()}
-        writer.put_meta("phases", phases)
     enter("neighbours")
-    if team.all_agree(phases.get("neighbours", {}).get("windows") == windows):
-        skipped.append("neighbours")
-    else:
+    skipped = team.all_agree(phases.get("neighbours", {}).get("windows") == windows)
+    if not skipped:
         from saetui.collect.neighbours import neighbours_phase
 
         neighbours_phase(config, run, writer, report, check_stop, team, config.work_dir)
@@ -380,7 +433,7 @@ def finish_index(
         _gather(config, team, say)
     enter("postings")
     _postings_phase(config, team, report, check_stop, say)
-    return metrics, skipped, int(tokens)
+    return int(tokens), skipped
 
 
 def _postings_phase(
@@ -715,6 +768,7 @@ def _metrics_phase(
     check_stop: Callable[[], None],
     reconstruction: _Reconstruction,
     team: Team | None = None,
+    measured: MeasuredSample | None = None,
 ) -> dict[str, Any]:
     """Reconstruction metrics of every collected token (accumulated while collecting), CE
     loss and KL of both families on a sample of the collection's windows, densities over the
@@ -749,15 +803,18 @@ def _metrics_phase(
     with open_index(config.work_dir) as index:
         mine_tokens = sum(len(index.window(w).token_ids) for w in mine)
         # small batches: a stop waits for at most one batch of five forward passes
-        batches = index_batches(index, mine, max(1, config.inputs.batch_size // 4))
-        behaviour = measure_sample(
-            run.model,
-            run.sae,
-            run.hook,
-            batches,
-            progress=lambda n: report(CollectProgress("metrics", n, mine_tokens)),
-            check_stop=check_stop,
-        )
+        if measured is not None and measured.windows == mine:
+            behaviour = measured.behaviour
+        else:
+            batches = index_batches(index, mine, max(1, config.inputs.batch_size // 4))
+            behaviour = measure_sample(
+                run.model,
+                run.sae,
+                run.hook,
+                batches,
+                progress=lambda n: report(CollectProgress("metrics", n, mine_tokens)),
+                check_stop=check_stop,
+            )
     behaviour = BehaviourMetrics.combine(team.gather_objects(behaviour))
     sample_tokens = team.sum_ints([mine_tokens])[0]
     reconstructed = accumulator.result()

@@ -162,6 +162,18 @@ class LanguageModel:
         return logits, read_view(cache[base], head)
 
     @torch.no_grad()
+    def logits_and_activations_at(
+        self, tokens: torch.Tensor, hooks: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clean logits and the activations at every hook of ``hooks`` (each read as
+        :meth:`activations` reads it) from one forward pass."""
+        bases = sorted({split_head(hook)[0] for hook in hooks})
+        logits, cache = self.bridge.run_with_cache(tokens.to(self.device), names_filter=bases)
+        return logits, {
+            hook: read_view(cache[split_head(hook)[0]], split_head(hook)[1]) for hook in hooks
+        }
+
+    @torch.no_grad()
     def logits_with_activation(
         self, tokens: torch.Tensor, hook: str, activation: torch.Tensor
     ) -> torch.Tensor:

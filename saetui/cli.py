@@ -301,7 +301,8 @@ def _collect_each(args: argparse.Namespace, runs: list[tuple[Path, Path]]) -> in
             "--shard-dir and --gather are for torchrun runs, not demo --compare."
         )
     configs = [
-        _collect_config(argparse.Namespace(**{**vars(args), "sae": sae}), out) for sae, out in runs
+        _collect_config(argparse.Namespace(**{**vars(args), "sae": [sae]}), out)
+        for sae, out in runs
     ]
     for config in configs:  # every request is checked before any model loads
         check_request(config)
@@ -316,8 +317,14 @@ def _collect_each(args: argparse.Namespace, runs: list[tuple[Path, Path]]) -> in
 def _demo_compare(args: argparse.Namespace, out: Path) -> int:
     """The demo index for two SAEs (the sample's two by default), then their comparison:
     the compare screen in the TUI, or its summary with --headless."""
+    first = args.sae or [args.sae_default]
+    if len(first) > 1:
+        raise SaetuiInputError(
+            f"demo --compare compares one SAE with {args.compare}: pass one --sae, or compare "
+            "indexes of several SAEs with `saetui compare OUT/a OUT/b` after `saetui collect`."
+        )
     second = compare_index_path(out, args.compare)
-    code = _collect_each(args, [(args.sae, out), (args.compare, second)])
+    code = _collect_each(args, [(first[0], out), (args.compare, second)])
     if code != 0:
         return code
     if not args.headless and not _has_terminal():

@@ -69,6 +69,10 @@ def test_info_json():
         (["demo", "--ctx-len", "1"], ["--ctx-len"]),
         (["export", "no/such/index", "--out", "x"], ["no/such/index"]),
         (["open", "no/such/index"], ["no/such/index"]),
+        (
+            ["demo", "--compare", "--sae", str(SAMPLE_DATA / "sae"), "--sae", "other"],
+            ["demo --compare", "one --sae"],
+        ),
         (["labels", "import", "no/such/labels.jsonl", str(SAMPLE_DATA)], ["not a saetui index"]),
     ],
 )

@@ -114,6 +114,10 @@ def main() -> None:
         saes = [sample] + [
             variant_sae(sample, work / f"sae-{i}", seed=i) for i in range(1, args.saes)
         ]
+        # warm-up, not counted: the first run in a process pays the imports and cold file
+        # caches (about 17 s of "loading" on this machine), which would land on whichever
+        # variant runs first
+        collect([sample], work / "warm-up", argparse.Namespace(**{**vars(args), "max_tokens": 256}))
         together = collect(saes, work / "together", args)
         print(f"together: {json.dumps(together)}", flush=True)
         alone = []

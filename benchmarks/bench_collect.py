@@ -70,7 +70,7 @@ def main() -> None:
     def limit() -> float:
         started = time.perf_counter()
         for batch in batches:
-            ids, values, _ = encode_batch(run, batch)
+            ids, _values, _ = encode_batch(run, batch)
             if ids.device.type == "cuda":
                 torch.cuda.synchronize()
         return tokens / (time.perf_counter() - started)

@@ -69,15 +69,15 @@ class MemorySampler:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
+        try:
+            while not self._stop.wait(0.2):
                 with open("/proc/self/status") as f:
                     for line in f:
                         key = line.split(":")[0]
                         if key in self.peak:
                             self.peak[key] = max(self.peak[key], int(line.split()[1]) // 1024)
-            except OSError:
-                return
+        except OSError:
+            return
 
     def stop(self) -> dict[str, int]:
         self._stop.set()

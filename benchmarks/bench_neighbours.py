@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_index import MemorySampler  # noqa: E402
+from bench_index import MemorySampler
 
 RSS_TARGET_MB = 2048
 

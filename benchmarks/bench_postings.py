@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_index import MemorySampler, make_pool, percentiles  # noqa: E402
+from bench_index import MemorySampler, make_pool, percentiles
 
-from saetui.index import IndexWriter, open_index  # noqa: E402
-from saetui.index.postings import KIND_FEATURE, KIND_TOKEN, build_postings  # noqa: E402
-from saetui.index.query import QueryEngine  # noqa: E402
+from saetui.index import IndexWriter, open_index
+from saetui.index.postings import KIND_FEATURE, KIND_TOKEN, build_postings
+from saetui.index.query import QueryEngine
 
 GOALS = {"bytes_per_nnz": 3.0, "first_page_p99_ms": 50.0}
 

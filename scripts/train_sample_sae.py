@@ -79,7 +79,7 @@ def train_batchtopk(
     total_variance = (activations - activations.mean(0)).pow(2).sum(-1).mean()
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
-        sums = {key: 0.0 for key in history}
+        sums = dict.fromkeys(history, 0.0)
         batches = 0
         for start in range(0, n - batch_size + 1, batch_size):
             x = activations[order[start : start + batch_size]]

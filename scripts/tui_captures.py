@@ -42,8 +42,18 @@ class Terminal:
     def __init__(self, command: str) -> None:
         self.name = f"saetui-captures-{time.monotonic_ns()}"
         subprocess.run(
-            ["tmux", "new-session", "-d", "-s", self.name, "-x", str(WIDTH), "-y", str(HEIGHT)]
-            + [f"cd {REPO} && {command}; sleep 30"],
+            [
+                "tmux",
+                "new-session",
+                "-d",
+                "-s",
+                self.name,
+                "-x",
+                str(WIDTH),
+                "-y",
+                str(HEIGHT),
+                f"cd {REPO} && {command}; sleep 30",
+            ],
             check=True,
         )
 

@@ -14,8 +14,16 @@ from saetui.index import IndexReader
 
 def _examples(examples: list[Any]) -> list[tuple]:
     return [
-        (e.value, e.window, e.position, e.global_index, e.doc_id, e.doc_offset)
-        + (tuple(e.token_ids.tolist()), tuple(np.round(e.activations, 6).tolist()))
+        (
+            e.value,
+            e.window,
+            e.position,
+            e.global_index,
+            e.doc_id,
+            e.doc_offset,
+            tuple(e.token_ids.tolist()),
+            tuple(np.round(e.activations, 6).tolist()),
+        )
         for e in examples
     ]
 

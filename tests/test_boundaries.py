@@ -21,8 +21,10 @@ def _domain_modules() -> list[str]:
     names = ["saetui", "saetui.errors", "saetui.cli"]
     for package in DOMAIN:
         names.append(f"saetui.{package}")
-        for info in pkgutil.iter_modules([str(PACKAGE / package)]):
-            names.append(f"saetui.{package}.{info.name}")
+        names.extend(
+            f"saetui.{package}.{info.name}"
+            for info in pkgutil.iter_modules([str(PACKAGE / package)])
+        )
     return names
 
 
@@ -72,8 +74,8 @@ def test_the_tui_uses_only_the_index_package_api():
 def test_the_index_reader_needs_no_torch():
     """Reading an index (the TUI's whole job) loads no torch."""
     done = subprocess.run(
-        [sys.executable, "-c", "import sys, saetui.index, saetui.tui.app; "
-         "print('torch' in sys.modules)"],
+        [sys.executable, "-c", ("import sys, saetui.index, saetui.tui.app; "
+                                "print('torch' in sys.modules)")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -33,7 +33,7 @@ def finished_index(tiny_index):
 def test_collection_stores_what_the_sae_computes(
     finished_index, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
 ):
-    result, updates, out = finished_index
+    result, _updates, out = finished_index
     assert result.status == "finished"
     index = open_index(out)
     progress = index.progress()
@@ -71,7 +71,7 @@ def test_collection_stores_what_the_sae_computes(
 
 
 def test_collection_stores_metrics_and_neighbours(finished_index):
-    result, updates, out = finished_index
+    _result, updates, out = finished_index
     index = open_index(out)
     metrics = index.metrics()
     for key in (

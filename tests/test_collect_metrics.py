@@ -19,18 +19,44 @@ from saetui.index import open_index
 from saetui.lm import load_model
 from saetui.sae import load_sae
 
-RECONSTRUCTION_KEYS = (
-    "tokens mse explained_variance explained_variance_legacy fvu cosine l2_ratio l0_mean l0_std "
-    "l1_mean l1_std original_std residual_std".split()
-)
-SAELENS_RECONSTRUCTION_KEYS = (
-    "tokens batches explained_variance explained_variance_legacy mse cossim l2_norm_in "
-    "l2_norm_out l2_ratio relative_reconstruction_bias l0 l1".split()
-)
-SAELENS_BEHAVIOUR_KEYS = (
-    "ce_loss_without_sae ce_loss_with_sae ce_loss_with_ablation ce_loss_score kl_div_with_sae "
-    "kl_div_with_ablation kl_div_score".split()
-)
+RECONSTRUCTION_KEYS = [
+    "tokens",
+    "mse",
+    "explained_variance",
+    "explained_variance_legacy",
+    "fvu",
+    "cosine",
+    "l2_ratio",
+    "l0_mean",
+    "l0_std",
+    "l1_mean",
+    "l1_std",
+    "original_std",
+    "residual_std",
+]
+SAELENS_RECONSTRUCTION_KEYS = [
+    "tokens",
+    "batches",
+    "explained_variance",
+    "explained_variance_legacy",
+    "mse",
+    "cossim",
+    "l2_norm_in",
+    "l2_norm_out",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "l0",
+    "l1",
+]
+SAELENS_BEHAVIOUR_KEYS = [
+    "ce_loss_without_sae",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_score",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+    "kl_div_score",
+]
 
 
 @pytest.fixture(scope="module")

@@ -168,9 +168,12 @@ def test_activation_matching_refuses_other_windows(tmp_path):
     from saetui.errors import SaetuiInputError
 
     _, _, (path_a, path_b) = _split_pair(tmp_path, seed_b=1)
-    with open_index(path_a) as index_a, open_index(path_b) as index_b:
-        with pytest.raises(SaetuiInputError, match="same corpus windows"):
-            match_activations(index_a, index_b)
+    with (
+        open_index(path_a) as index_a,
+        open_index(path_b) as index_b,
+        pytest.raises(SaetuiInputError, match="same corpus windows"),
+    ):
+        match_activations(index_a, index_b)
 
 
 # ------------------------------------------------------------------ the CLI

@@ -63,7 +63,7 @@ def test_layout_deals_disjoint_blocks_that_cover_the_corpus():
         assert [lay.owned_below(w) for w in range(51)] == [
             sum(1 for m in mine if m < w) for w in range(51)
         ]
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="belongs to rank"):
             lay.local_window(next(w for w in range(50) if not lay.owns(w)))
 
 
@@ -114,14 +114,14 @@ def test_windows_not_dealt_to_the_rank_are_refused(tmp_path):
         assert writer.next_window == 8
         with pytest.raises(SaetuiInputError, match="dealt to rank 1: expected window 8"):
             writer.add_windows(**dealt_windows(CORPUS, [0, 1], N_WINDOWS))
-        writer.add_windows(**dealt_windows(CORPUS, list(range(8, 16)) + [24], N_WINDOWS))
+        writer.add_windows(**dealt_windows(CORPUS, [*range(8, 16), 24], N_WINDOWS))
         assert writer.next_window == 25
 
 
 def test_another_world_size_is_refused_with_a_sentence(tmp_path):
     path = tmp_path / "ix"
     write_rank(path, ShardLayout(0, 2, BLOCK), upto=4)
-    with pytest.raises(SaetuiInputError, match="rank 0 of 2 processes.*same number of processes"):
+    with pytest.raises(SaetuiInputError, match=r"rank 0 of 2 processes.*same number of processes"):
         write_rank(path, ShardLayout(0, 3, BLOCK))
     with pytest.raises(SaetuiInputError, match="rank 0 of 2 processes"):
         write_synthetic(path, CORPUS, N_WINDOWS, top_k=8)  # a single process
@@ -133,7 +133,7 @@ def test_merge_gathers_node_directories_and_refuses_what_does_not_fit(tmp_path, 
     node0, node1, out = tmp_path / "node0", tmp_path / "node1", tmp_path / "out"
     write_rank(node0, ShardLayout(0, 2, BLOCK))
     write_rank(node1, ShardLayout(1, 2, BLOCK), upto=6)
-    with pytest.raises(SaetuiInputError, match="shard 1 in .* is not finished"):
+    with pytest.raises(SaetuiInputError, match=r"shard 1 in .* is not finished"):
         merge_indexes([node1], out)
     first = merge_indexes([node0], out)
     assert first.copied == [0] and first.missing == [1]

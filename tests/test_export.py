@@ -70,7 +70,7 @@ def _document_ids(tokenizer, documents, text_idx):
 
 
 def test_results_and_summary_have_the_old_keys_and_meanings(exported):
-    out, paths, index_path, documents, _, _ = exported
+    out, _paths, index_path, documents, _, _ = exported
     notebook = OldNotebook(out)
     results, summary = notebook.results, notebook.summary
     with open_index(index_path) as index:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_feature_detail_examples_contexts_and_search(built):
             tf = r.token(e.window, e.position)
             assert f in tf.feature_ids.tolist()
         # ties broken by the earliest global index
-        for a, b in zip(ex, ex[1:], strict=False):
+        for a, b in itertools.pairwise(ex):
             if a.value == b.value:
                 assert a.global_index < b.global_index
         assert sum(c for _, c in detail.top_tokens) == min(r.meta.top_k, detail.stats.count)
@@ -209,7 +210,7 @@ def test_bad_paths_and_files(tmp_path):
     assert data_file.stat().st_size == len(original) // 2  # nothing modified
 
     data_file.write_bytes(b"\xff" * 8192 + original[8192:])
-    with pytest.raises(SaetuiInputError, match="LMDB|damaged"):
+    with pytest.raises(SaetuiInputError, match=r"LMDB|damaged"):
         open_index(path)
 
     # a damaged forward block: flip bytes inside the stored zstd frame of window 3
@@ -249,9 +250,9 @@ def test_missing_committed_records_are_damage_sentences(tmp_path):
         assert txn.delete((5).to_bytes(8, "big"), db=env.open_db(b"tok", txn=txn, create=False))
     env.close()
     with open_index(path) as r:
-        with pytest.raises(IndexDamagedError, match="window 5 of shard 0 .* missing"):
+        with pytest.raises(IndexDamagedError, match=r"window 5 of shard 0 .* missing"):
             list(r.iter_forward())
-        with pytest.raises(IndexDamagedError, match="window 5 of shard 0 .* missing"):
+        with pytest.raises(IndexDamagedError, match=r"window 5 of shard 0 .* missing"):
             list(r.scan_forward(0))
         assert r.window(4).window == 4  # the rest stays readable
 
@@ -259,9 +260,11 @@ def test_missing_committed_records_are_damage_sentences(tmp_path):
     with env.begin(write=True) as txn:
         txn.delete(b"progress", db=env.open_db(b"meta", txn=txn, create=False))
     env.close()
-    with open_index(path) as r:
-        with pytest.raises(IndexDamagedError, match="shard 0 of the index .* no progress record"):
-            r.progress()
+    with (
+        open_index(path) as r,
+        pytest.raises(IndexDamagedError, match=r"shard 0 of the index .* no progress record"),
+    ):
+        r.progress()
 
 
 def test_lru_keeps_the_most_recently_used():
@@ -376,7 +379,7 @@ def test_reader_threads_agree(built):
                     assert [e.global_index for e in r.top_examples(f, 20)] == expected[f]
                     r.stats(f)
                     r.features(sort="mean", page=f % 3)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:  # reported below
                 errors.append(exc)
 
         threads = [threading.Thread(target=work) for _ in range(4)]

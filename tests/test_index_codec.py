@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -87,12 +88,8 @@ def test_corrupt_blocks_raise_corrupt_block_error():
             codec.decode_window,
             lambda b: codec.feature_activations(b, 1),
         ):
-            try:
+            with pytest.raises(codec.CorruptBlockError):  # decoding garbage must fail
                 decode(bad)
-            except codec.CorruptBlockError:
-                pass
-            else:
-                raise AssertionError("decoding garbage must fail")
 
 
 def _reference(corpus: SyntheticCorpus, n_windows: int, top_k: int, s: int):

@@ -78,7 +78,7 @@ def _wait_for_windows(path: Path, at_least: int, timeout: float = 60.0) -> int:
                 w = r.progress().windows
             if w >= at_least:
                 return w
-        except Exception:  # noqa: BLE001 - not created yet
+        except Exception:  # not created yet
             pass
         time.sleep(0.02)
     raise AssertionError("the writer made no progress")

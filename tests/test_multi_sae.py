@@ -75,7 +75,7 @@ def test_one_pass_equals_separate_runs_at_same_and_different_hooks(
 def test_stop_while_collecting_then_resume_from_indexes_at_different_windows(
     tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_index, other_saes
 ):
-    same, lower, alone = other_saes
+    _same, lower, alone = other_saes
     out = tmp_path / "out"
     config = tiny_collect_config(
         out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, saes=(tiny_sae_dir, lower)
@@ -91,7 +91,7 @@ def test_stop_while_collecting_then_resume_from_indexes_at_different_windows(
     first = run_collection(config, progress=lambda u: phases.append(u.phase), should_stop=stop)
     assert (first.status, first.phase) == ("stopped", "collecting")
     with open_index(out / tiny_sae_dir.name) as index:
-        assert 0 < index.progress().windows and not index.progress().finished
+        assert index.progress().windows > 0 and not index.progress().finished
     shutil.rmtree(out / "sae")  # one index far behind the other: both must catch up
     second = run_collection(config)
     assert second.status == "finished"

@@ -89,7 +89,7 @@ def brute(index):
     return Brute(index)
 
 
-@pytest.fixture()
+@pytest.fixture
 def engine(index):
     reader, engine = open_query(index)
     yield engine

@@ -4,6 +4,7 @@ encoded and decoded against its formulas computed from the raw tensors of the fi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,12 +150,12 @@ def test_refusals_name_the_format(tmp_path):
     directory, _ = write_dictionary_learning(
         tmp_path / "odd", "AutoEncoder", trainer_extra={"dict_class": "CrossCoder"}
     )
-    with pytest.raises(SaetuiInputError, match="CrossCoder.*dictionary_learning"):
+    with pytest.raises(SaetuiInputError, match=r"CrossCoder.*dictionary_learning"):
         load_sae(directory)
     topk = dictionary_learning_state("AutoEncoderTopK")
     del topk["k"]
     directory, _ = write_dictionary_learning(tmp_path / "nok", "AutoEncoderTopK", state=topk)
-    with pytest.raises(SaetuiInputError, match="dictionary_learning .*k"):
+    with pytest.raises(SaetuiInputError, match=r"dictionary_learning .*k"):
         load_sae(directory)
     broken = dictionary_learning_state("GatedAutoEncoder")
     del broken["r_mag"]
@@ -179,16 +180,20 @@ def test_a_mid_training_backup_is_refused(tmp_path):
 def test_half_a_dictionary_learning_directory_names_what_is_missing(tmp_path):
     directory, _ = write_dictionary_learning(tmp_path / "ae", "AutoEncoder")
     (directory / "config.json").unlink()
-    with pytest.raises(SaetuiInputError, match="ae.pt but no config.json; a dictionary_learning"):
+    with pytest.raises(
+        SaetuiInputError, match=re.escape("ae.pt but no config.json; a dictionary_learning")
+    ):
         load_sae(directory)
     directory, _ = write_dictionary_learning(tmp_path / "cfg", "AutoEncoder")
     (directory / "ae.pt").unlink()
-    with pytest.raises(SaetuiInputError, match="config.json but no ae.pt; a dictionary_learning"):
+    with pytest.raises(
+        SaetuiInputError, match=re.escape("config.json but no ae.pt; a dictionary_learning")
+    ):
         load_sae(directory)
     # An sae_core config.json without its weights still asks for weights.pt.
     (tmp_path / "core").mkdir()
     (tmp_path / "core" / "config.json").write_text(json.dumps({"d_in": 4, "d_sae": 8}))
-    with pytest.raises(SaetuiInputError, match="no weights.pt; a sae_core"):
+    with pytest.raises(SaetuiInputError, match=re.escape("no weights.pt; a sae_core")):
         load_sae(tmp_path / "core")
     # Pointing at ae.pt itself loads its directory.
     full, _ = write_dictionary_learning(tmp_path / "full", "AutoEncoder")

@@ -107,7 +107,7 @@ def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
         try:
             if child.environ().get("RANK") == str(rank) and "saetui" in " ".join(child.cmdline()):
                 return child
-        except psutil.Error:
+        except psutil.Error:  # noqa: PERF203 - a child may exit while it is looked at
             continue
     return None
 
@@ -124,8 +124,16 @@ def signal_rank_1(args: list[str], out, windows: int, signum: int) -> tuple[int,
     """A 2-rank torchrun job of ``args``; once ``windows`` windows are committed, rank 1
     gets ``signum``. Returns the launcher's exit code and output."""
     launcher = subprocess.Popen(
-        [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "saetui"]
-        + args,
+        [
+            TORCHRUN,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "saetui",
+            *args,
+        ],
         env=job_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -207,8 +215,10 @@ def test_a_failing_rank_stops_every_rank_with_one_sentence(
     assert code != 0
     lines = [line for line in output.splitlines() if line.startswith("saetui: error:")]
     assert lines == [
-        "saetui: error: rank 1 failed: RuntimeError('injected failure'); every shard is closed "
-        "and resumable: run the same command again to continue."
+        (
+            "saetui: error: rank 1 failed: RuntimeError('injected failure'); every shard is "
+            "closed and resumable: run the same command again to continue."
+        )
     ], output
     with open_index(out) as index:
         shards = index.progress().shards

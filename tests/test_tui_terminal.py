@@ -268,7 +268,7 @@ def test_real_terminal_collect_stays_responsive_and_q_stops_it(
         assert "resumable" in screen and "saetui collect" in screen
         assert not _processes_of(out)  # the collector child is gone too
         with open_index(out) as index:
-            assert 0 < index.progress().tokens and not index.progress().finished
+            assert index.progress().tokens > 0 and not index.progress().finished
     finally:
         tmux.close()
 

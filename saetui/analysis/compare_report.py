@@ -209,11 +209,15 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"A: {a['path']} ({a['kind']}, d_sae {a['d_sae']}, d_in {a['d_in']})",
         f"B: {b['path']} ({b['kind']}, d_sae {b['d_sae']}, d_in {b['d_in']})",
-        f"decoder: mean max cosine A->B {dec['mean_max_cosine_a_to_b']:.3f}, "
-        f"B->A {dec['mean_max_cosine_b_to_a']:.3f} ({dec['seconds']:.1f} s)",
+        (
+            f"decoder: mean max cosine A->B {dec['mean_max_cosine_a_to_b']:.3f}, "
+            f"B->A {dec['mean_max_cosine_b_to_a']:.3f} ({dec['seconds']:.1f} s)"
+        ),
         f"matched pairs ({dec['method']}, {len(cos)}): {above}",
-        f"unmatched (best cosine < {dec['unmatched_below']}): A {len(dec['unmatched_a'])}, "
-        f"B {len(dec['unmatched_b'])}",
+        (
+            f"unmatched (best cosine < {dec['unmatched_below']}): A {len(dec['unmatched_a'])}, "
+            f"B {len(dec['unmatched_b'])}"
+        ),
     ]
     act = report["activation"]
     if act is None:

@@ -56,11 +56,10 @@ class CooccurrenceNeighbours:
 def tokens_matrix(offsets: np.ndarray, feature_ids: np.ndarray, d_sae: int) -> sp.csr_matrix:
     """Binary [tokens, d_sae] CSR matrix of which features fired on which token."""
     data = np.ones(len(feature_ids), dtype=np.int32)
-    matrix = sp.csr_matrix(
+    return sp.csr_matrix(
         (data, feature_ids.astype(np.int32, copy=False), offsets),
         shape=(len(offsets) - 1, d_sae),
     )
-    return matrix
 
 
 def pair_counts(tokens: sp.csr_matrix) -> sp.csr_matrix:

@@ -32,7 +32,7 @@ from saetui.errors import SaetuiInputError
 from saetui.index.layout import ShardLayout
 
 
-class RankFailed(Exception):  # noqa: N818 - another rank's failure, not this one's
+class RankFailed(Exception):
     """Another rank of the job failed; this one stopped at the sync where it learnt it."""
 
     def __init__(self, rank: int, message: str, exit_code: int) -> None:
@@ -214,7 +214,7 @@ class TorchTeam(Team):
                 self.sync(failure=(repr(error), 1))
         except (StopRequested, RankFailed):
             pass  # another rank failed at the same point: this one stops either way
-        except Exception:  # noqa: BLE001 - a rank is gone (killed): nobody left to tell
+        except Exception:  # a rank is gone (killed): nobody left to tell
             self._broken = True
 
     def finish(self, quiet: bool = False) -> None:
@@ -225,7 +225,7 @@ class TorchTeam(Team):
         except (StopRequested, RankFailed):
             if not quiet:
                 raise
-        except Exception:  # noqa: BLE001 - a rank is gone (killed)
+        except Exception:  # a rank is gone (killed)
             self._broken = True
             if not quiet:
                 raise

@@ -201,7 +201,8 @@ class Outcome:
                     f"the indexes {', '.join(map(str, paths))} hold {self.tokens:,} tokens "
                     f"each{already}; browse one with: saetui open {shlex.quote(str(paths[0]))}"
                 )
-            return f"the index {out} holds {self.tokens:,} tokens{already}; browse it with: " + (
+            return (
+                f"the index {out} holds {self.tokens:,} tokens{already}; browse it with: "
                 f"saetui open {shlex.quote(str(out))}"
             )
         where = f"the index {out}; it is"

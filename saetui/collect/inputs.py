@@ -64,9 +64,12 @@ class RunInputs:
                 f"{self.batchtopk_mode}: drop --threshold or choose that mode."
             )
         for option, path in (("--sae", self.sae), ("--data", self.data)):
-            if isinstance(path, (str, Path)) and _looks_local(str(path)):
-                if not Path(path).expanduser().exists():
-                    raise SaetuiInputError(f"{option} {path} does not exist: check the path.")
+            if (
+                isinstance(path, (str, Path))
+                and _looks_local(str(path))
+                and not Path(path).expanduser().exists()
+            ):
+                raise SaetuiInputError(f"{option} {path} does not exist: check the path.")
 
 
 def _looks_local(name: str) -> bool:
@@ -128,11 +131,11 @@ def load_run(
     # The SAE encodes in its own dtype (the one it was trained and saved in), whatever the
     # model's: casting it to a bf16 model skews every stored activation and metric.
     sae.to(model.device)
-    if sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold":
-        if sae.threshold is None:
-            value = estimate_threshold(sae, model, corpus, hook, inputs.ctx_len, inputs.batch_size)
-            if say:
-                say(f"BatchTopK threshold {value:.6g} ({sae.threshold_source})")
+    needs_threshold = sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold"
+    if needs_threshold and sae.threshold is None:
+        value = estimate_threshold(sae, model, corpus, hook, inputs.ctx_len, inputs.batch_size)
+        if say:
+            say(f"BatchTopK threshold {value:.6g} ({sae.threshold_source})")
     return LoadedRun(corpus=corpus, sae=sae, model=model, hook=hook, numerics=numerics)
 
 

@@ -15,7 +15,7 @@ PHASES = ("loading", "collecting", "metrics", "neighbours", "done")  # CollectPr
 EXIT_FINISHED, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
-class StopRequested(Exception):  # noqa: N818 - a request, not an error
+class StopRequested(Exception):
     """Raised at a safe point (between batches, stripes or loading steps) when the job was
     asked to stop; everything committed so far stays and the job resumes from it."""
 

@@ -17,6 +17,7 @@ point when the parent disappears (the socket closes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,10 +145,8 @@ class CollectionProcess:
 
 
 def _signal(proc: subprocess.Popen[bytes], signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signum)
-    except ProcessLookupError:
-        pass
 
 
 def _default_log_path() -> Path:
@@ -170,10 +169,9 @@ def _child(fd: int) -> int:
     config = conn.recv()
 
     def send(kind: str, payload: Any) -> None:
-        try:
+        # fails when the parent is gone: the watcher below stops the job
+        with contextlib.suppress(OSError, ValueError):
             conn.send((kind, payload))
-        except (OSError, ValueError):
-            pass  # the parent is gone: the watcher below stops the job
 
     def watch_parent() -> None:
         # the socket reads EOF when the parent closes it or dies

@@ -266,7 +266,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with handle:
         line_no = 0
         try:
-            for line_no, line in enumerate(handle, start=1):  # noqa: B007 (used in except)
+            for line_no, line in enumerate(handle, start=1):  # line_no: used in the except
                 if not line.strip():
                     continue
                 try:

@@ -359,15 +359,14 @@ def iter_windows(
     tokenised again) but not yielded, and later windows are identical to a full run.
     """
     total = 0
-    window_id = 0
     bos = getattr(tokenizer, "bos_token_id", None)
-    for plan, bos_flag in _plans(corpus, tokenizer, ctx_len, prepend_bos, open_windows, True):
+    plans = _plans(corpus, tokenizer, ctx_len, prepend_bos, open_windows, True)
+    for window_id, (plan, bos_flag) in enumerate(plans):
         if max_tokens is not None and total >= max_tokens:
             return
         total += _plan_length(plan)
         if window_id >= start_window:
             yield _build_window(window_id, plan, bos_flag, bos)
-        window_id += 1
 
 
 def _build_window(window_id: int, plan: _Plan, bos_flag: bool, bos: int | None) -> Window:

@@ -28,6 +28,7 @@ balanced accuracy over those with a prediction.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -72,7 +73,7 @@ def default_hookpoint(hook: str | None) -> str:
 def split_ranges(d_sae: int, n_splits: int) -> list[tuple[int, int]]:
     """delphi's latent ranges: ``n_splits`` near-equal parts, each ``(start, end)`` inclusive."""
     bounds = np.linspace(0, d_sae, n_splits + 1).astype(np.int64)
-    return [(int(a), int(b) - 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [(int(a), int(b) - 1) for a, b in itertools.pairwise(bounds)]
 
 
 def export_delphi(

@@ -357,8 +357,10 @@ def _index_row(
     tokens = ", ".join(show_token(t.strip() or t) for t, _ in index.top_tokens(feature)[:3])
     density, maximum = float(page.density[feature]), float(page.max[feature])
     cells = [
-        f'<td data-v="{feature}"><a href="features/{feature_page_name(feature)}">'
-        f"#{feature}</a></td>",
+        (
+            f'<td data-v="{feature}"><a href="features/{feature_page_name(feature)}">'
+            f"#{feature}</a></td>"
+        ),
         f"<td>{_esc(label.label) if label else ''}</td>",
         f'<td class="num" data-v="{density!r}">{fmt_density(density)}</td>',
         f'<td class="num" data-v="{maximum!r}">{fmt_value(maximum)}</td>',

@@ -382,16 +382,19 @@ def activation_rows(
     stats = index.stats(feature)
     if stats.count == 0:
         return []
-    rows = []
-    for example in index.top_examples(feature, n_examples):
-        rows.append(_activation(example, -1.0, float(stats.max), -1.0))
+    rows = [
+        _activation(example, -1.0, float(stats.max), -1.0)
+        for example in index.top_examples(feature, n_examples)
+    ]
     counts = np.asarray(stats.histogram)
     edges = np.asarray(stats.bin_edges)
     for interval in index.interval_samples(feature):
         inside = (edges[:-1] >= interval.low) & (edges[1:] <= interval.high)
         share = float(counts[inside].sum()) / max(int(stats.count), 1)
-        for example in interval.examples:
-            rows.append(_activation(example, interval.low, interval.high, share))
+        rows.extend(
+            _activation(example, interval.low, interval.high, share)
+            for example in interval.examples
+        )
     for row in rows:
         row.update(
             id=ids("activation"),

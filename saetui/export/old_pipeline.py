@@ -242,11 +242,11 @@ def analysis_results(index: Any) -> dict[str, Any]:
             "median_activation_frequency": float(np.median(frequency)),
         },
         "dead_features": {
-            "n_dead": int(len(dead)),
+            "n_dead": len(dead),
             "pct_dead": 100.0 * len(dead) / d_sae,
             "threshold": 0.0,
             "use_training_metric": True,  # dead = never fired in the collection
-            "count": int(len(dead)),
+            "count": len(dead),
             "fraction": float(len(dead) / d_sae),
             "indices": dead.tolist(),
             "dense_1pct": int((frequency > 0.01).sum()),
@@ -435,14 +435,13 @@ def activation_database(index: Any, order: TokenOrder) -> dict[str, Any]:
     import scipy.sparse as sp
 
     d_sae = index.meta.d_sae
-    parts = []
-    for chunk in index.iter_forward():
-        parts.append(
-            sp.csr_matrix(
-                (chunk.values.astype(np.float32), chunk.feature_ids, chunk.offsets),
-                shape=(len(chunk.offsets) - 1, d_sae),
-            )
+    parts = [
+        sp.csr_matrix(
+            (chunk.values.astype(np.float32), chunk.feature_ids, chunk.offsets),
+            shape=(len(chunk.offsets) - 1, d_sae),
         )
+        for chunk in index.iter_forward()
+    ]
     window_order = (
         sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, d_sae), dtype=np.float32)
     )
@@ -618,7 +617,7 @@ def _summary(
         "sae_path": config.get("sae_path"),
         "layer": layer,
         "hook_name": hook_name,
-        "dataset_size": int(len(np.unique(order.text_idx))),
+        "dataset_size": len(np.unique(order.text_idx)),
         "n_tokens_processed": sparsity["n_tokens"],
         "n_features": sparsity["n_features"],
         "sparsity": {key: sparsity[key] for key in ("l0_mean", "l0_std", "l1_mean", "l1_std")},
@@ -651,9 +650,9 @@ def _history_plot(index: Any, staging: Path, ts: str, say: Callable[[str], None]
     if history_file is None or not history_file.is_file():
         return None
     try:
-        import matplotlib
+        import matplotlib as mpl
 
-        matplotlib.use("Agg")
+        mpl.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         say("training history found; install matplotlib (pip install matplotlib) to plot it")
@@ -681,12 +680,18 @@ def _readme(summary: dict[str, Any]) -> str:
         "",
         f"Exported by saetui from the index `{summary['index']}`.",
         "",
-        f"- model: {config.get('model')} ({config.get('numerics')} numerics), "
-        f"hook `{config.get('hook')}`",
-        f"- SAE: `{config.get('sae_path')}` ({config.get('sae_architecture')}, "
-        f"d_sae {summary['d_sae']})",
-        f"- corpus: `{config.get('corpus')}`, {summary['dataset_size']:,} documents, "
-        f"{summary['n_tokens_processed']:,} tokens",
+        (
+            f"- model: {config.get('model')} ({config.get('numerics')} numerics), "
+            f"hook `{config.get('hook')}`"
+        ),
+        (
+            f"- SAE: `{config.get('sae_path')}` ({config.get('sae_architecture')}, "
+            f"d_sae {summary['d_sae']})"
+        ),
+        (
+            f"- corpus: `{config.get('corpus')}`, {summary['dataset_size']:,} documents, "
+            f"{summary['n_tokens_processed']:,} tokens"
+        ),
         "",
         "| metric | saetui | SAELens / SAEBench |",
         "|---|---|---|",
@@ -704,8 +709,10 @@ def _readme(summary: dict[str, Any]) -> str:
         lines.append(f"| {label} | {_cell(metrics.get(ours))} | {_cell(saelens.get(theirs))} |")
     lines += [
         "",
-        "Old key names keep saetui's definitions (README: Metrics); the SAELens family is "
-        "under `saelens` in `analysis_results` and `SUMMARY`.",
+        (
+            "Old key names keep saetui's definitions (README: Metrics); the SAELens family is "
+            "under `saelens` in `analysis_results` and `SUMMARY`."
+        ),
         "",
         "Files:",
         "",

@@ -296,7 +296,5 @@ class CommitThread:
 
 def _return_free_heap() -> None:
     """Give freed heap back to the OS after a checkpoint's large temporaries (glibc only)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

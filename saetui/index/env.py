@@ -286,6 +286,9 @@ def check_output(path: Path, shard: int = 0) -> None:
             f"--out {path}: {target} is not writable here (permissions or a read-only "
             "filesystem); choose a directory you can write."
         )
-    if shard_path.is_dir() and not shard_path.is_symlink():
-        if (shard_path / WRITER_LOCK_FILE).exists():
-            WriterLock(shard_path, path).release()  # raises with the holder when taken
+    if (
+        shard_path.is_dir()
+        and not shard_path.is_symlink()
+        and (shard_path / WRITER_LOCK_FILE).exists()
+    ):
+        WriterLock(shard_path, path).release()  # raises with the holder when taken

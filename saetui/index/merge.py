@@ -78,9 +78,13 @@ def shard_dirs(index: Path) -> list[tuple[int, Path]]:
     out = []
     for path in sorted(index.iterdir()):
         number = path.name[len(fmt.SHARD_PREFIX) :]
-        if path.name.startswith(fmt.SHARD_PREFIX) and number.isdigit() and path.is_dir():
-            if (path / "data.mdb").exists():
-                out.append((int(number), path))
+        if (
+            path.name.startswith(fmt.SHARD_PREFIX)
+            and number.isdigit()
+            and path.is_dir()
+            and (path / "data.mdb").exists()
+        ):
+            out.append((int(number), path))
     return out
 
 

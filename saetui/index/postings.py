@@ -423,7 +423,7 @@ class Postings:
                     f"delete {postings_dir(self.index_path)} and build them again."
                 )
             raw = codec.decompress(bytes(blob))
-        first_g, span = TEXT_HEAD.unpack_from(raw)
+        _first_g, span = TEXT_HEAD.unpack_from(raw)
         off = TEXT_HEAD.size
         tokens = np.frombuffer(raw, "<u4", span, off)
         off += 4 * span

@@ -221,7 +221,7 @@ class IndexReader:
         self,
         sort: str = "density",
         descending: bool = True,
-        filter: FeatureFilter | None = None,  # noqa: A002 - the API name the issue asks for
+        filter: FeatureFilter | None = None,  # the API name the issue asks for
         page: int = 0,
         page_size: int = 100,
     ) -> FeaturePage:

@@ -52,8 +52,7 @@ def token_hash(global_index: torch.Tensor) -> torch.Tensor:
     x = global_index * _GOLD
     x = x ^ ((x >> 33) & _M31)
     x = x * _C1
-    x = x ^ ((x >> 33) & _M31)
-    return x
+    return x ^ ((x >> 33) & _M31)
 
 
 def mix_feature(token_part: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,7 @@ class SyntheticCorpus:
         return np.array(starts, dtype=np.int64)
 
     def window_lengths(self, n_windows: int) -> np.ndarray:
-        lens = np.full(n_windows, self.ctx_len, dtype=np.int64)
-        return lens
+        return np.full(n_windows, self.ctx_len, dtype=np.int64)
 
     def windows(self, first: int, n: int, n_total: int | None = None) -> dict[str, Any]:
         """Arguments for IndexWriter.add_windows for windows [first, first + n)."""

@@ -77,7 +77,7 @@ def _detect_file(path: Path) -> tuple[str, Path]:
             return fmt, path.parent
     if path.suffix == ".npz":
         return "gemma_scope", path
-    if path.suffix in _CHECKPOINT_SUFFIXES + (".safetensors",):
+    if path.suffix in (*_CHECKPOINT_SUFFIXES, ".safetensors"):
         raise SaetuiInputError(
             f"SAE path {path} is a single weights file (likely a training checkpoint), but an "
             f"exported SAE directory is expected, holding {EXPECTED}; point at that "

@@ -91,7 +91,7 @@ def _k(config: dict[str, Any], path: Path) -> int | None:
         raise SaetuiInputError(f"{path} describes a top-k SAE but has no 'k' entry; add it.")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
         raise SaetuiInputError(f"{path} has k = {value!r}, expected a number >= 1; fix it.")
-    return int(round(value))
+    return round(value)
 
 
 def load(directory: Path) -> SparseAutoencoder:

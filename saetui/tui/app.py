@@ -19,10 +19,11 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import on
 from textual.app import App, ComposeResult
+from textual.binding import BindingType
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
@@ -54,7 +55,7 @@ class SaetuiApp(
 
     TITLE = "saetui"
     CSS_PATH = "styles.tcss"
-    BINDINGS = [*bindings("app"), entry("compare.show").binding()]
+    BINDINGS: ClassVar[list[BindingType]] = [*bindings("app"), entry("compare.show").binding()]
     COMMANDS = App.COMMANDS | {SaetuiCommands}
 
     def __init__(
@@ -244,7 +245,5 @@ def check_openable(index_path: Path, feature: int | None) -> None:
 
 
 def _print_summary(app: SaetuiApp, index_path: Path, code: int) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the terminal is gone
         print(app.collection.final_line(index_path, code), file=sys.stderr, flush=True)
-    except OSError:
-        pass  # the terminal is gone

@@ -27,10 +27,10 @@ class SaetuiCommands(Provider):
                         "feature table order",
                     )
                 )
-        for name in FILTERS:
-            commands.append(
-                (f"filter: {name}", partial(app.set_table_query, filter=name), "feature table rows")
-            )
+        commands.extend(
+            (f"filter: {name}", partial(app.set_table_query, filter=name), "feature table rows")
+            for name in FILTERS
+        )
         commands.append(
             (
                 "filter: clear search",

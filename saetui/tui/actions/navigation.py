@@ -3,6 +3,8 @@ worker), back/forward through the history, the search box, the query bar and hel
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.text import Text
 from textual import events, work
 from textual.widget import Widget
@@ -108,10 +110,8 @@ class NavigationActions(AppPart):
             return
         service = self._probe
         if service is not None and service.ready and not (detail.promoted or detail.suppressed):
-            try:
+            with contextlib.suppress(SaetuiInputError):  # logit effects are optional decoration
                 detail.promoted, detail.suppressed = service.logit_effects(feature)
-            except SaetuiInputError:
-                pass  # logit effects are optional decoration
         if not get_current_worker().is_cancelled:
             self.call_from_thread(self._show_feature, detail, keep_position, restore)
 

@@ -549,7 +549,7 @@ class SideContextScreen(ContextScreen):
 class SideFeatureScreen(Screen[None]):
     """A full feature view of one side of the comparison; esc goes back to it."""
 
-    BINDINGS = [entry("compare.close").binding()]
+    BINDINGS: ClassVar[list[BindingType]] = [entry("compare.close").binding()]
     DEFAULT_CSS = """
     SideFeatureScreen #side-header { height: 1; background: $panel; padding: 0 1; }
     """

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
+from textual.binding import BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Input, Static
@@ -11,7 +14,7 @@ from textual.widgets import Input, Static
 class PathScreen(ModalScreen[str | None]):
     """Dismisses with the path typed (Enter) or None (esc)."""
 
-    BINDINGS = [("escape", "cancel", "Cancel")]
+    BINDINGS: ClassVar[list[BindingType]] = [("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
     PathScreen { align: center middle; }
     PathScreen > Vertical {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
+from typing import ClassVar
 
 from rich.segment import Segment
 from rich.style import Style
@@ -89,7 +90,7 @@ class FeatureTable(ScrollView, can_focus=True):
     """Every feature of the index; Enter posts :class:`saetui.tui.messages.OpenFeature`."""
 
     BINDINGS = bindings("table")
-    COMPONENT_CLASSES = {"feature-table--cursor", "feature-table--placeholder"}
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"feature-table--cursor", "feature-table--placeholder"}
     DEFAULT_CSS = """
     FeatureTable { height: 1fr; }
     FeatureTable > .feature-table--cursor { background: $primary 35%; text-style: bold; }

@@ -12,7 +12,7 @@ Switching features therefore costs the rows on screen, not the ~120 rows of the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.segment import Segment
 from rich.style import Style
@@ -36,7 +36,7 @@ class FeatureView(ScrollView, can_focus=True):
     """Shows a :class:`FeatureDetail`; posts OpenFeature / OpenContext."""
 
     BINDINGS = bindings("feature")
-    COMPONENT_CLASSES = {"feature-view--cursor"}
+    COMPONENT_CLASSES: ClassVar[set[str]] = {"feature-view--cursor"}
     DEFAULT_CSS = """
     FeatureView { height: 1fr; }
     FeatureView > .feature-view--cursor { background: $primary 35%; }
@@ -116,10 +116,10 @@ class FeatureView(ScrollView, can_focus=True):
             and self.detail is not None
             and self.detail.row.feature == detail.row.feature
         )
-        if self.detail is None or self.detail.row.feature != detail.row.feature:
-            if not (restore is None and keep_position and self.detail is None):
-                self.ablations, self.ablation_note = {}, ""
-                self.ablation_effects = {}
+        new_feature = self.detail is None or self.detail.row.feature != detail.row.feature
+        if new_feature and not (restore is None and keep_position and self.detail is None):
+            self.ablations, self.ablation_note = {}, ""
+            self.ablation_effects = {}
         self.detail = detail
         self._build(detail)
         if same:
@@ -154,10 +154,7 @@ class FeatureView(ScrollView, can_focus=True):
         strip = self._strips.get(key)
         if strip is None:
             row = self._painters[index]
-            if isinstance(row, Text):
-                segments = list(row.render(self.app.console))
-            else:
-                segments = row(width)
+            segments = list(row.render(self.app.console)) if isinstance(row, Text) else row(width)
             strip = Strip(Segment.adjust_line_length(segments, width), width)
             self._strips.set(key, strip)
         return strip

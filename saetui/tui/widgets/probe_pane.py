@@ -120,8 +120,10 @@ class ProbePane(Vertical):
                     _fit(
                         Text.assemble(
                             (
-                                f"@{show_token(result.tokens[entry.position])!r}"
-                                f" ×{entry.n_tokens} ",
+                                (
+                                    f"@{show_token(result.tokens[entry.position])!r}"
+                                    f" ×{entry.n_tokens} "
+                                ),
                                 "dim",
                             ),
                             self._ref(

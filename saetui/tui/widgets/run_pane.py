@@ -77,9 +77,11 @@ def run_facts(state: RunState) -> list[tuple[str, str]]:
         rows.append(("sae path", _home(str(config["sae_path"]))))
     if config.get("corpus"):
         rows.append(("corpus", _home(str(config["corpus"]))))
-    for key in ("numerics", "batchtopk_mode", "threshold", "dtype", "ctx_len"):
-        if config.get(key) not in (None, ""):
-            rows.append((key.replace("_", " "), str(config[key])))
+    rows.extend(
+        (key.replace("_", " "), str(config[key]))
+        for key in ("numerics", "batchtopk_mode", "threshold", "dtype", "ctx_len")
+        if config.get(key) not in (None, "")
+    )
     if details.get("device"):
         rows.append(("device", str(details["device"])))
     return rows

@@ -47,8 +47,21 @@ STATE_VERSION = 1
 
 # Slots of the running float64 sums (one tensor per family, so a batch costs one add);
 # err is the sum over elements of x - x̂ (for the residual's standard deviation).
-_SAETUI = "tokens sse xx err cos ratio legacy l0 l0_sq l1 l1_sq".split()
-_SAELENS = "batches tokens mean_xx mean_sse legacy cos norm_in norm_out ratio rrb l0 l1".split()
+_SAETUI = ["tokens", "sse", "xx", "err", "cos", "ratio", "legacy", "l0", "l0_sq", "l1", "l1_sq"]
+_SAELENS = [
+    "batches",
+    "tokens",
+    "mean_xx",
+    "mean_sse",
+    "legacy",
+    "cos",
+    "norm_in",
+    "norm_out",
+    "ratio",
+    "rrb",
+    "l0",
+    "l1",
+]
 
 
 def special_token_ids(tokenizer: Any) -> list[int]:
@@ -454,8 +467,20 @@ class BehaviourMetrics:
     batches: int = 0
     sums: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(
-            "ce_tokens ce_clean ce_sae ce_zero kl "
-            "sl_ce_tokens sl_ce_clean sl_ce_sae sl_ce_abl sl_kl_tokens sl_kl_sae sl_kl_abl".split(),
+            [
+                "ce_tokens",
+                "ce_clean",
+                "ce_sae",
+                "ce_zero",
+                "kl",
+                "sl_ce_tokens",
+                "sl_ce_clean",
+                "sl_ce_sae",
+                "sl_ce_abl",
+                "sl_kl_tokens",
+                "sl_kl_sae",
+                "sl_kl_abl",
+            ],
             0.0,
         )
     )

@@ -57,6 +57,7 @@ from saetui.collect.pipeline import (
     index_batches,
     metrics_done,
     metrics_step,
+    write_encoded,
 )
 from saetui.errors import SaetuiInputError
 from saetui.index import format as fmt
@@ -228,13 +229,11 @@ def _load(
             sae_d_in=sae.d_in,
         )
         sae.to(run.model.device)
-        if sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold":
-            if sae.threshold is None:
-                from saetui.collect.inputs import estimate_threshold
+        needs_threshold = sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold"
+        if needs_threshold and sae.threshold is None:
+            from saetui.collect.inputs import estimate_threshold
 
-                estimate_threshold(
-                    sae, run.model, run.corpus, hook, inputs.ctx_len, inputs.batch_size
-                )
+            estimate_threshold(sae, run.model, run.corpus, hook, inputs.ctx_len, inputs.batch_size)
         member.run = LoadedRun(run.corpus, sae, run.model, hook, run.numerics)
 
 
@@ -363,18 +362,7 @@ def _collect_together(
                 part = batch if skip == 0 else _rows_from(batch, skip)
                 assert member.run is not None and member.reconstruction is not None
                 encoded = encode_windows(member.run.sae, activations[member.run.hook][skip:], part)
-                member.writer.add_windows(
-                    part.window_ids,
-                    part.tokens,
-                    [
-                        [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                        for window in part.segments
-                    ],
-                    encoded.ids,
-                    encoded.values,
-                    mask=encoded.counted,
-                    lengths=part.lengths,
-                )
+                write_encoded(member.writer, part, encoded)
                 member.reconstruction.add(part, encoded, check_stop)
             done += int(np.asarray(batch.lengths).sum())
             rate = (done - first_tokens) / max(time.perf_counter() - started, 1e-9)

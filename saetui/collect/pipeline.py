@@ -155,6 +155,22 @@ def _prefetch(batches: Iterator[Any], stop: threading.Event, depth: int = 2) -> 
 
 
 @torch.no_grad()
+def write_encoded(writer: Any, batch: Any, encoded: EncodedWindows) -> None:
+    """One batch of windows into the index: tokens, document segments and sparse codes."""
+    writer.add_windows(
+        batch.window_ids,
+        batch.tokens,
+        [
+            [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
+            for window in batch.segments
+        ],
+        encoded.ids,
+        encoded.values,
+        mask=encoded.counted,
+        lengths=batch.lengths,
+    )
+
+
 def encode_windows_of(run: LoadedRun, batch: Any) -> EncodedWindows:
     """A window batch through the model (stopped after the hook's layer) and the SAE; the
     tokens go to the device from pinned memory, asynchronously, on CUDA."""
@@ -596,18 +612,7 @@ def _collecting_phase(
             batch = next(batches, None)
             if batch is not None:
                 encoded = encode_windows_of(run, batch)
-                writer.add_windows(
-                    batch.window_ids,
-                    batch.tokens,
-                    [
-                        [(s.doc_id, s.doc_offset, s.start, s.length) for s in window]
-                        for window in batch.segments
-                    ],
-                    encoded.ids,
-                    encoded.values,
-                    mask=encoded.counted,
-                    lengths=batch.lengths,
-                )
+                write_encoded(writer, batch, encoded)
                 reconstruction.add(batch, encoded, check_stop)
                 # Counted here: reading writer.summaries would wait for its merge thread.
                 mine += int(batch.lengths.sum())

@@ -107,3 +107,37 @@ def test_the_palette_exports_write_a_feature_the_labels_and_rows(tiny_index, tmp
     assert labels == {"3": {"label": "digits", "notes": "fires on numbers"}}
     rows = [{"feature": 3, "label": "digits"}]
     assert json.loads(export_rows(rows, tmp_path / "rows.json").read_text()) == rows
+
+
+def test_a_finished_index_without_postings_gets_them_from_the_child(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file
+):
+    """Postings are on by default: opening a finished index that lacks them in the TUI runs
+    the child (no model load) to build them; with --no-postings nothing starts."""
+    import time
+
+    from saetui.collect.pipeline import run_collection
+    from saetui.index.postings import open_postings
+
+    out = tmp_path / "index"
+    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, postings=False)
+    assert run_collection(config).status == "finished"
+    messages: list = []
+    off = CollectionController(config, lambda kind, payload: messages.append((kind, payload)))
+    off.launch(off.start())
+    assert ("exit", 0) in messages and open_postings(out) is None
+
+    messages.clear()
+    config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
+    assert config.postings is None  # the default: by the index's size
+    session = CollectionController(config, lambda kind, payload: messages.append((kind, payload)))
+    job = session.start()
+    session.launch(job)
+    deadline = time.monotonic() + 240
+    while not any(kind == "exit" for kind, _ in messages) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ("exit", 0) in messages, messages
+    postings = open_postings(out)
+    assert postings is not None
+    with postings:
+        assert postings.parts() and sum(part.tokens for part in postings.parts()) > 0

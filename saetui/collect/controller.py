@@ -82,10 +82,11 @@ class CollectionController:
 
     def launch(self, job: CollectionProcess) -> None:
         """Start the child, unless this very request already finished (no model load).
-        With postings requested the child runs anyway: it builds what the postings lack
-        (nothing when they are complete) and loads no model either. Blocking."""
+        Unless postings are turned off the child runs anyway: it builds what the postings
+        lack (nothing when they are complete or the index is past the size for postings by
+        default) and loads no model either. Blocking."""
         config = job.config
-        done = None if config.postings else finished_result(config)
+        done = None if config.postings is not False else finished_result(config)
         if done is not None:
             job.on_message("outcome", (EXIT_FINISHED, "finished", "done", done.tokens))
             job.on_message("exit", EXIT_FINISHED)

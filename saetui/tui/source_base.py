@@ -27,7 +27,9 @@ class SourceBase:
         self._reader: Any = None
         self._lock = threading.Lock()
         self._user_generation = 0
+        # Textual's LRUCache has no lock and the table and feature workers share it
         self._cache: LRUCache[tuple[Any, ...], Any] = LRUCache(CACHED_VALUES)
+        self._cache_lock = threading.Lock()
         self._closed = False
         self._engine: Any = None  # the QueryEngine, opened on the first query
 
@@ -57,7 +59,8 @@ class SourceBase:
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
-            self._cache.clear()
+            with self._cache_lock:
+                self._cache.clear()
 
     def is_open(self) -> bool:
         return self._reader is not None
@@ -73,10 +76,12 @@ class SourceBase:
                 self._reader = None
 
     def _cached(self, key: tuple[Any, ...], make: Any) -> Any:
-        hit = self._cache.get(key)
+        with self._cache_lock:
+            hit = self._cache.get(key)
         if hit is None:
-            hit = make()
-            self._cache.set(key, hit)
+            hit = make()  # outside the lock: a read may take a while
+            with self._cache_lock:
+                self._cache.set(key, hit)
         return hit
 
     def _serial(self) -> tuple[int, ...]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import saetui
 
 PACKAGE = Path(saetui.__file__).parent
-DOMAIN = ("analysis", "collect", "corpus", "export", "index", "lm", "sae")
+DOMAIN = ("analysis", "collect", "commands", "corpus", "export", "index", "lm", "sae")
 UI_MODULES = ("textual", "rich.console", "rich.live", "rich.progress", "textual_plotext")
 
 

@@ -32,7 +32,7 @@ def write_json(path: str | Path, payload: Any) -> Path:
 
 def feature_json(index: Any, feature: int, n_examples: int = 50) -> dict[str, Any]:
     """One feature as the JSONL export writes it (one schema for the TUI and the CLI)."""
-    from saetui.export.old_pipeline import feature_record
+    from saetui.export.old_pipeline_records import feature_record
 
     return feature_record(index, feature, n_examples)
 

@@ -4,6 +4,7 @@ A table of matched pairs (sortable by decoder cosine, Jaccard of firing sets, de
 or the split trees of the smaller SAE's features, with both features' top contexts side by
 side underneath; Enter opens the chosen side's feature in a full feature view. The
 comparison (saetui.analysis.compare_report) runs in a thread worker.
+The chosen side's full feature view is ``screens.side_feature``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,12 @@ from textual.widgets.tree import TreeNode
 from textual.worker import get_current_worker
 
 from saetui.errors import SaetuiInputError
-from saetui.tui.bindings import bindings, entry
+from saetui.tui.bindings import bindings
 from saetui.tui.compare_model import PAIR_SORTS, Comparison, PairRow, SplitTree
-from saetui.tui.messages import OpenFeature
-from saetui.tui.model import Context, FeatureDetail
-from saetui.tui.render import format_density, format_value, show_token
-from saetui.tui.screens.context import ContextScreen
-from saetui.tui.screens.label import LabelScreen
+from saetui.tui.model import Context
+from saetui.tui.render import show_token
+from saetui.tui.screens.side_feature import SideFeatureScreen, feature_heading
 from saetui.tui.source import IndexSource
-from saetui.tui.widgets.feature_view import FeatureView
 from saetui.tui.widgets.side_preview import SidePreview
 
 SCREEN_NAME = "compare"
@@ -419,7 +417,7 @@ class CompareScreen(Screen[None]):
                 if what[0] == "feature":
                     detail = source.feature(what[1])
                     title = f"{side.upper()} #{what[1]}"
-                    args: tuple[Any, ...] = (title, _feature_heading(detail), detail.contexts)
+                    args: tuple[Any, ...] = (title, feature_heading(detail), detail.contexts)
                     args = (*args, what[1])
                 else:
                     kind, parent, where, features = what
@@ -461,161 +459,3 @@ class CompareScreen(Screen[None]):
 
     def action_close(self) -> None:
         self.app.pop_screen()
-
-
-def _feature_heading(detail: FeatureDetail) -> Text:
-    row = detail.row
-    return Text.assemble(
-        (row.label or row.top_tokens or "(no label)", "bold" if row.label else "dim"),
-        ("  density ", "dim"),
-        format_density(row.density) if row.count else "never fired",
-        ("  max ", "dim"),
-        format_value(row.max),
-    )
-
-
-# ---------------------------------------------------------------------- one side's feature
-
-
-class SideFeatureView(FeatureView):
-    """The feature view over one side's index: bookmarks and labels go to that index; the
-    model actions (ablate, probe) and table steps live in that index's own session."""
-
-    def __init__(self, source: IndexSource, *, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.source = source
-
-    def action_bookmark(self) -> None:
-        if self.detail is None:
-            return
-        feature = self.detail.row.feature
-        marked = not self.source.is_bookmarked(feature)
-        self.source.set_bookmark(feature, marked)
-        self.notify(f"#{feature} {'bookmarked' if marked else 'bookmark removed'}")
-
-    def action_edit_label(self) -> None:
-        if self.detail is None:
-            return
-        feature = self.detail.row.feature
-
-        def saved(result: tuple[str, str] | None) -> None:
-            if result is not None:
-                self.source.set_label(feature, *result)
-                self.post_message(OpenFeature(feature))  # shown afresh
-
-        self.app.push_screen(LabelScreen(feature, self.detail.row.label, self.detail.notes), saved)
-
-    def _elsewhere(self) -> None:
-        self.notify(
-            f"Open the index itself for that: saetui open {self.source.path}", severity="warning"
-        )
-
-    def action_ablate(self) -> None:
-        self._elsewhere()
-
-    def action_probe(self) -> None:
-        self._elsewhere()
-
-    def action_step(self, delta: int) -> None:
-        self._elsewhere()
-
-    def action_copy_reference(self) -> None:
-        if self.detail is not None:
-            reference = (
-                f"saetui open {self.source.path.resolve()} --feature {self.detail.row.feature}"
-            )
-            self.app.copy_to_clipboard(reference)
-            self.notify(f"Copied (OSC 52): {reference}")
-
-
-class SideContextScreen(ContextScreen):
-    """The context view over one side's index."""
-
-    def __init__(self, source: IndexSource, feature: int, context: Context) -> None:
-        super().__init__(feature, context)
-        self.source = source
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="context-token")
-    def load_token(self, window: int, position: int) -> None:
-        try:
-            active = self.source.token_features(window, position)
-        except Exception as error:
-            self.app.call_from_thread(self._show_error, str(error))
-            return
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self._show_active, active)
-
-
-class SideFeatureScreen(Screen[None]):
-    """A full feature view of one side of the comparison; esc goes back to it."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [entry("compare.close").binding()]
-    DEFAULT_CSS = """
-    SideFeatureScreen #side-header { height: 1; background: $panel; padding: 0 1; }
-    """
-
-    def __init__(self, source: IndexSource, side: str, feature: int) -> None:
-        super().__init__()
-        self.source = source
-        self.side = side
-        self.feature = feature
-
-    def compose(self) -> ComposeResult:
-        yield Static("", id="side-header")
-        yield SideFeatureView(self.source, id="side-view")
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.query_one(SideFeatureView).focus()
-        self.open(self.feature)
-
-    def open(self, feature: int) -> None:
-        self.feature = feature
-        self.query_one("#side-header", Static).update(
-            Text(f" {self.side} #{feature}  loading…  ({self.source.path.name})", style="bold")
-        )
-        self.load(feature)
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="side-feature")
-    def load(self, feature: int) -> None:
-        try:
-            detail = self.source.feature(feature)
-        except Exception as error:
-            self.app.call_from_thread(self._show_error, str(error))
-            return
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self._show, detail)
-
-    def _show_error(self, text: str) -> None:
-        self.query_one(SideFeatureView).show_message(text)
-
-    def _show(self, detail: FeatureDetail) -> None:
-        if detail.row.feature != self.feature:
-            return
-        self.query_one("#side-header", Static).update(
-            Text.assemble(
-                (f" {self.side} #{detail.row.feature} ", "bold reverse"),
-                " ",
-                _feature_heading(detail),
-                (f"  · {self.source.path.name} · esc back to the comparison", "dim"),
-            )
-        )
-        self.query_one(SideFeatureView).show(detail)
-
-    def on_open_feature(self, message: OpenFeature) -> None:
-        message.stop()
-        self.open(message.feature)
-
-    def on_feature_view_open_context(self, message: FeatureView.OpenContext) -> None:
-        message.stop()
-
-        def opened(feature: int | None) -> None:
-            if feature is not None:
-                self.open(feature)
-
-        self.app.push_screen(
-            SideContextScreen(self.source, message.feature, message.context), opened
-        )
-
-    def action_close(self) -> None:
-        self.dismiss(None)

@@ -73,6 +73,7 @@ def test_info_json():
             ["demo", "--compare", "--sae", str(SAMPLE_DATA / "sae"), "--sae", "other"],
             ["demo --compare", "one --sae"],
         ),
+        (["demo", "--compare", "no/such/sae"], ["--compare no/such/sae", "SAE directory"]),
         (["labels", "import", "no/such/labels.jsonl", str(SAMPLE_DATA)], ["not a saetui index"]),
     ],
 )

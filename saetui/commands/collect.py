@@ -207,6 +207,12 @@ def _demo_compare(args: argparse.Namespace, out: Path) -> int:
             f"demo --compare compares one SAE with {args.compare}: pass one --sae, or compare "
             "indexes of several SAEs with `saetui compare OUT/a OUT/b` after `saetui collect`."
         )
+    if not Path(args.compare).is_dir():
+        raise SaetuiInputError(
+            f"--compare {args.compare} is not an SAE directory: pass the directory of the "
+            "second SAE (sae_core, SAELens, sparsify or Gemma Scope), or --compare alone for "
+            "the sample's second SAE."
+        )
     second = compare_index_path(out, args.compare)
     code = _collect_each(args, [(first[0], out), (args.compare, second)])
     if code != 0:

@@ -10,7 +10,7 @@ import json
 import pytest
 from conftest import TINY_HOOK, tiny_collect_config
 
-from saetui.collect import pipeline
+from saetui.collect import metrics_phase
 from saetui.collect.evaluate import evaluate_sae, measure_sample
 from saetui.collect.pipeline import ce_sample_windows, run_collection
 from saetui.corpus import batch_windows, iter_windows
@@ -131,12 +131,12 @@ def test_reconstruction_metrics_survive_a_stop(
     out = tmp_path / "index"
     config = tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file)
     if not saved:  # a process killed before it saved its sums: the resume re-encodes
-        monkeypatch.setattr(pipeline._Reconstruction, "save", lambda self: None)
+        monkeypatch.setattr(metrics_phase.Reconstruction, "save", lambda self: None)
     calls = iter(range(1000))
     first = run_collection(config, should_stop=lambda: next(calls) >= 9)
     assert first.status == "stopped" and first.phase == "collecting"
     with open_index(out) as index:
-        state = index.get_meta(pipeline.RECONSTRUCTION_STATE)
+        state = index.get_meta(metrics_phase.RECONSTRUCTION_STATE)
         committed = index.progress().windows
     if saved:  # saved on the stop: only the open SAELens batch is left to re-encode
         assert committed - 16 < state["folded_windows"] <= committed

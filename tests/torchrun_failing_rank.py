@@ -6,10 +6,10 @@ import os
 import sys
 
 from saetui.cli import main
-from saetui.collect import pipeline
+from saetui.collect import metrics_phase, phases
 
 if os.environ.get("RANK") == os.environ.get("SAETUI_TEST_FAIL_RANK"):
-    encode_windows_of = pipeline.encode_windows_of
+    encode_windows_of = phases.encode_windows_of
     batches = [0]
 
     def failing_encode_windows_of(run, batch):
@@ -18,6 +18,8 @@ if os.environ.get("RANK") == os.environ.get("SAETUI_TEST_FAIL_RANK"):
             raise RuntimeError("injected failure")
         return encode_windows_of(run, batch)
 
-    pipeline.encode_windows_of = failing_encode_windows_of
+    # the collecting phase and the reconstruction catch-up each bind it from collect.encoding
+    phases.encode_windows_of = failing_encode_windows_of
+    metrics_phase.encode_windows_of = failing_encode_windows_of
 
 sys.exit(main(sys.argv[1:]))

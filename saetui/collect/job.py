@@ -5,6 +5,8 @@ line can describe, start and judge a job without loading a model."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ class CollectConfig:
     out: Path
     inputs: RunInputs
     # tokens of the CE-loss/KL sample (whole windows of the collection); None: 1% of the
-    # collection, at least 512 and at most 20,000 (saetui.collect.pipeline.ce_sample_windows)
+    # collection, at least 512 and at most 20,000 (saetui.collect.metrics_phase.ce_sample_windows)
     metrics_tokens: int | None = None
     overwrite: bool = False
     neighbours: int = 16
@@ -263,3 +265,22 @@ def check_several(config: CollectConfig) -> None:
             )
     for _, member in members:
         check_request(member)
+
+
+class Reporter:
+    """Calls ``progress`` at most every ``interval`` seconds, and always on phase changes."""
+
+    def __init__(self, progress: Callable[[CollectProgress], None] | None, interval: float = 0.25):
+        self._progress = progress
+        self._interval = interval
+        self._last = 0.0
+        self._phase = ""
+
+    def __call__(self, update: CollectProgress, force: bool = False) -> None:
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if force or update.phase != self._phase or now - self._last >= self._interval:
+            self._phase = update.phase
+            self._last = now
+            self._progress(update)

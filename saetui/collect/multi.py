@@ -21,7 +21,6 @@ indexes that have not recorded theirs.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,57 +30,29 @@ from typing import Any
 import numpy as np
 
 from saetui.collect.distributed import Team
+from saetui.collect.encoding import prefetch, to_device, write_encoded
 from saetui.collect.evaluate import encode_windows
-from saetui.collect.inputs import LoadedRun, RunInputs, load_run
+from saetui.collect.index_ops import index_batches, open_writer, swap_in
 from saetui.collect.job import (
     CollectConfig,
     CollectProgress,
     CollectResult,
+    Reporter,
     StopRequested,
     check_request,
     finished_result,
     member_configs,
-    request_record,
 )
-from saetui.collect.pipeline import (
+from saetui.collect.members import Member, load_members, tokens_of, work_config, write_list
+from saetui.collect.metrics_phase import (
     MeasuredSample,
-    _open_writer,
-    _prefetch,
-    _Reconstruction,
-    _Reporter,
-    _stored_request,
-    _swap_in,
-    _to_device,
+    Reconstruction,
     ce_sample_windows,
-    finish_after_metrics,
-    index_batches,
     metrics_done,
     metrics_step,
-    write_encoded,
 )
+from saetui.collect.phases import finish_after_metrics, postings_phase
 from saetui.errors import SaetuiInputError
-from saetui.index import format as fmt
-
-
-@dataclasses.dataclass
-class _Member:
-    """One SAE of the request: its name, its own request (``work``: where it is written,
-    a staging folder beside the index under --overwrite) and, once loaded, its run."""
-
-    name: str
-    config: CollectConfig
-    work: CollectConfig
-    run: LoadedRun | None = None
-    writer: Any = None
-    reconstruction: _Reconstruction | None = None
-    result: CollectResult | None = None
-    metrics: dict[str, Any] | None = None  # once its metrics phase has run or been skipped
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    started: float = 0.0
-
-    @property
-    def staged(self) -> bool:
-        return Path(self.work.out) != Path(self.config.out)
 
 
 def run_several(
@@ -107,28 +78,28 @@ def run_several(
         if stop_requested():
             raise StopRequested
 
-    report = _Reporter(progress)
+    report = Reporter(progress)
     phase = "loading"
-    members: list[_Member] = []
+    members: list[Member] = []
     collect_rate = 0.0
     try:
         report(CollectProgress("loading", message="checking the indexes"), force=True)
         check_request(config)
         members = [
-            _Member(name, member, _work_config(member)) for name, member in member_configs(config)
+            Member(name, member, work_config(member)) for name, member in member_configs(config)
         ]
         for member in members:
             member.result = finished_result(member.work)
         pending = [member for member in members if member.result is None]
         if pending:
             report(CollectProgress("loading", message="loading corpus, SAEs and model"), force=True)
-            _load(config.inputs, pending, say, check_stop)
-        _write_list(config, members)
+            load_members(config.inputs, pending, say, check_stop)
+        write_list(config, members)
         if pending:
             for member in pending:
                 assert member.run is not None
-                member.writer = _open_writer(member.work, member.run, Team())
-                member.reconstruction = _Reconstruction(member.work, member.run, member.writer)
+                member.writer = open_writer(member.work, member.run, Team())
+                member.reconstruction = Reconstruction(member.work, member.run, member.writer)
             phase = "collecting"
             collect_rate = _collect_together(config, pending, report, check_stop)
 
@@ -150,7 +121,7 @@ def run_several(
                 member.writer.close()
         if isinstance(stop, KeyboardInterrupt):
             raise
-        tokens = min((_tokens_of(m) for m in members), default=0)
+        tokens = min((tokens_of(m) for m in members), default=0)
         message = f"stopped while {phase}; run the same command again to resume"
         report(CollectProgress("done", tokens, None, message=message), force=True)
         return CollectResult(
@@ -182,132 +153,6 @@ def run_several(
     )
 
 
-def _work_config(member: CollectConfig) -> CollectConfig:
-    """Where a member's index is written: in place, or under --overwrite of an existing
-    index a staging folder beside it that replaces it once finished (as one SAE's
-    ``run_collection`` does)."""
-    out = Path(member.out)
-    if not (member.overwrite and (out / fmt.MARKER_FILE).exists()):
-        return dataclasses.replace(member, overwrite=False)
-    staging = out.with_name(f".{out.name}.overwrite")
-    staged = dataclasses.replace(member, out=staging, overwrite=False)
-    if staging.exists() and _stored_request(staging) != request_record(staged):
-        shutil.rmtree(staging)  # a replacement for another request, never user data
-    return staged
-
-
-def _load(
-    inputs: RunInputs,
-    members: list[_Member],
-    say: Callable[[str], None] | None,
-    check_stop: Callable[[], None],
-) -> None:
-    """The corpus and the model once, every SAE of ``members``; refuses SAEs that need
-    another model, numerics or start token than the first."""
-    from saetui.lm import resolve_hook
-    from saetui.sae import load_sae
-
-    first = members[0]
-    saes = [
-        load_sae(
-            m.work.inputs.sae, batchtopk_mode=inputs.batchtopk_mode, threshold=inputs.threshold
-        )
-        for m in members
-    ]
-    check_stop()
-    _check_compatible(inputs, members, saes)
-    run = load_run(first.work.inputs, say, check_stop=check_stop, sae=saes[0])
-    first.run = run
-    for member, sae in zip(members[1:], saes[1:], strict=True):
-        check_stop()
-        hook = resolve_hook(
-            run.model,
-            hook=inputs.hook,
-            layer=inputs.layer,
-            hook_name=inputs.hook_name,
-            sae_hook=sae.hook_name,
-            sae_d_in=sae.d_in,
-        )
-        sae.to(run.model.device)
-        needs_threshold = sae.architecture == "batchtopk" and sae.batchtopk_mode == "threshold"
-        if needs_threshold and sae.threshold is None:
-            from saetui.collect.inputs import estimate_threshold
-
-            estimate_threshold(sae, run.model, run.corpus, hook, inputs.ctx_len, inputs.batch_size)
-        member.run = LoadedRun(run.corpus, sae, run.model, hook, run.numerics)
-
-
-def _check_compatible(inputs: RunInputs, members: list[_Member], saes: list[Any]) -> None:
-    """Every SAE runs on one model load: the same model (where the SAEs name theirs), the
-    same numerics and start token (unless the command line sets them)."""
-
-    def model_of(sae: Any) -> str | None:
-        name = getattr(sae, "model_name", None)
-        return str(name).rstrip("/").split("/")[-1].lower() if name else None
-
-    first = members[0].work.inputs.sae
-    checks: list[tuple[str, Callable[[Any], Any], str]] = [
-        ("was trained on", lambda sae: model_of(sae), "collect SAEs of one model together"),
-    ]
-    if inputs.numerics is None:
-        checks.append(
-            (
-                "needs numerics",
-                lambda sae: sae.default_numerics(),
-                "pass --numerics to choose one for all, or collect them separately",
-            )
-        )
-    if inputs.start_token is None:
-        checks.append(
-            (
-                "needs the start-token rule",
-                lambda sae: sae.default_start_token(),
-                "one model load has one rule, so collect them separately",
-            )
-        )
-    for what, value_of, fix in checks:
-        expected = value_of(saes[0])
-        for member, sae in zip(members[1:], saes[1:], strict=True):
-            value = value_of(sae)
-            if expected is not None and value is not None and value != expected:
-                raise SaetuiInputError(
-                    f"--sae {member.work.inputs.sae} {what} {value} but --sae {first} {what} "
-                    f"{expected}: {fix}."
-                )
-
-
-def _write_list(config: CollectConfig, members: list[_Member]) -> None:
-    entries = [
-        {
-            "name": m.name,
-            "sae": str(Path(m.config.inputs.sae).expanduser().resolve()),
-            "hook": m.run.hook if m.run is not None else _stored_hook(m.config.out),
-        }
-        for m in members
-    ]
-    fmt.write_several(Path(config.out), entries)
-
-
-def _stored_hook(path: Path) -> str | None:
-    """The hook a finished index was collected at."""
-    from saetui.index import open_index
-
-    try:
-        with open_index(path) as index:
-            hook = index.meta.run_config.get("hook")
-    except SaetuiInputError:
-        return None
-    return str(hook) if hook is not None else None
-
-
-def _tokens_of(member: _Member) -> int:
-    if member.result is not None:
-        return member.result.tokens
-    if member.writer is not None:
-        return int(member.writer.tokens_committed)
-    return 0
-
-
 def _rows_from(batch: Any, first: int) -> Any:
     """The windows of ``batch`` from row ``first`` on."""
     return dataclasses.replace(
@@ -322,8 +167,8 @@ def _rows_from(batch: Any, first: int) -> Any:
 
 def _collect_together(
     config: CollectConfig,
-    members: list[_Member],
-    report: _Reporter,
+    members: list[Member],
+    report: Reporter,
     check_stop: Callable[[], None],
 ) -> float:
     """Every window after the earliest index's last commit through the model once; each
@@ -349,10 +194,10 @@ def _collect_together(
     hooks = sorted({m.run.hook for m in members if m.run is not None})
     stop_tokeniser = threading.Event()
     started = time.perf_counter()
-    batches: Iterator[Any] = _prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser)
+    batches: Iterator[Any] = prefetch(batch_windows(windows, inputs.batch_size), stop_tokeniser)
     try:
         for batch in batches:
-            tokens = _to_device(batch.tokens, run.model.device)
+            tokens = to_device(batch.tokens, run.model.device)
             activations = run.model.activations_at(tokens, hooks)
             first_window = int(batch.window_ids[0])
             for member, start in zip(members, starts, strict=True):
@@ -392,18 +237,18 @@ def _collect_together(
     return (done - first_tokens) / max(time.perf_counter() - started, 1e-9)
 
 
-def _named(member: _Member, report: _Reporter) -> _Reporter:
+def _named(member: Member, report: Reporter) -> Reporter:
     """``report`` with the member's name before each message."""
 
     def named(update: CollectProgress) -> None:
         message = f"{member.name}: {update.message}" if update.message else member.name
         report(dataclasses.replace(update, message=message))
 
-    return _Reporter(named, interval=0.0)
+    return Reporter(named, interval=0.0)
 
 
 def _measure_together(
-    members: list[_Member], report: _Reporter, check_stop: Callable[[], None]
+    members: list[Member], report: Reporter, check_stop: Callable[[], None]
 ) -> dict[str, MeasuredSample]:
     """CE loss and KL of every member whose index has not recorded its metrics, measured
     together on the sample windows they share (the same collection: the same sample),
@@ -412,7 +257,7 @@ def _measure_together(
     from saetui.collect.evaluate import measure_samples
     from saetui.index import open_index
 
-    groups: dict[tuple[int, ...], list[_Member]] = {}
+    groups: dict[tuple[int, ...], list[Member]] = {}
     for member in members:
         writer = member.writer
         writer.flush()
@@ -453,7 +298,7 @@ def _measure_together(
     return measured
 
 
-def _sample_progress(report: _Reporter, total: int, message: str) -> Callable[[int], None]:
+def _sample_progress(report: Reporter, total: int, message: str) -> Callable[[int], None]:
     def progress(done: int) -> None:
         report(CollectProgress("metrics", done, total, message=message))
 
@@ -461,8 +306,8 @@ def _sample_progress(report: _Reporter, total: int, message: str) -> Callable[[i
 
 
 def _metrics(
-    member: _Member,
-    report: _Reporter,
+    member: Member,
+    report: Reporter,
     check_stop: Callable[[], None],
     stop_requested: Callable[[], bool],
     enter: Callable[[str], None],
@@ -486,8 +331,8 @@ def _metrics(
 
 
 def _finish(
-    member: _Member,
-    report: _Reporter,
+    member: Member,
+    report: Reporter,
     check_stop: Callable[[], None],
     say: Callable[[str], None] | None,
     stop_requested: Callable[[], bool],
@@ -495,12 +340,10 @@ def _finish(
 ) -> None:
     """A member's phases after metrics (neighbours, postings), or only its postings when
     its index had finished; then the staged index replaces the old one."""
-    from saetui.collect.pipeline import _postings_phase
-
     own = _named(member, report)
     if member.result is not None:  # finished before: at most its postings are left
         enter(f"postings of {member.name}")
-        _postings_phase(member.work, Team(), own, check_stop, say)
+        postings_phase(member.work, Team(), own, check_stop, say)
     else:
         assert member.run is not None and member.metrics is not None
         tokens, neighbours_skipped = finish_after_metrics(
@@ -525,5 +368,5 @@ def _finish(
             skipped=tuple(skipped),
         )
     if member.staged:
-        _swap_in(Path(member.work.out), Path(member.config.out))
+        swap_in(Path(member.work.out), Path(member.config.out))
         member.result = dataclasses.replace(member.result, out=Path(member.config.out))

@@ -17,7 +17,8 @@ from typing import Any, overload
 import numpy as np
 
 # Two forward chunks (codec.FWD_CHUNK) and one SAELens metrics batch
-# (collect.metrics.SAELENS_BATCH_WINDOWS): each rank folds whole batches of its own windows.
+# (collect.reconstruction.SAELENS_BATCH_WINDOWS): each rank folds whole batches of its own
+# windows.
 BLOCK_WINDOWS = 16
 
 

@@ -248,3 +248,44 @@ def test_headless_command_open_and_info(
     assert main(["info", str(out), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["state"]) for r in rows] == [(first, "finished"), ("sae", "finished")]
+
+
+def test_overwrite_stopped_after_one_index_finished_resumes_without_collecting_it_again(
+    tmp_path, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, tiny_index, other_saes
+):
+    """--overwrite stages every index beside the old one; the staged ones replace the old
+    only once all finished, so a stop after the first finished leaves it staged and the
+    rerun does not collect it again."""
+    same, _, alone = other_saes
+    out = tmp_path / "out"
+    options = {"saes": (tiny_sae_dir, same)}
+    assert (
+        run_collection(
+            tiny_collect_config(out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, **options)
+        ).status
+        == "finished"
+    )
+    config = tiny_collect_config(
+        out, tiny_gpt2_dir, tiny_sae_dir, tiny_corpus_file, overwrite=True, **options
+    )
+    phases: list[str] = []
+
+    def stop() -> bool:  # the second index's neighbours: the first one has finished
+        return phases.count("neighbours") >= 2
+
+    def progress(update) -> None:
+        if not phases or phases[-1] != update.phase:
+            phases.append(update.phase)
+
+    first = run_collection(config, progress=progress, should_stop=stop)
+    assert first.status == "stopped", phases
+    staged = out / f".{tiny_sae_dir.name}.overwrite"
+    assert staged.exists()  # finished, not yet swapped in
+    phases.clear()
+    second = run_collection(config, progress=progress)
+    assert second.status == "finished"
+    results = dict(second.members)
+    assert "collecting" in results[tiny_sae_dir.name].skipped, results
+    assert not staged.exists() and not (out / ".sae.overwrite").exists()
+    assert_same_index(out / tiny_sae_dir.name, tiny_index[2])
+    assert_same_index(out / "sae", alone["same"])

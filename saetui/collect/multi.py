@@ -115,6 +115,13 @@ def run_several(
                 _metrics(member, report, check_stop, stop_requested, enter, measured)
         for member in members:
             _finish(member, report, check_stop, say, stop_requested, enter)
+        # Only once every index finished do the staged ones replace the old: a stop before
+        # this point finds every staged index again and resumes it.
+        for member in members:
+            if member.staged:
+                assert member.result is not None
+                swap_in(Path(member.work.out), Path(member.config.out))
+                member.result = dataclasses.replace(member.result, out=Path(member.config.out))
     except (StopRequested, KeyboardInterrupt) as stop:
         for member in members:
             if member.writer is not None:
@@ -339,7 +346,7 @@ def _finish(
     enter: Callable[[str], None],
 ) -> None:
     """A member's phases after metrics (neighbours, postings), or only its postings when
-    its index had finished; then the staged index replaces the old one."""
+    its index had finished (a staged index replaces the old one later, with the others)."""
     own = _named(member, report)
     if member.result is not None:  # finished before: at most its postings are left
         enter(f"postings of {member.name}")
@@ -367,6 +374,3 @@ def _finish(
             member.metrics,
             skipped=tuple(skipped),
         )
-    if member.staged:
-        swap_in(Path(member.work.out), Path(member.config.out))
-        member.result = dataclasses.replace(member.result, out=Path(member.config.out))

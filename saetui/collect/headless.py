@@ -5,6 +5,7 @@ every phase (exit 130 / 143) and the last line says how to go on."""
 from __future__ import annotations
 
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -36,6 +37,9 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+MIN_BAR_WIDTH = 8
+
+
 class ProgressPrinter:
     """Renders :class:`CollectProgress` as a one-line bar (TTY) or as log lines."""
 
@@ -46,14 +50,15 @@ class ProgressPrinter:
         self._last_line = 0.0
         self._phase = ""
 
-    def line(self, update: CollectProgress) -> str:
+    def line(self, update: CollectProgress, bar_width: int | None = None) -> str:
         done, total = update.tokens_done, update.tokens_total
         parts = [f"{update.phase:<10}"]
         if total:
             fraction = min(done / total, 1.0)
             if self.is_tty:
-                filled = int(fraction * self.width)
-                parts.append("[" + "#" * filled + "." * (self.width - filled) + "]")
+                width = self.width if bar_width is None else bar_width
+                filled = int(fraction * width)
+                parts.append("[" + "#" * filled + "." * (width - filled) + "]")
             parts.append(f"{done:,}/{total:,} tokens ({fraction:.0%})")
         elif done:
             parts.append(f"{done:,} tokens")
@@ -65,6 +70,16 @@ class ProgressPrinter:
             parts.append(update.message)
         return "  ".join(parts)
 
+    def fitted_line(self, update: CollectProgress) -> str:
+        """The TTY line within the terminal's width (80 columns over ssh): a narrower bar
+        first, then cut; a line that wrapped would leave a copy of itself per update."""
+        columns = shutil.get_terminal_size((80, 24)).columns - 1
+        line = self.line(update)
+        if len(line) > columns:
+            narrower = max(MIN_BAR_WIDTH, self.width - (len(line) - columns))
+            line = self.line(update, narrower)
+        return line[:columns]
+
     def __call__(self, update: CollectProgress) -> None:
         now = time.monotonic()
         new_phase = update.phase != self._phase
@@ -72,7 +87,7 @@ class ProgressPrinter:
             end = "\n" if update.phase == "done" else ""
             if new_phase and self._phase:
                 self.stream.write("\n")
-            self.stream.write("\r\x1b[2K" + self.line(update) + end)
+            self.stream.write("\r\x1b[2K" + self.fitted_line(update) + end)
         elif new_phase or now - self._last_line >= LOG_INTERVAL_S:
             self.stream.write(self.line(update) + "\n")
             self._last_line = now

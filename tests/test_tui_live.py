@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import random_relu_sae, tiny_collect_config
+from textual.widgets import ProgressBar
 
 from saetui.collect.inputs import RunInputs
 from saetui.collect.pipeline import CollectConfig, run_collection
 from saetui.index import open_index
+from saetui.tui.actions.run import POLL_SECONDS
 from saetui.tui.app import SaetuiApp
 
 SIZE = (80, 24)
@@ -78,6 +80,11 @@ def test_pause_resume_finish_then_quit(tmp_path, tiny_gpt2_dir, tiny_sae_dir):
         assert app.paused and app.outcome[1] == "stopped"
         await wait_for(pilot, lambda: app.run_state is not None and app.run_state.tokens > 0)
         assert not app.run_state.finished
+        # while paused the bar keeps the share of the run collected (it fell back to 0 %)
+        bar = app.query_one(ProgressBar)
+        await pilot.pause(3 * POLL_SECONDS)  # the index polls redraw the pane meanwhile
+        assert bar.total == app.collection.last_total and bar.progress == app.run_state.tokens
+        assert 0 < bar.percentage < 1
         await pilot.press("p")
         await wait_for(
             pilot,

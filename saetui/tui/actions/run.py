@@ -157,7 +157,8 @@ class RunActions(AppPart):
             run_pane.show_progress(
                 phase="done" if state.finished else ("paused" if self.paused else "stored"),
                 tokens=state.tokens,
-                tokens_total=None,
+                # paused: the bar keeps the share of the run's target collected so far
+                tokens_total=self.collection.last_total if self.paused else None,
                 paused=self.paused,
             )
         self.update_status_line()

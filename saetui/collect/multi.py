@@ -51,7 +51,7 @@ from saetui.collect.metrics_phase import (
     metrics_done,
     metrics_step,
 )
-from saetui.collect.phases import finish_after_metrics, postings_phase
+from saetui.collect.phases import collecting_progress, finish_after_metrics, postings_phase
 from saetui.errors import SaetuiInputError
 
 
@@ -217,17 +217,7 @@ def _collect_together(
                 write_encoded(member.writer, part, encoded)
                 member.reconstruction.add(part, encoded, check_stop)
             done += int(np.asarray(batch.lengths).sum())
-            rate = (done - first_tokens) / max(time.perf_counter() - started, 1e-9)
-            report(
-                CollectProgress(
-                    "collecting",
-                    tokens_done=done,
-                    tokens_total=max(total, done),
-                    tokens_per_s=rate,
-                    eta_s=max(total - done, 0) / rate if rate > 0 else None,
-                    message=f"{len(members)} SAEs",
-                )
-            )
+            report(collecting_progress(done, first_tokens, started, total, f"{len(members)} SAEs"))
             check_stop()
     except (StopRequested, KeyboardInterrupt):
         for member in members:

@@ -64,16 +64,7 @@ def collecting_phase(
             # one small all-reduce per batch: the job's tokens, a stop or a failure anywhere
             state = team.sync(tokens=mine, more=batch is not None)
             done = state.tokens
-            rate = (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
-            report(
-                CollectProgress(
-                    "collecting",
-                    tokens_done=done,
-                    tokens_total=max(total, done),
-                    tokens_per_s=rate,
-                    eta_s=max(total - done, 0) / rate if rate > 0 else None,
-                )
-            )
+            report(collecting_progress(done, first_tokens, collect_started, total))
             if not state.more:
                 break
             if batch is not None:
@@ -90,6 +81,22 @@ def collecting_phase(
     # recomputed on resume, and the error itself reaches the user unmasked)
     reconstruction.save()
     return (done - first_tokens) / max(time.perf_counter() - collect_started, 1e-9)
+
+
+def collecting_progress(
+    done: int, first_tokens: int, started: float, total: int, message: str = ""
+) -> CollectProgress:
+    """The collecting phase's progress: tokens so far, the rate since this run started
+    (``started``: ``time.perf_counter()`` when ``first_tokens`` were already held), ETA."""
+    rate = (done - first_tokens) / max(time.perf_counter() - started, 1e-9)
+    return CollectProgress(
+        "collecting",
+        tokens_done=done,
+        tokens_total=max(total, done),
+        tokens_per_s=rate,
+        eta_s=max(total - done, 0) / rate if rate > 0 else None,
+        message=message,
+    )
 
 
 def finish_index(
